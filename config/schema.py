@@ -1,0 +1,150 @@
+"""The configuration schema: one YAML file, validated at start-up; unknown keys are errors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    """Where the node keeps everything. Relative paths are resolved against `root`."""
+
+    root: Path = Path("storage")
+    archive: Path = Path("archive")
+    quarantine: Path = Path("quarantine")
+    outbox: Path = Path("outbox")
+    database: Path = Path("rtprop.sqlite")
+    min_free_mb: int = Field(500, ge=0, description="refuse C-STORE (0xA700) below this free space")
+    fsync: bool = Field(True, description="fsync each received file and its folder before answering 0x0000 "
+                        "(off: faster, but a power cut may lose instances already acknowledged)")
+
+
+class Destination(Section):
+    ae_title: str = Field(..., min_length=1, max_length=16)
+    host: str
+    port: int = Field(..., ge=1, le=65535)
+
+
+class RouteRule(Section):
+    """Results of jobs whose images came from `calling_ae` go to `destination` (a key of destinations)."""
+
+    calling_ae: str
+    destination: str
+    dry_run: bool = False
+
+
+class TLSConfig(Section):
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+    use_for_sends: bool = Field(False, description="also use TLS (same CA, and our certificate if set) "
+                                "for outbound C-STORE to destinations")
+
+
+class NodeConfig(Section):
+    ae_title: str = Field("RTPROP", min_length=1, max_length=16)
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aes: list[str] = Field(default_factory=list, description="empty = accept any")
+    max_associations: int = Field(10, ge=1)
+    series_quiet_period_s: float = Field(10.0, ge=0)
+    complete_on_release: bool = False
+    series_gap_timeout_s: float = Field(300.0, ge=0)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    routes: list[RouteRule] = Field(default_factory=list)
+    default_destination: str | None = None
+    send_max_attempts: int = Field(8, ge=1)
+    send_backoff_s: float = Field(5.0, ge=0)
+    send_backoff_max_s: float = Field(600.0, ge=0)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    send_timeout_s: float = Field(30.0, gt=0, description="ACSE/DIMSE/network timeout of one outbound association")
+    poll_interval_s: float = Field(1.0, gt=0, description="how often the completion checker and the sender "
+                                   "look for work in the database")
+
+
+class PropagationConfig(Section):
+    backend: Literal["auto", "sam2", "classic"] = "auto"
+    checkpoint: Path | None = None
+    model_config_name: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
+    image_size: int = Field(512, ge=64)
+    mode: Literal["video", "image_chain"] = "video"
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    cpu_threads: int = Field(2, ge=1)
+    ct_window_level: float = 40.0
+    ct_window_width: float = Field(400.0, gt=0)
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    min_area_fraction: float = Field(0.1, ge=0, le=1, description="stop when a slice shrinks below this fraction of the key slice")
+    max_extent_mm: float = Field(300.0, gt=0)
+    chain_box_margin_mm: float = Field(
+        3.0, ge=0, description="sam2 image_chain mode: each slice is prompted with the previous slice's mask box "
+        "grown by this margin")
+    cine_classic_method: Literal["ecc", "flow"] = Field(
+        "ecc", description="cine tracking, classic backend: 'ecc' fits an affine motion of the region around the "
+        "first-frame mask to each frame (OpenCV ECC, reference = first frame, no drift); 'flow' warps the mask by "
+        "dense optical flow (Farneback) from the first frame")
+    cine_roi_margin_mm: float = Field(
+        30.0, gt=0, description="cine tracking: how far (mm) the tumour may move between consecutive frames; the "
+        "classic backend searches this far around its last position")
+    # Weight-free `classic` backend (models/classic.py); defaults are general rules, not tuned per case.
+    classic_method: Literal["register_refine", "intensity"] = Field(
+        "register_refine", description="classic backend: 'register_refine' warps the previous slice's mask by "
+        "slice-to-slice demons registration, then refines it with the key slice's intensity model (more accurate); "
+        "'intensity' refines the previous mask directly (about 5x faster, no registration)")
+    classic_registration_iterations: int = Field(
+        30, ge=1, description="demons iterations per slice pair (register_refine only)")
+    classic_min_likelihood_ratio: float = Field(
+        0.0, description="stop when the mean log-likelihood ratio (structure vs surroundings, key-slice model) of a "
+        "new slice falls below this: 0 = the slice looks no more like the structure than like its surroundings")
+    classic_model_update: float = Field(
+        0.3, ge=0, le=1, description="weight of each new slice in the running intensity model (0 = key slice only)")
+
+
+class RTStructConfig(Section):
+    tps_profile: Literal["generic", "eclipse", "raystation", "monaco"] = "generic"
+    roi_suffix: str = "_prop"
+    roi_color: tuple[int, int, int] = (255, 128, 0)
+    roi_interpreted_type: str = "ORGAN"
+    structure_set_label: str = "RTPROP"
+
+
+class PipelineConfig(Section):
+    workers: int = Field(1, ge=1)
+    job_timeout_s: float = Field(1800.0, gt=0)
+    self_check_min_dice: float = Field(0.98, ge=0, le=1)
+    prompt_mode: Literal["box", "mask"] = "box"
+    positive_point_marker: str = "+"
+    negative_point_marker: str = "-"
+    recontour_roi_regex: str | None = None
+    dry_run_aes: list[str] = Field(default_factory=list)
+
+
+class DropInConfig(Section):
+    enabled: bool = False
+    inbox: Path = Path("inbox")
+    done: Path = Path("done")
+    stable_s: float = Field(5.0, ge=0)
+
+
+class BatchConfig(Section):
+    enabled: bool = False
+    window_start: str = "01:00"
+    window_end: str = "05:00"
+    roi_regex: str = ".*"
+    send_results: bool = False
+
+
+class Config(Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    propagation: PropagationConfig = Field(default_factory=PropagationConfig)
+    rtstruct: RTStructConfig = Field(default_factory=RTStructConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    dropin: DropInConfig = Field(default_factory=DropInConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)

@@ -1,0 +1,406 @@
+"""Masks on a series' grid -> a new RTSTRUCT that a TPS accepts.
+
+Written with pydicom (not rt-utils): contours are the 0.5 iso-lines of each slice's mask
+(`converters.contours`), holes are separate contours on the same slice (even-odd semantics),
+coordinates go through `Geometry.index_to_patient` (so oblique and feet-first series come out
+right), every DS value fits 16 characters and ROI names fit 16 characters (Eclipse).
+
+The dataset is assembled in `build_rtstruct`, which validates the finished object and raises
+`RTStructError` rather than return something a TPS would reject; `write_rtstruct` writes it to a
+temporary file in the destination folder and renames it into place.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import MAX_VALUE_LEN
+
+from config.schema import RTStructConfig
+from converters.contours import mask_to_polygons
+from converters.errors import RTStructError
+from converters.geometry import Volume
+
+log = logging.getLogger(__name__)
+
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+# RTReferencedStudySequence > ReferencedSOPClassUID: what Eclipse, RayStation and MIM write.
+STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
+MAX_ROI_NAME = 16  # Eclipse structure ID limit
+MAX_DS = 16  # DICOM DS value length
+MANUFACTURER = "rtprop"
+SOFTWARE_VERSION = "0.1.0"
+RT_ROI_INTERPRETED_TYPES = frozenset({"EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "OAR",
+                                      "BOLUS", "AVOIDANCE", "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER",
+                                      "CONTRAST_AGENT", "CAVITY", "BRACHY_CHANNEL", "BRACHY_ACCESSORY",
+                                      "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "SUPPORT", "FIXATION",
+                                      "DOSE_REGION", "CONTROL", "DOSE_MEASUREMENT", ""})
+
+# Attributes copied from the images' header, by module.
+PATIENT_ATTRS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                 "OtherPatientIDsSequence", "PatientIdentityRemoved", "DeidentificationMethod")
+STUDY_ATTRS = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+               "AccessionNumber", "StudyDescription", "PatientAge", "PatientSize", "PatientWeight")
+TYPE2_EMPTY_OK = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+@dataclass
+class RoiMask:
+    """One structure to write: `mask` is boolean (z, y, x) on the volume's grid.
+
+    `color` (R, G, B 0-255) and `interpreted_type` (RTROIInterpretedType, e.g. ORGAN, GTV) default
+    to the settings' roi_color / roi_interpreted_type.
+    """
+
+    name: str
+    mask: np.ndarray
+    color: tuple[int, int, int] | None = None
+    interpreted_type: str | None = None
+    description: str = ""
+
+
+def format_ds(value: float) -> str:
+    """A DS string of at most 16 characters (0.1 micrometre resolution for patient coordinates)."""
+    value = float(value)
+    if not np.isfinite(value):
+        raise RTStructError(f"contour coordinate {value} is not finite")
+    for decimals in (4, 3, 2, 1, 0):
+        text = f"{value:.{decimals}f}"
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        if text in ("-0", ""):
+            text = "0"
+        if len(text) <= MAX_DS:
+            return text
+    text = f"{value:.9g}"
+    if len(text) > MAX_DS:
+        raise RTStructError(f"value {value} cannot be written as a 16-character DS")
+    return text
+
+
+def roi_name_for_tps(name: str, suffix: str = "", max_len: int = MAX_ROI_NAME) -> str:
+    """`name` + `suffix` (unless already there) cut to `max_len`, cutting the name, not the suffix."""
+    name = name.strip()
+    if suffix and name.endswith(suffix):
+        name = name[: -len(suffix)]
+    if len(suffix) >= max_len:
+        suffix = suffix[:max_len - 1]
+    return name[: max_len - len(suffix)].rstrip() + suffix
+
+
+def _unique_names(names: list[str], suffix: str = "") -> list[str]:
+    """Make names unique (case-insensitive, as TPSs compare them) by a ~N tag before the suffix."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        candidate, n = name, 1
+        base = name[: len(name) - len(suffix)] if suffix and name.endswith(suffix) else name
+        tail = suffix if base != name else ""
+        while candidate.lower() in seen:
+            n += 1
+            tag = f"~{n}"
+            candidate = base[: MAX_ROI_NAME - len(tag) - len(tail)] + tag + tail
+        seen.add(candidate.lower())
+        out.append(candidate)
+    return out
+
+
+def _derived_uid(volume: Volume, what: str) -> str:
+    """A stable UID for an identity the images lack (anonymised data), derived from what they have."""
+    sources = [volume.frame_of_reference_uid, *volume.sop_instance_uids[:1], what]
+    uid = generate_uid(entropy_srcs=[s for s in sources if s])
+    log.warning("images of frame of reference %s have no %s: using derived UID %s",
+                volume.frame_of_reference_uid, what, uid)
+    return uid
+
+
+def _too_long(element) -> list[int]:
+    """Lengths of the values of `element` that exceed its VR's maximum (DS, SH, LO, CS, ...)."""
+    limit = MAX_VALUE_LEN.get(element.VR, 64 if element.VR == "PN" else None)
+    if limit is None or element.value in (None, "") or isinstance(element.value, bytes):
+        return []
+    values = element.value if isinstance(element.value, (list, pydicom.multival.MultiValue)) else [element.value]
+    return [len(str(v)) for v in values if len(str(v)) > limit]
+
+
+def _copy(src: Dataset | None, dst: Dataset, keywords: Sequence[str]) -> None:
+    """Copy attributes from the images; values longer than their VR allows (seen in real exports,
+    e.g. a 17-character StudyID) are cut to the limit, because dciodvfy and TPSs reject them."""
+    if src is None:
+        return
+    for keyword in keywords:
+        if keyword not in src:
+            continue
+        with warnings.catch_warnings():  # pydicom warns on over-long values: handled (and logged) below
+            warnings.simplefilter("ignore", UserWarning)
+            element = copy.deepcopy(src[keyword])
+            too_long = _too_long(element)
+        if too_long:
+            limit = MAX_VALUE_LEN.get(element.VR, 64)
+            values = element.value if isinstance(element.value, (list, pydicom.multival.MultiValue)) else [element.value]
+            cut = [str(v)[:limit].rstrip() for v in values]
+            log.warning("%s of the images is longer than VR %s allows (%s > %d characters): truncated in the RTSTRUCT",
+                        keyword, element.VR, max(len(str(v)) for v in values), limit)
+            element.value = cut if len(cut) > 1 else cut[0]
+        dst[keyword] = element
+
+
+def _contour_items(volume: Volume, mask: np.ndarray, sop_class: str) -> list[Dataset]:
+    geometry = volume.geometry
+    items = []
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        for xy in mask_to_polygons(mask[k]):
+            ijk = np.column_stack([xy[:, 0], xy[:, 1], np.full(len(xy), float(k))])
+            xyz = geometry.index_to_patient(ijk)
+            item = Dataset()
+            image = Dataset()
+            image.ReferencedSOPClassUID = sop_class
+            image.ReferencedSOPInstanceUID = volume.sop_instance_uids[k]
+            item.ContourImageSequence = DicomSequence([image])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(xyz)
+            item.ContourData = [format_ds(v) for v in xyz.ravel()]
+            items.append(item)
+    for number, item in enumerate(items, start=1):
+        item.ContourNumber = number
+    return items
+
+
+def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructConfig | None = None,
+                   *, series_description: str = "rtprop propagated contours",
+                   now: dt.datetime | None = None) -> Dataset:
+    """A complete, validated RT Structure Set dataset for `rois` drawn on `volume` (a DICOM series).
+
+    New SOP Instance and Series UIDs; patient and study modules and the Frame of Reference from the
+    images; every slice listed in the ContourImageSequence of the referenced series; one
+    CLOSED_PLANAR contour per outline (holes as further contours on the same slice), each pointing
+    at the image it lies on. Raises `RTStructError` naming the ROI or attribute at fault.
+    """
+    settings = settings or RTStructConfig()
+    now = now or dt.datetime.now()
+    nz = volume.array.shape[0]
+    if not volume.sop_instance_uids or len(volume.sop_instance_uids) != nz or not all(volume.sop_instance_uids):
+        raise RTStructError(f"volume of series {volume.series_instance_uid or '?'} has "
+                            f"{len(volume.sop_instance_uids)} SOP Instance UIDs for {nz} slices: "
+                            "an RTSTRUCT can only be written on a DICOM series")
+    if not volume.frame_of_reference_uid:
+        raise RTStructError(f"series {volume.series_instance_uid or '?'} has no FrameOfReferenceUID: "
+                            "contours cannot be tied to the images")
+    if not rois:
+        raise RTStructError("no ROIs to write")
+    masks = []
+    for roi in rois:
+        mask = np.asarray(roi.mask)
+        if mask.shape != volume.array.shape:
+            raise RTStructError(f"ROI {roi.name!r}: mask shape {mask.shape} differs from the series "
+                                f"{volume.series_instance_uid} grid {volume.array.shape}")
+        masks.append(mask.astype(bool, copy=False))
+        itype = (roi.interpreted_type if roi.interpreted_type is not None else settings.roi_interpreted_type).upper()
+        if itype not in RT_ROI_INTERPRETED_TYPES:
+            raise RTStructError(f"ROI {roi.name!r}: RTROIInterpretedType {itype!r} is not a DICOM defined term")
+    header = volume.header
+    sop_class = volume.sop_class_uid or (header.get("SOPClassUID", "") if header is not None else "")
+    if not sop_class:
+        raise RTStructError(f"series {volume.series_instance_uid}: images have no SOP Class UID")
+    study_uid = volume.study_instance_uid or _derived_uid(volume, "StudyInstanceUID")
+    series_uid = volume.series_instance_uid or _derived_uid(volume, "SeriesInstanceUID")
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = (header.get("SpecificCharacterSet", "ISO_IR 100") if header is not None
+                               else "ISO_IR 100") or "ISO_IR 100"
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    # Patient and General Study modules: the images' own values (Type 2 present even when empty).
+    for keyword in TYPE2_EMPTY_OK:
+        setattr(ds, keyword, "")
+    _copy(header, ds, PATIENT_ATTRS + STUDY_ATTRS)
+    ds.StudyInstanceUID = study_uid
+    # RT Series module
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 9901
+    ds.SeriesDate = ds.InstanceCreationDate
+    ds.SeriesTime = ds.InstanceCreationTime
+    ds.SeriesDescription = series_description[:64]
+    ds.OperatorsName = ""
+    # General Equipment module
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = "rtprop"
+    ds.SoftwareVersions = SOFTWARE_VERSION
+    # Frame of Reference (the images')
+    ds.FrameOfReferenceUID = volume.frame_of_reference_uid
+    ds.PositionReferenceIndicator = (header.get("PositionReferenceIndicator", "") if header is not None else "") or ""
+    # Structure Set module
+    ds.StructureSetLabel = (settings.structure_set_label or "RTPROP")[:16]
+    ds.StructureSetName = ds.StructureSetLabel
+    ds.StructureSetDate = ds.InstanceCreationDate
+    ds.StructureSetTime = ds.InstanceCreationTime
+    ds.InstanceNumber = 1
+
+    contour_images = []
+    for uid in volume.sop_instance_uids:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = uid
+        contour_images.append(item)
+    ref_series = Dataset()
+    ref_series.SeriesInstanceUID = series_uid
+    ref_series.ContourImageSequence = DicomSequence(contour_images)
+    ref_study = Dataset()
+    ref_study.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
+    ref_study.ReferencedSOPInstanceUID = study_uid
+    ref_study.RTReferencedSeriesSequence = DicomSequence([ref_series])
+    ref_for = Dataset()
+    ref_for.FrameOfReferenceUID = volume.frame_of_reference_uid
+    ref_for.RTReferencedStudySequence = DicomSequence([ref_study])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([ref_for])
+
+    names = _unique_names([roi_name_for_tps(r.name, settings.roi_suffix) for r in rois], settings.roi_suffix)
+    ss_rois, roi_contours, observations = [], [], []
+    for number, (roi, mask, name) in enumerate(zip(rois, masks, names), start=1):
+        if name != roi.name:
+            log.info("ROI %r written as %r (suffix %r, %d-character limit)", roi.name, name,
+                     settings.roi_suffix, MAX_ROI_NAME)
+        item = Dataset()
+        item.ROINumber = number
+        item.ReferencedFrameOfReferenceUID = volume.frame_of_reference_uid
+        item.ROIName = name
+        item.ROIDescription = (roi.description or roi.name)[:64]
+        item.ROIGenerationAlgorithm = "AUTOMATIC"
+        item.ROIGenerationDescription = "rtprop propagation"
+        ss_rois.append(item)
+
+        color = roi.color if roi.color is not None else settings.roi_color
+        if len(color) != 3 or not all(0 <= int(c) <= 255 for c in color):
+            raise RTStructError(f"ROI {roi.name!r}: colour {color} is not three values 0-255")
+        rc = Dataset()
+        rc.ROIDisplayColor = [int(c) for c in color]
+        contours = _contour_items(volume, mask, sop_class)
+        if contours:
+            rc.ContourSequence = DicomSequence(contours)
+        else:
+            log.warning("ROI %r (number %d) is empty: written without contours", name, number)
+        rc.ReferencedROINumber = number
+        roi_contours.append(rc)
+
+        obs = Dataset()
+        obs.ObservationNumber = number
+        obs.ReferencedROINumber = number
+        obs.RTROIInterpretedType = (roi.interpreted_type if roi.interpreted_type is not None
+                                    else settings.roi_interpreted_type).upper()
+        obs.ROIInterpreter = ""
+        observations.append(obs)
+    ds.StructureSetROISequence = DicomSequence(ss_rois)
+    ds.ROIContourSequence = DicomSequence(roi_contours)
+    ds.RTROIObservationsSequence = DicomSequence(observations)
+    # Approval module: automatic contours are never approved by us.
+    ds.ApprovalStatus = "UNAPPROVED"
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    validate_rtstruct(ds, volume)
+    return ds
+
+
+def validate_rtstruct(ds: Dataset, volume: Volume) -> None:
+    """Refuse an RTSTRUCT a TPS would reject or misplace; `RTStructError` naming the attribute at fault."""
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+                    "StructureSetLabel", "FrameOfReferenceUID"):
+        if not str(ds.get(keyword, "") or ""):
+            raise RTStructError(f"RTSTRUCT {ds.get('SOPInstanceUID', '?')}: Type 1 attribute {keyword} is empty")
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber", "OperatorsName",
+                    "Manufacturer", "StructureSetDate", "StructureSetTime"):
+        if keyword not in ds:
+            raise RTStructError(f"RTSTRUCT {ds.SOPInstanceUID}: Type 2 attribute {keyword} is missing")
+    for element in ds:
+        if _too_long(element):
+            raise RTStructError(f"RTSTRUCT {ds.SOPInstanceUID}: {element.keyword or element.tag} has a value longer "
+                                f"than VR {element.VR} allows ({_too_long(element)[0]} characters)")
+    slice_uids = set(volume.sop_instance_uids)
+    slice_index = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
+    listed = {item.ReferencedSOPInstanceUID
+              for f in ds.ReferencedFrameOfReferenceSequence for st in f.RTReferencedStudySequence
+              for se in st.RTReferencedSeriesSequence for item in se.ContourImageSequence}
+    if listed != slice_uids:
+        raise RTStructError(f"RTSTRUCT {ds.SOPInstanceUID}: ContourImageSequence does not list exactly the "
+                            f"{len(slice_uids)} slices of series {volume.series_instance_uid}")
+    numbers = [int(r.ROINumber) for r in ds.StructureSetROISequence]
+    names = [str(r.ROIName) for r in ds.StructureSetROISequence]
+    if len(set(numbers)) != len(numbers) or len({n.lower() for n in names}) != len(names):
+        raise RTStructError(f"RTSTRUCT {ds.SOPInstanceUID}: ROI numbers or names not unique ({names})")
+    for name in names:
+        if not name or len(name) > MAX_ROI_NAME:
+            raise RTStructError(f"ROI name {name!r} is empty or longer than {MAX_ROI_NAME} characters")
+    normal = volume.geometry.direction_matrix[:, 2]
+    origin = np.asarray(volume.geometry.origin_mm)
+    dz = volume.geometry.spacing_mm[2]
+    for rc in ds.ROIContourSequence:
+        if int(rc.ReferencedROINumber) not in numbers:
+            raise RTStructError(f"ROIContourSequence refers to ROI number {rc.ReferencedROINumber}, not defined")
+        for c_no, contour in enumerate(rc.get("ContourSequence", []), start=1):
+            n = int(contour.NumberOfContourPoints)
+            raw = contour["ContourData"].value
+            values = [str(v) for v in (raw if isinstance(raw, (list, pydicom.multival.MultiValue)) else [raw])]
+            if n < 3 or len(values) != 3 * n:
+                raise RTStructError(f"ROI {rc.ReferencedROINumber} contour {c_no}: {n} points, "
+                                    f"{len(values)} values (CLOSED_PLANAR needs >= 3 points, 3 values each)")
+            long = [v for v in values if len(v) > MAX_DS]
+            if long:
+                raise RTStructError(f"ROI {rc.ReferencedROINumber} contour {c_no}: DS value {long[0]!r} is "
+                                    f"longer than {MAX_DS} characters")
+            refs = contour.ContourImageSequence
+            if len(refs) != 1 or refs[0].ReferencedSOPInstanceUID not in slice_uids:
+                raise RTStructError(f"ROI {rc.ReferencedROINumber} contour {c_no}: must reference exactly one "
+                                    "image of the series")
+            k = slice_index[refs[0].ReferencedSOPInstanceUID]
+            pts = np.asarray([float(v) for v in values]).reshape(-1, 3)
+            along = (pts - origin) @ normal / dz
+            if np.max(np.abs(along - k)) > 1e-3:
+                raise RTStructError(f"ROI {rc.ReferencedROINumber} contour {c_no}: points are not on slice {k} "
+                                    f"({refs[0].ReferencedSOPInstanceUID}) it references")
+
+
+def write_rtstruct(volume: Volume, rois: Sequence[RoiMask], path: str | Path,
+                   settings: RTStructConfig | None = None, **kwargs) -> Path:
+    """Build (see `build_rtstruct`) and write an RTSTRUCT to `path` atomically; return the path.
+
+    A folder as `path` gets a file named RS_<SOPInstanceUID>.dcm. Nothing is left at `path` if
+    building or writing fails.
+    """
+    ds = build_rtstruct(volume, rois, settings, **kwargs)
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"RS_{ds.SOPInstanceUID}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".rtstruct-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            ds.save_as(handle, enforce_file_format=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("wrote RTSTRUCT %s (%d ROIs) for series %s to %s", ds.SOPInstanceUID, len(rois),
+             volume.series_instance_uid, path)
+    return path

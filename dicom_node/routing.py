@@ -1,0 +1,51 @@
+"""Where a result goes: rules on the calling AE of the images it was made from.
+
+First matching `node.routes` rule wins (calling_ae equal, or "*" for any); otherwise
+`node.default_destination`. A rule with dry_run=True means: resolve, audit, do not send.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from config.schema import Config, Destination
+
+
+class RoutingError(LookupError):
+    """No destination for a calling AE, or a rule names a destination that is not configured."""
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str                       # key in node.destinations
+    destination: Destination | None  # None only when dry_run and the name is unknown
+    dry_run: bool = False
+
+
+def resolve_destination(config: Config, calling_ae: str) -> Route:
+    """The destination for results of images sent by `calling_ae`; RoutingError if there is none."""
+    node = config.node
+    ae = (calling_ae or "").strip()
+    for rule in node.routes:
+        if rule.calling_ae.strip() in (ae, "*"):
+            dest = node.destinations.get(rule.destination)
+            if dest is None and not rule.dry_run:
+                raise RoutingError(f"route for calling AE {ae!r} names destination {rule.destination!r}, "
+                                   f"which is not in node.destinations ({sorted(node.destinations)})")
+            return Route(rule.destination, dest, rule.dry_run)
+    if node.default_destination:
+        dest = node.destinations.get(node.default_destination)
+        if dest is None:
+            raise RoutingError(f"node.default_destination {node.default_destination!r} is not in "
+                               f"node.destinations ({sorted(node.destinations)})")
+        return Route(node.default_destination, dest, False)
+    raise RoutingError(f"no route for calling AE {ae!r} and no node.default_destination")
+
+
+def check_routes(config: Config) -> list[str]:
+    """Configuration problems (unknown destination names), for start-up validation."""
+    node = config.node
+    problems = [f"route {r.calling_ae!r} -> unknown destination {r.destination!r}"
+                for r in node.routes if r.destination not in node.destinations and not r.dry_run]
+    if node.default_destination and node.default_destination not in node.destinations:
+        problems.append(f"default_destination {node.default_destination!r} is not in node.destinations")
+    return problems

@@ -1,0 +1,206 @@
+"""The listening AE: Verification + Storage SCP with handlers that do one thing quickly.
+
+C-STORE handler: bytes as sent (`event.encoded_dataset()`, no decode) -> Store.ingest (atomic
+archive write + one DB transaction) -> status. Slow work (completion, jobs, sending) runs elsewhere
+and reads the DB.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Callable
+
+from pydicom import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config as pynetdicom_config, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    MRImageStorage,
+    RTStructureSetStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from config.schema import Config
+from db.audit import record
+from db.engine import transaction
+from dicom_node.storage import Received, Store
+from dicom_node.tls import server_context
+
+LOG = logging.getLogger("rtprop.node.scp")
+
+STORAGE_CLASSES = (CTImageStorage, MRImageStorage, RTStructureSetStorage)
+# Enhanced MR Image Storage (1.2.840.10008.5.1.4.1.1.4.1) is NOT accepted: the converters read
+# single-frame images only, so an Enhanced MR would be stored and then fail in the pipeline.
+
+UNCOMPRESSED = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
+COMPRESSED_CANDIDATES = [JPEGLosslessSV1, JPEGLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+                         JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless]
+
+
+def decodable_transfer_syntaxes() -> list[UID]:
+    """Transfer syntaxes whose pixel data this installation can decode (checked at start-up)."""
+    out = list(UNCOMPRESSED)
+    for uid in COMPRESSED_CANDIDATES:
+        try:
+            if get_decoder(uid).is_available:
+                out.append(uid)
+        except Exception:  # no decoder known for this UID at all
+            pass
+    return out
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY: without it every small PDU (C-STORE-RSP) waits on Nagle/delayed-ACK (~40 ms)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:  # e.g. a non-TCP socket in tests
+        LOG.debug("TCP_NODELAY not set: %s", exc)
+
+
+class _AssociationSeries:
+    """Series UIDs seen per association, so a release can hint the completion checker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_assoc: dict[int, set[str]] = {}
+
+    def add(self, assoc_id: int, series_uid: str) -> None:
+        with self._lock:
+            self._by_assoc.setdefault(assoc_id, set()).add(series_uid)
+
+    def pop(self, assoc_id: int) -> set[str]:
+        with self._lock:
+            return self._by_assoc.pop(assoc_id, set())
+
+
+def _error_comment(reason: str) -> str:
+    """Error Comment (0000,0902) is LO: 64 characters, no backslash or control characters."""
+    clean = "".join(c if c.isprintable() and c != "\\" else " " for c in reason)
+    return clean[:64]
+
+
+def _calling_ae(event: evt.Event) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
+
+
+def _peer(event: evt.Event) -> str:
+    info = event.assoc.requestor
+    return f"{info.address}:{info.port}"
+
+
+def build_handlers(config: Config, store: Store,
+                   on_release: Callable[[set[str]], None] | None = None) -> list[tuple]:
+    """Event handlers for the server: connection tuning, C-STORE, release hint, rejection audit."""
+    seen = _AssociationSeries()
+    factory = store.factory
+
+    def handle_open(event: evt.Event) -> None:
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            tune_socket(sock)
+
+    def handle_store(event: evt.Event) -> int | tuple:
+        req = event.request
+        try:
+            raw = event.encoded_dataset()
+        except Exception as exc:  # nothing to keep: answer and go on
+            LOG.error("C-STORE without a usable data set: %s", exc)
+            return 0xC000
+        received = Received(
+            calling_ae=_calling_ae(event), peer_address=_peer(event),
+            affected_sop_class_uid=str(req.AffectedSOPClassUID or ""),
+            affected_sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+        )
+        result = store.ingest(raw, received)
+        if result.status == 0x0000 and result.series_instance_uid:
+            seen.add(id(event.assoc), result.series_instance_uid)
+        if result.status != 0x0000:
+            rsp = Dataset()
+            rsp.Status = result.status
+            rsp.ErrorComment = _error_comment(result.reason)
+            return rsp
+        return 0x0000
+
+    def handle_released(event: evt.Event) -> None:
+        series = seen.pop(id(event.assoc))
+        if series and on_release is not None and config.node.complete_on_release:
+            on_release(series)
+
+    def handle_aborted(event: evt.Event) -> None:
+        seen.pop(id(event.assoc))  # an aborted transfer may be incomplete: the quiet period decides
+
+    def handle_rejected(event: evt.Event) -> None:
+        try:
+            with transaction(factory) as session:
+                record(session, "association.rejected", component="dicom_node", calling_ae=_calling_ae(event),
+                       peer_address=_peer(event), called_ae=str(event.assoc.acceptor.ae_title).strip())
+        except Exception:
+            LOG.exception("audit of rejected association failed")
+        LOG.warning("association from %s (%s) rejected", _calling_ae(event), _peer(event))
+
+    return [
+        (evt.EVT_CONN_OPEN, handle_open),
+        (evt.EVT_C_STORE, handle_store),
+        (evt.EVT_RELEASED, handle_released),
+        (evt.EVT_ABORTED, handle_aborted),
+        (evt.EVT_REJECTED, handle_rejected),
+    ]
+
+
+def build_ae(config: Config) -> AE:
+    """The acceptor AE with contexts, limits and the calling-AE allow-list from `config.node`."""
+    node = config.node
+    # pynetdicom's "standard" handlers log every PDU and DIMSE message: real cost per instance, and
+    # the identifiers they print are not ours to control. Our handlers log UIDs + AE titles only.
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = node.max_associations
+    ae.maximum_pdu_size = 0  # unlimited: fewer, larger P-DATA PDUs from the peer
+    ae.require_called_aet = False
+    if node.allowed_calling_aes:
+        # pynetdicom answers A-ASSOCIATE-RJ rejected-permanent / service-user / calling AE not recognised
+        ae.require_calling_aet = list(node.allowed_calling_aes)
+    ae.network_timeout = 60
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    syntaxes = decodable_transfer_syntaxes()
+    ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    for sop in STORAGE_CLASSES:
+        ae.add_supported_context(sop, syntaxes)
+    return ae
+
+
+def start_scp(config: Config, store: Store,
+              on_release: Callable[[set[str]], None] | None = None) -> tuple[AE, ThreadedAssociationServer]:
+    """Start listening on config.node.host:port (non-blocking); returns (ae, server)."""
+    ae = build_ae(config)
+    handlers = build_handlers(config, store, on_release)
+    ssl_ctx = server_context(config.node.tls)
+    server = ae.start_server((config.node.host, config.node.port), block=False, evt_handlers=handlers,
+                             ssl_context=ssl_ctx)
+    assert server is not None
+    # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux; the CONN_OPEN handler
+    # sets it again per connection for other platforms.
+    tune_socket(server.socket)
+    LOG.info("listening as %s on %s:%s (TLS %s), %d transfer syntaxes", config.node.ae_title, config.node.host,
+             server.server_address[1], "on" if ssl_ctx else "off", len(decodable_transfer_syntaxes()))
+    return ae, server

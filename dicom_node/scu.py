@@ -1,0 +1,315 @@
+"""Sending results back: a durable outbound queue in the `sends` table, delivered by C-STORE.
+
+States: pending -> sending -> sent | dead-letter (and sending -> pending on a retryable failure).
+
+* A row is claimed atomically (UPDATE ... WHERE state='pending', in a write-locked transaction)
+  before any byte goes out: two senders can never send the same row.
+* `sent` only when the peer answered 0x0000 to that C-STORE. Warnings (0xB000, 0xB006, 0xB007)
+  mean the peer stored something other than what we sent (coerced or discarded elements): the row
+  goes to `dead-letter` at once (re-sending would only repeat the warning) with the status kept,
+  so a person checks the TPS. Failures, refusals, aborts, timeouts and no response -> retry with
+  exponential backoff; dead-letter after node.send_max_attempts.
+* Restart: a row left `sending` by a process that is gone has an unknown outcome (the peer may
+  have stored it and we died before writing `sent`). We re-send it: the same file, the same SOP
+  Instance UID, which a conforming receiver stores once (DCMTK storescp and Orthanc overwrite by
+  SOP Instance UID). We never mark it `sent` without a 0x0000 in hand.
+Every state change is audited: send.queued, send.attempt, send.sent, send.failed,
+send.dead_letter, send.recovered.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psutil
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.schema import Config, Destination
+from db.audit import record
+from db.engine import transaction
+from db.schema import Send
+from dicom_node.tls import client_context
+
+LOG = logging.getLogger("rtprop.node.scu")
+
+WARNING_STATUSES = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
+                    0xB007: "data set does not match SOP class"}
+
+
+class SendError(Exception):
+    """A send could not be queued (file unreadable, no SOP Instance UID); the message names the file."""
+
+
+@dataclass
+class Outcome:
+    send_id: int
+    state: str        # sent | pending (retry later) | dead-letter
+    status: int | None
+    error: str = ""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def worker_id() -> str:
+    """host:pid:process-start-time: unique per process, so a dead owner can be told from a live one."""
+    proc = psutil.Process()
+    return f"{socket.gethostname()}:{os.getpid()}:{int(proc.create_time())}"
+
+
+def owner_alive(claimed_by: str) -> bool:
+    """Is the process named by `claimed_by` (see worker_id) still running on this host?"""
+    try:
+        host, pid, started = claimed_by.rsplit(":", 2)
+        if host != socket.gethostname():
+            return True  # another host: we cannot tell, so we do not steal its work
+        proc = psutil.Process(int(pid))
+        return int(proc.create_time()) == int(started) and proc.status() != psutil.STATUS_ZOMBIE
+    except (ValueError, psutil.Error):
+        return False
+
+
+def enqueue(session: Session, path: Path | str, destination: Destination, job_id: int | None = None) -> Send:
+    """Queue `path` for C-STORE to `destination` inside the caller's transaction; returns the row.
+
+    The file must stay where it is until the row is `sent` (results live under storage.outbox).
+    """
+    path = Path(path).resolve()
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "SOPClassUID",
+                                                                    "StudyInstanceUID", "SeriesInstanceUID"])
+        sop_uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+    except Exception as exc:
+        raise SendError(f"cannot queue {path}: not a readable DICOM file with SOP UIDs ({exc})") from exc
+    row = Send(path=str(path), sop_instance_uid=sop_uid, sop_class_uid=sop_class, job_id=job_id,
+               destination_ae=destination.ae_title, destination_host=destination.host,
+               destination_port=destination.port, state="pending", attempts=0, next_attempt_at=utcnow())
+    session.add(row)
+    session.flush()
+    record(session, "send.queued", component="dicom_node", job_id=job_id, sop_instance_uid=sop_uid,
+           study_instance_uid=str(ds.get("StudyInstanceUID", "")), series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+           calling_ae=destination.ae_title, send_id=row.id, destination=f"{destination.ae_title}@{destination.host}:{destination.port}",
+           path=str(path))
+    return row
+
+
+def recover_stale(factory: sessionmaker[Session], me: str | None = None) -> list[int]:
+    """Rows left `sending` by a dead process -> `pending` now (re-send, see module doc). Returns their ids."""
+    me = me or worker_id()
+    recovered: list[int] = []
+    with transaction(factory) as session:
+        rows = session.execute(select(Send).where(Send.state == "sending")).scalars().all()
+        for row in rows:
+            if row.claimed_by == me or owner_alive(row.claimed_by):
+                continue
+            row.state = "pending"
+            row.next_attempt_at = utcnow()
+            previous, row.claimed_by = row.claimed_by, ""
+            record(session, "send.recovered", component="dicom_node", job_id=row.job_id,
+                   sop_instance_uid=row.sop_instance_uid, calling_ae=row.destination_ae, send_id=row.id,
+                   previous_owner=previous, attempts=row.attempts,
+                   decision="outcome unknown (sender died mid-send): re-send the same SOP Instance UID, "
+                            "idempotent at a conforming receiver")
+            recovered.append(row.id)
+    if recovered:
+        LOG.warning("recovered %d send(s) left 'sending' by a dead process: %s", len(recovered), recovered)
+    return recovered
+
+
+def _backoff_s(config: Config, attempts: int) -> float:
+    node = config.node
+    return min(node.send_backoff_max_s, node.send_backoff_s * (2 ** max(0, attempts - 1)))
+
+
+def _claim_next(factory: sessionmaker[Session], me: str, dest: tuple[str, str, int], now: datetime) -> Send | None:
+    """Atomically take the oldest due pending row for `dest`: pending -> sending, attempts+1, audited."""
+    ae, host, port = dest
+    with transaction(factory) as session:
+        row = session.execute(select(Send).where(
+            Send.state == "pending", Send.next_attempt_at <= now, Send.destination_ae == ae,
+            Send.destination_host == host, Send.destination_port == port).order_by(Send.id).limit(1)).scalar()
+        if row is None:
+            return None
+        done = session.execute(update(Send).where(Send.id == row.id, Send.state == "pending").values(
+            state="sending", claimed_by=me, attempts=Send.attempts + 1, next_attempt_at=utcnow())).rowcount
+        if not done:
+            return None
+        session.refresh(row)
+        record(session, "send.attempt", component="dicom_node", job_id=row.job_id, sop_instance_uid=row.sop_instance_uid,
+               calling_ae=ae, send_id=row.id, attempt=row.attempts, destination=f"{ae}@{host}:{port}", worker=me)
+        session.expunge(row)
+        return row
+
+
+def _finish(factory: sessionmaker[Session], config: Config, row: Send, me: str, status: int | None,
+            error: str) -> Outcome:
+    """Record the result of one attempt: sent (0x0000 only), dead-letter, or pending with backoff."""
+    now = utcnow()
+    dest = f"{row.destination_ae}@{row.destination_host}:{row.destination_port}"
+    status_txt = f"0x{status:04X}" if status is not None else "none"
+    with transaction(factory) as session:
+        current = session.get(Send, row.id)
+        if current is None or current.state != "sending" or current.claimed_by != me:
+            LOG.error("send %s no longer claimed by us; leaving it", row.id)
+            return Outcome(row.id, current.state if current else "missing", status, "lost claim")
+        current.last_status = status
+        common = dict(component="dicom_node", job_id=row.job_id, sop_instance_uid=row.sop_instance_uid,
+                      calling_ae=row.destination_ae, send_id=row.id, attempt=current.attempts, destination=dest,
+                      status=status_txt)
+        if status == 0x0000:
+            current.state, current.sent_at, current.last_error = "sent", now, ""
+            record(session, "send.sent", **common)
+            LOG.info("send %s: %s delivered to %s (0x0000)", row.id, row.sop_instance_uid, dest)
+            return Outcome(row.id, "sent", status)
+        if status in WARNING_STATUSES:
+            error = f"peer stored it with warning {status_txt} ({WARNING_STATUSES[status]}): check the TPS"
+            permanent = True
+        else:
+            permanent = error.startswith("permanent:")
+        current.last_error = error[:2000]
+        if permanent or current.attempts >= config.node.send_max_attempts:
+            current.state = "dead-letter"
+            record(session, "send.failed", **common, error=error)
+            record(session, "send.dead_letter", **common, error=error,
+                   reason="warning status" if status in WARNING_STATUSES else
+                   ("permanent failure" if permanent else f"{current.attempts} attempts"))
+            LOG.error("send %s dead-lettered after %d attempt(s): %s", row.id, current.attempts, error)
+            return Outcome(row.id, "dead-letter", status, error)
+        delay = _backoff_s(config, current.attempts)
+        current.state, current.claimed_by = "pending", ""
+        current.next_attempt_at = now + timedelta(seconds=delay)
+        record(session, "send.failed", **common, error=error, retry_in_s=delay)
+        LOG.warning("send %s attempt %d to %s failed (%s, %s); retry in %.1f s", row.id, current.attempts, dest,
+                    status_txt, error, delay)
+        return Outcome(row.id, "pending", status, error)
+
+
+def _due_destinations(factory: sessionmaker[Session], now: datetime) -> list[tuple[str, str, int]]:
+    with factory() as session:
+        rows = session.execute(select(Send.destination_ae, Send.destination_host, Send.destination_port).where(
+            Send.state == "pending", Send.next_attempt_at <= now).distinct()).all()
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def _sop_classes(factory: sessionmaker[Session], dest: tuple[str, str, int]) -> list[str]:
+    ae, host, port = dest
+    with factory() as session:
+        return sorted(set(session.execute(select(Send.sop_class_uid).where(
+            Send.state == "pending", Send.destination_ae == ae, Send.destination_host == host,
+            Send.destination_port == port)).scalars()))
+
+
+def deliver_due(factory: sessionmaker[Session], config: Config, *, me: str | None = None,
+                now: datetime | None = None, stop: threading.Event | None = None) -> list[Outcome]:
+    """Send every due pending row, one association per destination. Returns what happened."""
+    me = me or worker_id()
+    now = now or utcnow()
+    outcomes: list[Outcome] = []
+    for dest in _due_destinations(factory, now):
+        if stop is not None and stop.is_set():
+            break
+        outcomes.extend(_deliver_to(factory, config, me, dest, now, stop))
+    return outcomes
+
+
+def _deliver_to(factory: sessionmaker[Session], config: Config, me: str, dest: tuple[str, str, int],
+                now: datetime, stop: threading.Event | None) -> list[Outcome]:
+    ae_title, host, port = dest
+    node = config.node
+    ae = AE(ae_title=node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = node.send_timeout_s
+    ae.connection_timeout = node.send_timeout_s
+    for sop_class in _sop_classes(factory, dest):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    if not ae.requested_contexts:
+        return []
+    tls = client_context(node.tls)
+    outcomes: list[Outcome] = []
+    try:
+        assoc = ae.associate(host, port, ae_title=ae_title,
+                             tls_args=(tls, host) if tls is not None else None)
+    except Exception as exc:  # e.g. TLS handshake errors surface as exceptions
+        assoc, assoc_error = None, f"association failed: {type(exc).__name__}: {exc}"
+    else:
+        assoc_error = "" if assoc.is_established else (
+            "association rejected" if assoc.is_rejected else "association aborted or peer unreachable")
+    if assoc is None or not assoc.is_established:
+        # the claim + failed attempt is recorded for every due row, so retries and backoff are visible
+        while (row := _claim_next(factory, me, dest, now)) is not None:
+            outcomes.append(_finish(factory, config, row, me, None, assoc_error))
+        return outcomes
+    try:
+        while (stop is None or not stop.is_set()) and assoc.is_established:
+            row = _claim_next(factory, me, dest, now)
+            if row is None:
+                break
+            outcomes.append(_send_one(factory, config, me, assoc, row))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+def _send_one(factory: sessionmaker[Session], config: Config, me: str, assoc, row: Send) -> Outcome:  # type: ignore[no-untyped-def]
+    path = Path(row.path)
+    try:
+        ds = dcmread(path)
+    except FileNotFoundError:
+        return _finish(factory, config, row, me, None, f"permanent: file missing: {path}")
+    except Exception as exc:
+        return _finish(factory, config, row, me, None, f"permanent: file unreadable: {path}: {exc}")
+    if str(ds.get("SOPInstanceUID", "")) != row.sop_instance_uid:
+        return _finish(factory, config, row, me, None,
+                       f"permanent: {path} now holds SOP Instance UID {ds.get('SOPInstanceUID')}, "
+                       f"queued as {row.sop_instance_uid}")
+    try:
+        rsp = assoc.send_c_store(ds)
+    except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
+        return _finish(factory, config, row, me, None, f"no accepted presentation context: {exc}")
+    except Exception as exc:
+        return _finish(factory, config, row, me, None, f"C-STORE failed: {type(exc).__name__}: {exc}")
+    if rsp is None or "Status" not in rsp:
+        # no response (timeout/abort): the peer may or may not have it -> retry the same SOP UID
+        return _finish(factory, config, row, me, None, "no C-STORE response (timeout, abort or invalid response)")
+    status = int(rsp.Status)
+    error = "" if status == 0 else f"peer answered 0x{status:04X} {str(rsp.get('ErrorComment', '') or '')}".strip()
+    return _finish(factory, config, row, me, status, error)
+
+
+class Sender:
+    """The sender loop of serve_forever: recover stale claims once, then deliver due rows."""
+
+    def __init__(self, factory: sessionmaker[Session], config: Config) -> None:
+        self.factory = factory
+        self.config = config
+        self.me = worker_id()
+        self.wake = threading.Event()
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            recover_stale(self.factory, self.me)
+        except Exception:
+            LOG.exception("recovery of stale sends failed")
+        while not stop.is_set():
+            try:
+                deliver_due(self.factory, self.config, me=self.me, stop=stop)
+            except Exception:
+                LOG.exception("sender pass failed; retrying")
+            self.wake.wait(self.config.node.poll_interval_s)
+            self.wake.clear()

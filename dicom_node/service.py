@@ -1,0 +1,129 @@
+"""One process: SCP + series completion checker + sender loop, stopped cleanly by SIGTERM/SIGINT.
+
+    python -m dicom_node.service --storage DIR --port 11112 [--config FILE] [--ae-title AE]
+        [--allow-ae AE]... [--destination AE@HOST:PORT]
+
+(the same flags as `rtprop serve`, which is the entry point clinics should use).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from config.load import load_config, resolve_storage
+from config.schema import Config
+from db.audit import record
+from db.engine import open_database, transaction
+from dicom_node.completion import CompletionChecker
+from dicom_node.routing import check_routes
+from dicom_node.scp import start_scp
+from dicom_node.scu import Sender
+from dicom_node.storage import Store, recover
+
+LOG = logging.getLogger("rtprop.node.service")
+READY_LINE = "rtprop node ready"
+
+
+def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
+    """Run the node until `stop` is set or SIGTERM/SIGINT arrives (storage paths already resolved)."""
+    stop = stop or threading.Event()
+    st = config.storage
+    for folder in (st.root, st.archive, st.quarantine, st.outbox):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    factory = open_database(st.database)
+    removed = recover(st)
+    for problem in check_routes(config):
+        LOG.error("configuration: %s", problem)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def _on_signal(signum: int, _frame: Any) -> None:
+            LOG.info("signal %d: stopping", signum)
+            stop.set()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _on_signal)
+
+    store = Store(st, factory, fsync=st.fsync)
+    checker = CompletionChecker(factory, config)
+    sender = Sender(factory, config)
+    ae, server = start_scp(config, store, on_release=checker.notify_release)
+    threads = [
+        threading.Thread(target=checker.run, args=(stop, config.node.poll_interval_s), name="rtprop-completion",
+                         daemon=True),
+        threading.Thread(target=sender.run, args=(stop,), name="rtprop-sender", daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    port = server.server_address[1]
+    with transaction(factory) as session:
+        record(session, "node.started", component="dicom_node", calling_ae=config.node.ae_title,
+               host=config.node.host, port=port, temp_files_removed=removed, worker=sender.me)
+    LOG.info("%s: %s on %s:%d (storage %s)", READY_LINE, config.node.ae_title, config.node.host, port, st.root)
+    print(f"{READY_LINE} {config.node.ae_title} {config.node.host}:{port}", file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        LOG.info("stopping: closing the listening socket, waiting for associations")
+        server.shutdown()          # no new associations; running ones finish their current message
+        ae.shutdown()
+        checker._wake.set()
+        sender.wake.set()
+        for t in threads:
+            t.join(timeout=max(10.0, config.node.send_timeout_s + 5))
+        with transaction(factory) as session:
+            record(session, "node.stopped", component="dicom_node", calling_ae=config.node.ae_title, port=port)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        LOG.info("stopped")
+
+
+def _parse_destination(text: str) -> dict[str, Any]:
+    try:
+        ae, rest = text.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        return {"ae_title": ae, "host": host, "port": int(port)}
+    except ValueError as exc:
+        raise SystemExit(f"--destination must be AE@HOST:PORT, got {text!r}") from exc
+
+
+def config_from_args(argv: list[str] | None = None) -> Config:
+    """Same precedence as `rtprop serve`: file < RTPROP__* environment < flags."""
+    p = argparse.ArgumentParser(prog="python -m dicom_node.service", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML configuration file")
+    p.add_argument("--port", type=int, help="TCP port to listen on (node.port)")
+    p.add_argument("--ae-title", help="our AE title (node.ae_title)")
+    p.add_argument("--storage", type=Path, help="storage root (storage.root)")
+    p.add_argument("--allow-ae", action="append", default=[], help="calling AE allowed to associate (repeatable)")
+    p.add_argument("--destination", help="AE@HOST:PORT where results go (node.destinations.default)")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node: dict[str, Any] = {}
+    if a.port is not None:
+        node["port"] = a.port
+    if a.ae_title:
+        node["ae_title"] = a.ae_title
+    if a.allow_ae:
+        node["allowed_calling_aes"] = a.allow_ae
+    if a.destination:
+        node["destinations"] = {"default": _parse_destination(a.destination)}
+        node["default_destination"] = "default"
+    overrides: dict[str, Any] = {"node": node} if node else {}
+    if a.storage is not None:
+        overrides["storage"] = {"root": str(a.storage)}
+    return resolve_storage(load_config(a.config, overrides=overrides))
+
+
+def main(argv: list[str] | None = None) -> None:
+    serve_forever(config_from_args(argv))
+
+
+if __name__ == "__main__":
+    main()

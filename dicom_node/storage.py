@@ -1,0 +1,443 @@
+"""Receiving side of the node: atomic archive write, DB record, quarantine.
+
+One call, `ingest`, takes the bytes a peer sent in a C-STORE and either
+  * writes them to archive/<StudyUID>/<SeriesUID>/<SOPUID>.dcm (temp file in the same folder,
+    fsync, rename, folder fsync) and records Instance + Series + audit rows in ONE transaction,
+    and only then reports success (0x0000), or
+  * keeps the raw bytes in quarantine/ with a <name>.reason.json beside them and reports a
+    failure status. Nothing a peer sent is dropped without trace.
+
+Duplicate SOP Instance UID: the first copy wins. Same content (sha256 of the encoded data set,
+file meta excluded) -> success, no second file, no second row, audit `instance.duplicate`.
+Different content -> success (the instance *is* stored), the new bytes go to quarantine with
+reason "conflict" and audit `instance.conflict`, so an operator can see both versions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.schema import StorageConfig
+from db.audit import CHAINED_FIELDS, GENESIS, hash_patient_id, new_row, record
+from db.engine import transaction
+
+LOG = logging.getLogger("rtprop.node.storage")
+
+# DIMSE C-STORE statuses (PS3.4 B.2.3, PS3.7 C) that this node returns.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700        # below storage.min_free_mb, or the disk refused the write
+DATASET_MISMATCH = 0xA900        # required attribute missing/invalid or not matching the command
+CANNOT_UNDERSTAND = 0xC000       # the data set cannot be parsed
+PROCESSING_FAILURE = 0x0110      # our own fault (database unavailable ...): the peer should retry
+
+TEMP_PREFIX = ".rtprop-tmp-"
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+@dataclass
+class Received:
+    """What the network layer knows about one C-STORE besides the bytes."""
+
+    calling_ae: str = ""
+    peer_address: str = ""
+    affected_sop_class_uid: str = ""
+    affected_sop_instance_uid: str = ""
+    transfer_syntax_uid: str = ""
+    source: str = "dimse"
+
+
+@dataclass
+class IngestResult:
+    status: int
+    reason: str = ""
+    sop_instance_uid: str = ""
+    series_instance_uid: str = ""
+    study_instance_uid: str = ""
+    path: Path | None = None
+    duplicate: bool = False
+    quarantined: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class IngestError(Exception):
+    """A data set the node refuses; carries the DIMSE status and a reason for the quarantine file."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write `data` to `path` so that `path` is either absent or complete (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def archive_path(archive: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """archive/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm (UIDs only, no names)."""
+    return archive / study_uid / series_uid / f"{sop_uid}.dcm"
+
+
+def _split_meta(raw: bytes) -> int:
+    """Offset where the data set starts after preamble + 'DICM' + group 0002 (0 if none)."""
+    if len(raw) >= 144 and raw[128:132] == b"DICM":
+        # (0002,0000) FileMetaInformationGroupLength, explicit VR LE: tag(4) VR(2) len(2) value(4)
+        if raw[132:136] == b"\x02\x00\x00\x00" and raw[136:138] == b"UL":
+            return 144 + int.from_bytes(raw[140:144], "little")
+    return 0
+
+
+@dataclass
+class _Parsed:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    patient_id_hash: str
+    transfer_syntax_uid: str
+
+
+_DB_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy's SQLite DateTime stores values (UTC here)
+
+
+@dataclass
+class _Existing:
+    sha256: str
+    path: str
+
+
+def _audit_fast(cur, event: str, *, study_instance_uid: str = "", series_instance_uid: str = "",  # type: ignore[no-untyped-def]
+                sop_instance_uid: str = "", calling_ae: str = "", patient_id_hash: str = "",
+                details: dict | None = None) -> None:
+    """db.audit.record on a raw cursor inside the caller's BEGIN IMMEDIATE: same fields, same hash chain."""
+    last = cur.execute("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    values = new_row(last[0] if last else GENESIS, event, component="dicom_node",
+                     study_instance_uid=study_instance_uid, series_instance_uid=series_instance_uid,
+                     sop_instance_uid=sop_instance_uid, calling_ae=calling_ae, patient_id_hash=patient_id_hash,
+                     details=details)
+    cols = list(CHAINED_FIELDS) + ["hash"]
+    cur.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [values[c] for c in cols])
+
+
+IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}  # CT, MR Image Storage
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
+
+
+def _truncated_elements(ds) -> str:  # type: ignore[no-untyped-def]
+    """pydicom silently accepts a value shorter than its declared length: find such elements."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        length = getattr(elem, "length", None)
+        value = getattr(elem, "value", None)
+        if length is None or length == 0xFFFFFFFF or not isinstance(value, (bytes, bytearray)):
+            continue
+        if len(value) < length:
+            return f"element {tag} declares {length} bytes, {len(value)} present"
+    return ""
+
+
+def _check_pixels(ds, transfer_syntax: str) -> None:  # type: ignore[no-untyped-def]
+    """A CT/MR image must carry pixel data; uncompressed, of exactly Rows x Columns x ... bytes."""
+    if "PixelData" not in ds:
+        raise IngestError(DATASET_MISMATCH, "image without Pixel Data (7FE0,0010)")
+    if transfer_syntax not in NATIVE_SYNTAXES:
+        return
+    try:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                    * int(ds.BitsAllocated) // 8 * int(ds.get("NumberOfFrames", 1) or 1))
+        actual = ds.get_item("PixelData").length if hasattr(ds.get_item("PixelData"), "length") else len(ds.PixelData)
+    except Exception as exc:
+        raise IngestError(DATASET_MISMATCH, f"image pixel description unusable: {type(exc).__name__}: {exc}") from exc
+    if actual not in (expected, expected + 1):  # +1: odd lengths are padded to even
+        raise IngestError(DATASET_MISMATCH, f"Pixel Data holds {actual} bytes, Rows/Columns/Bits say {expected}")
+
+
+def parse_identifiers(raw: bytes, received: Received) -> _Parsed:
+    """Read the identifying attributes; IngestError(0xC000 / 0xA900) when they are unusable."""
+    try:
+        ds = dcmread(BytesIO(raw), force=True)  # values stay raw bytes: cheap even for 0.5 MB
+        truncated = _truncated_elements(ds)
+        values = {k: ds.get(k) for k in REQUIRED}
+        modality = str(ds.get("Modality", "") or "")
+        patient_id = str(ds.get("PatientID", "") or "")
+        tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
+    except Exception as exc:  # pydicom raises many types on garbage: all mean "cannot understand"
+        raise IngestError(CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    if truncated:
+        raise IngestError(CANNOT_UNDERSTAND, f"data set truncated: {truncated}")
+    missing = [k for k, v in values.items() if v is None or str(v).strip() == ""]
+    if missing:
+        raise IngestError(DATASET_MISMATCH, f"required attribute(s) missing or empty: {', '.join(missing)}")
+    clean = {k: str(v).strip().rstrip("\x00") for k, v in values.items()}
+    bad = [f"{k}={v!r}" for k, v in clean.items() if len(v) > 64 or not UID_RE.match(v)]
+    if bad:
+        raise IngestError(DATASET_MISMATCH, f"invalid UID value(s): {', '.join(bad)}")
+    if received.affected_sop_instance_uid and clean["SOPInstanceUID"] != received.affected_sop_instance_uid:
+        raise IngestError(DATASET_MISMATCH, "SOPInstanceUID in the data set "
+                          f"{clean['SOPInstanceUID']} != Affected SOP Instance UID {received.affected_sop_instance_uid}")
+    if received.affected_sop_class_uid and clean["SOPClassUID"] != received.affected_sop_class_uid:
+        raise IngestError(DATASET_MISMATCH, "SOPClassUID in the data set "
+                          f"{clean['SOPClassUID']} != Affected SOP Class UID {received.affected_sop_class_uid}")
+    if clean["SOPClassUID"] in IMAGE_CLASSES:
+        _check_pixels(ds, received.transfer_syntax_uid or tsyntax)
+    return _Parsed(clean["SOPClassUID"], clean["SOPInstanceUID"], clean["StudyInstanceUID"],
+                   clean["SeriesInstanceUID"], modality[:16], hash_patient_id(patient_id),
+                   received.transfer_syntax_uid or tsyntax)
+
+
+class Store:
+    """The archive + quarantine + DB writer shared by all associations of one node."""
+
+    def __init__(self, storage: StorageConfig, factory: sessionmaker[Session], *, fsync: bool = True) -> None:
+        self.storage = storage
+        self.factory = factory
+        self.fsync = fsync
+        self.archive = Path(storage.archive)
+        self.quarantine_dir = Path(storage.quarantine)
+        self.min_free_bytes = int(storage.min_free_mb) * 1024 * 1024
+        self.archive.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+        self._engine = factory.kw["bind"]
+
+    # ------------------------------------------------------------------ space
+    def has_space(self, needed: int) -> bool:
+        free = shutil.disk_usage(self.archive).free
+        return free - needed >= self.min_free_bytes
+
+    # ------------------------------------------------------------- quarantine
+    def quarantine(self, raw: bytes, received: Received, status: int, reason: str,
+                   *, audit: bool = True, **ids: str) -> Path | None:
+        """Keep `raw` with a reason file; audit `instance.quarantined`. Never raises."""
+        stamp = utcnow().strftime("%Y%m%dT%H%M%S.%fZ")
+        day = self.quarantine_dir / stamp[:8]
+        name = f"{stamp}-{uuid.uuid4().hex[:12]}"
+        path = day / f"{name}.dcm"
+        info = {
+            "reason": reason, "status": f"0x{status:04X}", "received_at": stamp,
+            "calling_ae": received.calling_ae, "peer_address": received.peer_address,
+            "affected_sop_class_uid": received.affected_sop_class_uid,
+            "affected_sop_instance_uid": received.affected_sop_instance_uid,
+            "transfer_syntax_uid": received.transfer_syntax_uid, "bytes": len(raw), **ids,
+        }
+        try:
+            if self.has_space(len(raw)):
+                write_atomic(path, raw, fsync=self.fsync)
+            else:
+                info["bytes_kept"] = False  # no room for the bytes; the reason file still says what came
+                path = None  # type: ignore[assignment]
+            write_atomic(day / f"{name}.reason.json", json.dumps(info, indent=1).encode(), fsync=self.fsync)
+        except OSError as exc:
+            LOG.error("quarantine write failed (%s): %s", reason, exc)
+            path = None  # type: ignore[assignment]
+        if audit:
+            try:
+                with transaction(self.factory) as session:
+                    record(session, "instance.quarantined", component="dicom_node",
+                           sop_instance_uid=ids.get("sop_instance_uid", received.affected_sop_instance_uid),
+                           series_instance_uid=ids.get("series_instance_uid", ""),
+                           study_instance_uid=ids.get("study_instance_uid", ""),
+                           calling_ae=received.calling_ae, status=f"0x{status:04X}", reason=reason,
+                           quarantine_path=str(path) if path else "", peer_address=received.peer_address)
+            except Exception as exc:  # the reason file is the record of last resort
+                LOG.error("audit of quarantined instance failed: %s", exc)
+        LOG.warning("quarantined %s from %s: 0x%04X %s", received.affected_sop_instance_uid,
+                    received.calling_ae, status, reason)
+        return path
+
+    # ----------------------------------------------------------------- ingest
+    def ingest(self, raw: bytes, received: Received) -> IngestResult:
+        """Archive + record one instance; return the status to send back. Never raises."""
+        try:
+            return self._ingest(raw, received)
+        except IngestError as exc:
+            q = self.quarantine(raw, received, exc.status, exc.reason)
+            return IngestResult(exc.status, exc.reason, sop_instance_uid=received.affected_sop_instance_uid,
+                                quarantined=q)
+        except OSError as exc:
+            status = OUT_OF_RESOURCES if exc.errno in (28, 122) else PROCESSING_FAILURE  # ENOSPC, EDQUOT
+            LOG.error("archive write failed for %s: %s", received.affected_sop_instance_uid, exc)
+            return IngestResult(status, f"archive write failed: {exc}",
+                                sop_instance_uid=received.affected_sop_instance_uid)
+        except Exception as exc:
+            LOG.exception("ingest failed for %s", received.affected_sop_instance_uid)
+            return IngestResult(PROCESSING_FAILURE, f"internal error: {type(exc).__name__}: {exc}",
+                                sop_instance_uid=received.affected_sop_instance_uid)
+
+    def _ingest(self, raw: bytes, received: Received) -> IngestResult:
+        if not self.has_space(len(raw)):
+            reason = f"free space below storage.min_free_mb={self.storage.min_free_mb}"
+            LOG.error("refusing %s: %s", received.affected_sop_instance_uid, reason)
+            try:
+                with transaction(self.factory) as session:
+                    record(session, "instance.refused", component="dicom_node",
+                           sop_instance_uid=received.affected_sop_instance_uid, calling_ae=received.calling_ae,
+                           status=f"0x{OUT_OF_RESOURCES:04X}", reason=reason)
+            except Exception:
+                LOG.exception("audit failed")
+            return IngestResult(OUT_OF_RESOURCES, reason, sop_instance_uid=received.affected_sop_instance_uid)
+
+        p = parse_identifiers(raw, received)
+        start = _split_meta(raw)
+        digest = hashlib.sha256(memoryview(raw)[start:]).hexdigest()
+        final = archive_path(self.archive, p.study_instance_uid, p.series_instance_uid, p.sop_instance_uid)
+        folder = final.parent
+        if folder not in self._known_dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                _fsync_dir(folder.parent)
+                _fsync_dir(folder.parent.parent)
+            self._known_dirs.add(folder)
+        # 1. bytes on disk under a temp name (outside the DB lock: associations write in parallel)
+        tmp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(raw)
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            # 2. one write-locked transaction: duplicate check, rename, rows, audit; commit = success.
+            #    Plain DBAPI on the engine's pooled connection (same PRAGMAs): the ORM cost ~3 ms here.
+            now = utcnow()
+            conn = self._engine.raw_connection()
+            try:
+                cur = conn.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    existing = cur.execute("SELECT sha256, path FROM instances WHERE sop_instance_uid = ?",
+                                           (p.sop_instance_uid,)).fetchone()
+                    if existing is not None:
+                        cur.execute("ROLLBACK")
+                        tmp.unlink(missing_ok=True)
+                        return self._duplicate_tx(raw, received, p, digest, existing[0], existing[1])
+                    os.replace(tmp, final)
+                    if self.fsync:
+                        _fsync_dir(folder)
+                    reopened = self._record_fast(cur, p, received, str(final), digest, now)
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+            finally:
+                conn.close()  # back to the pool
+            if reopened:
+                with transaction(self.factory) as session:
+                    record(session, "series.reopened", component="dicom_node",
+                           study_instance_uid=p.study_instance_uid, series_instance_uid=p.series_instance_uid,
+                           calling_ae=received.calling_ae, previous_state=reopened,
+                           reason="instance arrived after the series was closed")
+        finally:
+            if tmp.exists():
+                tmp.unlink(missing_ok=True)
+        return IngestResult(SUCCESS, sop_instance_uid=p.sop_instance_uid, series_instance_uid=p.series_instance_uid,
+                            study_instance_uid=p.study_instance_uid, path=final)
+
+    def _record_fast(self, cur, p: _Parsed, received: Received, path: str, digest: str,  # type: ignore[no-untyped-def]
+                     now: datetime) -> str:
+        """Instance row, Series upsert, `instance.received` audit row; returns the old state if reopened."""
+        ts = now.strftime(_DB_TIME)
+        ae, peer = received.calling_ae[:16], received.peer_address[:64]
+        cur.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, study_instance_uid, "
+            "modality, patient_id_hash, path, sha256, transfer_syntax_uid, calling_ae, peer_address, source, "
+            "received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (p.sop_instance_uid, p.sop_class_uid, p.series_instance_uid, p.study_instance_uid, p.modality,
+             p.patient_id_hash, path, digest, p.transfer_syntax_uid, ae, peer, received.source, ts))
+        row = cur.execute("SELECT state FROM series WHERE series_instance_uid = ?", (p.series_instance_uid,)).fetchone()
+        if row is None:
+            cur.execute(
+                "INSERT INTO series (series_instance_uid, study_instance_uid, modality, calling_ae, peer_address, "
+                "state, instance_count, first_received_at, last_received_at, completed_at, reason) "
+                "VALUES (?,?,?,?,?,'receiving',1,?,?,NULL,'')",
+                (p.series_instance_uid, p.study_instance_uid, p.modality, ae, peer, ts, ts))
+            prev = ""
+        else:
+            prev = row[0] if row[0] != "receiving" else ""
+            cur.execute(
+                "UPDATE series SET instance_count = instance_count + 1, last_received_at = ?, state = 'receiving', "
+                "completed_at = CASE WHEN state = 'receiving' THEN completed_at ELSE NULL END "
+                "WHERE series_instance_uid = ?", (ts, p.series_instance_uid))
+        _audit_fast(cur, "instance.received", study_instance_uid=p.study_instance_uid,
+                    series_instance_uid=p.series_instance_uid, sop_instance_uid=p.sop_instance_uid,
+                    calling_ae=received.calling_ae, patient_id_hash=p.patient_id_hash,
+                    details={"sop_class_uid": p.sop_class_uid, "sha256": digest, "peer_address": received.peer_address})
+        return prev
+
+    def _duplicate_tx(self, raw: bytes, received: Received, p: _Parsed, digest: str, kept_sha: str,
+                      kept_path: str) -> IngestResult:
+        with transaction(self.factory) as session:
+            return self._duplicate(session, raw, received, p, digest, _Existing(kept_sha, kept_path))
+
+    def _duplicate(self, session: Session, raw: bytes, received: Received, p: _Parsed, digest: str,
+                   existing) -> IngestResult:  # type: ignore[no-untyped-def]
+        ids = dict(sop_instance_uid=p.sop_instance_uid, series_instance_uid=p.series_instance_uid,
+                   study_instance_uid=p.study_instance_uid)
+        if existing.sha256 == digest:
+            record(session, "instance.duplicate", component="dicom_node", calling_ae=received.calling_ae,
+                   patient_id_hash=p.patient_id_hash, sha256=digest, identical=True, **ids)
+            return IngestResult(SUCCESS, "duplicate (identical)", path=Path(existing.path), duplicate=True, **ids)
+        reason = (f"conflict: SOP Instance UID already stored with different content "
+                  f"(kept first sha256={existing.sha256}, this sha256={digest})")
+        q = self.quarantine(raw, received, SUCCESS, reason, audit=False, **ids)
+        record(session, "instance.conflict", component="dicom_node", calling_ae=received.calling_ae,
+               patient_id_hash=p.patient_id_hash, kept_sha256=existing.sha256, new_sha256=digest,
+               quarantine_path=str(q) if q else "", **ids)
+        return IngestResult(SUCCESS, reason, path=Path(existing.path), duplicate=True, quarantined=q, **ids)
+
+
+def recover(storage: StorageConfig) -> int:
+    """At start-up: delete temp files a killed process left behind (never complete instances)."""
+    removed = 0
+    for root in (Path(storage.archive), Path(storage.quarantine), Path(storage.outbox)):
+        if not root.is_dir():
+            continue
+        for tmp in root.rglob(f"{TEMP_PREFIX}*"):
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError as exc:
+                LOG.warning("could not remove temp file %s: %s", tmp, exc)
+    return removed

@@ -1,0 +1,360 @@
+"""The weight-free `classic` propagator: no checkpoint, any modality, CPU only.
+
+1. Key slice: the prompt becomes a 2D mask. A box is a tight rectangle around the structure, so
+   an intensity model (histogram inside the box, centre-weighted, vs a ring around it) is
+   iterated GrabCut-style inside the box; points grow a region from the positive clicks; a mask
+   is used as drawn.
+2. Propagation, slice by slice in both directions: the previous slice's mask is carried onto the
+   next slice (by 2D demons registration of the two slices in `register_refine`, unchanged in
+   `intensity`), turned into a spatial prior (signed distance, in mm) and combined with the
+   intensity log-likelihood ratio of the running structure/surroundings model; the posterior > 0.5
+   inside a search band, restricted to the components touching the carried mask, is the new slice.
+3. Stop rules per direction: empty mask, intensities that no longer match the key slice's model
+   (mean log-likelihood ratio below `classic_min_likelihood_ratio`), area collapse below
+   `min_area_fraction` of the key slice (that last small slice is kept: structures taper), the
+   volume's edge, or `max_extent_mm` from the key slice.
+
+Works on raw intensities: CT in HU is mapped piecewise-linearly so that lung, fat, soft tissue and
+bone all stay distinguishable; anything else gets the percentile normalisation used for MR.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from config.schema import PropagationConfig
+from converters.intensity import normalise_percentiles
+from models.postprocess import fill_holes_per_slice, largest_component_3d
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError
+from models.propagate import PropagationResult
+
+N_BINS = 64
+AIR_HU = -900.0  # a positive click below this, with no tissue around it, is on air
+SMOOTH_PX = 0.7  # Gaussian sigma before intensity modelling: takes the edge off CT/MR noise
+RING_MM = 10.0  # width of the "surroundings" ring of the intensity model
+
+
+# ----------------------------------------------------------------------------- intensities
+def feature_image(image: np.ndarray, modality: str) -> np.ndarray:
+    """Intensities mapped to [0, 1]: CT piecewise-linear in HU, anything else by percentiles.
+
+    CT: -1000..-160 HU -> 0..0.2 (air, lung, fat), -160..240 -> 0.2..0.8 (soft tissue at full
+    resolution), 240..1500 -> 0.8..1 (bone), so a plain soft-tissue window does not merge lung
+    with fat or cortical with cancellous bone.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if modality.upper() == "CT":
+        return np.interp(image, [-1000.0, -160.0, 240.0, 1500.0], [0.0, 0.2, 0.8, 1.0]).astype(np.float32)
+    return normalise_percentiles(image)
+
+
+def _histogram(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Smoothed, floored intensity histogram (a density over N_BINS bins of [0, 1])."""
+    h, _ = np.histogram(np.clip(values, 0.0, 1.0), bins=N_BINS, range=(0.0, 1.0), weights=weights)
+    h = ndimage.gaussian_filter1d(h.astype(np.float64), 1.5)
+    h += 1e-3 * max(h.sum(), 1.0) / N_BINS  # unseen intensities are unlikely, not impossible
+    return h / h.sum()
+
+
+def _bins(image: np.ndarray) -> np.ndarray:
+    return np.clip((image * N_BINS).astype(np.intp), 0, N_BINS - 1)
+
+
+def _llr(image: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Log-likelihood ratio structure vs surroundings, per pixel."""
+    b = _bins(image)
+    return np.log(fg[b]) - np.log(bg[b])
+
+
+def _ring(mask: np.ndarray, spacing_yx: tuple[float, float], width_mm: float = RING_MM) -> np.ndarray:
+    d = ndimage.distance_transform_edt(~mask, sampling=spacing_yx)
+    return (d > 0) & (d <= width_mm)
+
+
+# ----------------------------------------------------------------------------- prompt checks
+def _check_inputs(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompt: Prompt) -> None:
+    if image.ndim != 3:
+        raise ValueError(f"image must be 3D (z, y, x), got shape {image.shape}")
+    if len(spacing_zyx) != 3 or any(not float(s) > 0 for s in spacing_zyx):
+        raise ValueError(f"spacing_zyx must be 3 positive numbers in mm, got {spacing_zyx}")
+    nz, ny, nx = image.shape
+    z = prompt.slice_index
+    if not 0 <= z < nz:
+        raise PromptError(f"prompt on slice {z}, but the series has slices 0..{nz - 1}")
+    if isinstance(prompt, BoxPrompt):
+        corners = (prompt.x0, prompt.y0, prompt.x1, prompt.y1)
+        if not (0 <= prompt.x0 < nx and 0 <= prompt.x1 < nx and 0 <= prompt.y0 < ny and 0 <= prompt.y1 < ny):
+            raise PromptError(f"box (x0, y0, x1, y1) = {corners} on slice {z} lies outside the "
+                              f"{nx} x {ny} image (columns 0..{nx - 1}, rows 0..{ny - 1})")
+        if prompt.x1 <= prompt.x0 or prompt.y1 <= prompt.y0:
+            raise PromptError(f"box (x0, y0, x1, y1) = {corners} on slice {z} has zero area: "
+                              "x1 must exceed x0 and y1 must exceed y0")
+    elif isinstance(prompt, PointPrompt):
+        if not prompt.points:
+            raise PromptError(f"point prompt on slice {z} has no points")
+        for x, y, _ in prompt.points:
+            if not (0 <= x < nx and 0 <= y < ny):
+                raise PromptError(f"point (x={x}, y={y}) on slice {z} lies outside the {nx} x {ny} image")
+        if not any(positive for _, _, positive in prompt.points):
+            raise PromptError(f"point prompt on slice {z} has no positive point: nothing to segment")
+    elif isinstance(prompt, MaskPrompt):
+        mask = np.asarray(prompt.mask)
+        if mask.shape != (ny, nx):
+            raise PromptError(f"mask prompt on slice {z} has shape {mask.shape}, the image slices are {(ny, nx)}")
+        if not mask.astype(bool).any():
+            raise PromptError(f"mask prompt on slice {z} is empty")
+    else:
+        raise PromptError(f"unknown prompt type {type(prompt).__name__}")
+
+
+# ----------------------------------------------------------------------------- key slice
+def key_mask_from_box(feature2d: np.ndarray, box: BoxPrompt, iterations: int = 3) -> np.ndarray:
+    """Segment the structure inside a tight box: iterated histogram model, inside vs around the box."""
+    x0, y0, x1, y1 = box.x0, box.y0, box.x1, box.y1
+    ny, nx = feature2d.shape
+    bw, bh = x1 - x0 + 1, y1 - y0 + 1
+    margin = max(3, int(round(0.5 * max(bw, bh))))  # the surroundings: a ring half the box wide
+    cy0, cy1 = max(0, y0 - margin), min(ny, y1 + margin + 1)
+    cx0, cx1 = max(0, x0 - margin), min(nx, x1 + margin + 1)
+    crop = feature2d[cy0:cy1, cx0:cx1]
+    inbox = np.zeros(crop.shape, dtype=bool)
+    inbox[y0 - cy0:y1 - cy0 + 1, x0 - cx0:x1 - cx0 + 1] = True
+    outside = ~inbox
+    if not outside.any():  # box covers the whole slice: nothing to contrast with
+        outside = ~ndimage.binary_erosion(inbox, iterations=max(1, min(bw, bh) // 8))
+    # First structure model weighted to the box centre: a tight box's corners are mostly background.
+    yy, xx = np.mgrid[:crop.shape[0], :crop.shape[1]]
+    cy, cx = (y0 + y1) / 2.0 - cy0, (x0 + x1) / 2.0 - cx0
+    centre_w = np.exp(-2.0 * (((yy - cy) / (bh / 2.0 + 0.5)) ** 2 + ((xx - cx) / (bw / 2.0 + 0.5)) ** 2))
+    fg = _histogram(crop[inbox], centre_w[inbox])
+    bg = _histogram(crop[outside])
+    mask = inbox
+    for _ in range(iterations):
+        llr = ndimage.gaussian_filter(_llr(crop, fg, bg), SMOOTH_PX)
+        candidate = (llr > 0) & inbox
+        if candidate.sum() < 3:
+            break
+        mask = candidate
+        fg = _histogram(crop[mask])
+    labels, n = ndimage.label(mask)
+    if n > 1:  # drop specks, keep every sizeable piece (a box may hold a structure in two parts)
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = np.isin(labels, np.flatnonzero(sizes >= 0.2 * sizes.max()))
+    mask = ndimage.binary_fill_holes(mask)
+    out = np.zeros(feature2d.shape, dtype=bool)
+    out[cy0:cy1, cx0:cx1] = mask
+    return out
+
+
+def key_mask_from_points(feature2d: np.ndarray, raw2d: np.ndarray, prompt: PointPrompt,
+                         spacing_yx: tuple[float, float], modality: str) -> np.ndarray:
+    """Grow a region from the positive clicks; negative clicks cut away the pieces they fall on."""
+    ny, nx = feature2d.shape
+    pos = [(y, x) for x, y, p in prompt.points if p]
+    neg = [(y, x) for x, y, p in prompt.points if not p]
+    for y, x in pos:
+        y0, y1, x0, x1 = max(0, y - 2), min(ny, y + 3), max(0, x - 2), min(nx, x + 3)
+        if modality.upper() == "CT" and float(np.median(raw2d[y0:y1, x0:x1])) < AIR_HU:
+            raise PromptError(f"positive point (x={x}, y={y}) on slice {prompt.slice_index} is on air "
+                              f"({float(raw2d[y, x]):.0f} HU, nothing structure-like around it)")
+        if modality.upper() != "CT" and float(raw2d[y0:y1, x0:x1].max()) <= float(raw2d.min()):
+            raise PromptError(f"positive point (x={x}, y={y}) on slice {prompt.slice_index} is on "
+                              "empty background (the image's minimum intensity all around it)")
+    seeds = np.zeros((ny, nx), dtype=bool)
+    for y, x in pos:
+        seeds[y, x] = True
+    dist = ndimage.distance_transform_edt(~seeds, sampling=spacing_yx)
+    fg = _histogram(feature2d[dist <= 3.0])  # a click sits inside the structure: ~3 mm around it
+    surround = (dist > 15.0) & (dist <= 40.0)
+    for y, x in neg:
+        surround[max(0, y - 2):y + 3, max(0, x - 2):x + 3] = True
+    bg = _histogram(feature2d[surround])
+    llr = ndimage.gaussian_filter(_llr(feature2d, fg, bg), SMOOTH_PX)
+    # Spatial prior: structures extend a few cm around the clicks, not across the whole slice.
+    mask = (llr - dist / 20.0 > 0) | (dist <= 1.5)
+    labels, _ = ndimage.label(mask)
+    keep = {int(labels[y, x]) for y, x in pos} - {0}
+    keep -= {int(labels[y, x]) for y, x in neg}
+    out = ndimage.binary_fill_holes(np.isin(labels, sorted(keep)))
+    for y, x in neg:
+        out[y, x] = False
+    if not out.any():
+        raise PromptError(f"the points on slice {prompt.slice_index} give an empty region "
+                          "(negative points cover the positive ones?)")
+    return out
+
+
+# ----------------------------------------------------------------------------- propagation step
+def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
+    ys, xs = np.nonzero(mask)
+    return (slice(max(0, ys.min() - margin), min(mask.shape[0], ys.max() + margin + 1)),
+            slice(max(0, xs.min() - margin), min(mask.shape[1], xs.max() + margin + 1)))
+
+
+REGISTRATION_MAX_PX = 96  # demons run on the crop shrunk to this size: the prior needs shape, not detail
+
+
+def _demons_warp(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Carry `mask` from the `moving` slice to the `fixed` slice by 2D symmetric-forces demons.
+
+    Large crops are registered at a reduced resolution (the refinement restores the boundary
+    detail at full resolution), which keeps a 512 x 512 liver at tens of ms per slice.
+    """
+    step = int(np.ceil(max(fixed.shape) / REGISTRATION_MAX_PX))
+    if step > 1:
+        shape = fixed.shape
+        small = _demons_warp(fixed[::step, ::step], moving[::step, ::step],
+                             ndimage.uniform_filter(mask.astype(np.float32), step)[::step, ::step] > 0.5,
+                             iterations)
+        return np.repeat(np.repeat(small, step, axis=0), step, axis=1)[:shape[0], :shape[1]]
+    f = sitk.GetImageFromArray(fixed.astype(np.float32))
+    m = sitk.GetImageFromArray(moving.astype(np.float32))
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(iterations)
+    demons.SetStandardDeviations(1.5)  # field smoothing in pixels: local, but not per-pixel, motion
+    field = demons.Execute(f, m)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    warped = sitk.Resample(sitk.GetImageFromArray(mask.astype(np.float32)), f, transform, sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(warped) > 0.5
+
+
+def _refine(feature2d: np.ndarray, prior_mask: np.ndarray, fg: np.ndarray, bg: np.ndarray,
+            spacing_yx: tuple[float, float], prior_width_mm: float, search_mm: float) -> tuple[np.ndarray, float]:
+    """Posterior of intensity model x signed-distance prior; returns (mask, mean posterior in mask)."""
+    outside = ndimage.distance_transform_edt(~prior_mask, sampling=spacing_yx)
+    inside = ndimage.distance_transform_edt(prior_mask, sampling=spacing_yx)
+    signed = outside - inside  # mm, > 0 outside the carried mask
+    logit = ndimage.gaussian_filter(_llr(feature2d, fg, bg), SMOOTH_PX) - signed / prior_width_mm
+    mask = (logit > 0) & (signed <= search_mm)
+    labels, n = ndimage.label(mask)
+    if n:
+        touching = np.unique(labels[mask & prior_mask])
+        mask = np.isin(labels, touching[touching > 0])
+    mask = ndimage.binary_fill_holes(mask)
+    confidence = float(np.mean(1.0 / (1.0 + np.exp(-np.clip(logit[mask], -30, 30))))) if mask.any() else 0.0
+    return mask, confidence
+
+
+# ----------------------------------------------------------------------------- entry point
+def propagate(
+    image: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    prompt: Prompt,
+    modality: str = "",
+    settings: PropagationConfig | None = None,
+) -> PropagationResult:
+    """Spread `prompt` from its slice through `image` (z, y, x, raw intensities, HU for CT).
+
+    spacing_zyx: voxel size in mm, array order. modality: "CT", "MR" or "" (unknown).
+    Raises PromptError for unusable prompts (outside the image, zero-area box, point on air,
+    mask on a missing slice or empty).
+    """
+    settings = settings or PropagationConfig()
+    t_start = time.perf_counter()
+    image = np.asarray(image)
+    _check_inputs(image, spacing_zyx, prompt)
+    dz, dy, dx = (float(s) for s in spacing_zyx)
+    spacing_yx = (dy, dx)
+    k = prompt.slice_index
+    nz = image.shape[0]
+
+    feature = feature_image(image, modality)
+    smooth = np.empty_like(feature)
+    for z in range(nz):  # 2D only: never blur across slices that may be far apart
+        smooth[z] = ndimage.gaussian_filter(feature[z], SMOOTH_PX)
+
+    if isinstance(prompt, MaskPrompt):
+        key = np.asarray(prompt.mask, dtype=bool).copy()
+    elif isinstance(prompt, BoxPrompt):
+        key = key_mask_from_box(smooth[k], prompt)
+    else:
+        key = key_mask_from_points(smooth[k], image[k], prompt, spacing_yx, modality)
+    if not key.any():
+        raise PromptError(f"no structure found in the prompt on slice {k}")
+    t_key = time.perf_counter()
+
+    ring = _ring(key, spacing_yx)
+    fg_key = _histogram(smooth[k][key])
+    bg_key = _histogram(smooth[k][ring] if ring.any() else smooth[k][~key])
+    key_area = int(key.sum())
+    # How far a boundary may move between slices, and how soft the shape prior is: both scale with
+    # the slice gap (an oblique surface moves ~ gap x slope) but never drop below a pixel or two.
+    search_mm = max(2.0 * dy, dz)
+    prior_width_mm = max(dy, 0.5 * dz)
+    margin_px = int(np.ceil(search_mm / min(dy, dx))) + 3
+    use_registration = settings.classic_method == "register_refine"
+    alpha = settings.classic_model_update
+
+    mask = np.zeros(image.shape, dtype=bool)
+    confidence = np.zeros(nz, dtype=np.float32)
+    mask[k] = key
+    confidence[k] = 1.0
+    stop: dict[str, dict[str, Any]] = {}
+    n_slices = 0
+    for direction, name in ((1, "increasing_z"), (-1, "decreasing_z")):
+        previous = key
+        fg, bg = fg_key.copy(), bg_key.copy()
+        z = k
+        reason = "edge_of_volume"
+        while True:
+            z += direction
+            if not 0 <= z < nz:
+                reason = "edge_of_volume"
+                break
+            if abs(z - k) * dz > settings.max_extent_mm:
+                reason = "max_extent_mm"
+                break
+            n_slices += 1
+            rows, cols = _bbox(previous, margin_px + (20 if use_registration else 0))
+            prior = previous[rows, cols]
+            if use_registration:
+                carried = _demons_warp(smooth[z][rows, cols], smooth[z - direction][rows, cols], prior,
+                                       settings.classic_registration_iterations)
+                prior = carried if carried.any() else prior
+            new_crop, conf = _refine(smooth[z][rows, cols], prior, fg, bg, spacing_yx, prior_width_mm, search_mm)
+            if not new_crop.any():
+                reason = "empty"
+                break
+            new = np.zeros_like(previous)
+            new[rows, cols] = new_crop
+            values = smooth[z][new]
+            match = float(np.mean(_llr(values, fg_key, bg_key)))
+            if match < settings.classic_min_likelihood_ratio:
+                reason = "intensity_mismatch"
+                break
+            mask[z] = new
+            confidence[z] = conf
+            if new.sum() < settings.min_area_fraction * key_area:
+                reason = "area_collapse"  # kept: a tapering tip is still the structure
+                break
+            previous = new
+            if alpha > 0:
+                fg = (1 - alpha) * fg + alpha * _histogram(values)
+                around = _ring(new, spacing_yx)
+                if around.any():
+                    bg = (1 - alpha) * bg + alpha * _histogram(smooth[z][around])
+        last = z - direction
+        stop[name] = {"reason": reason, "last_slice": int(last), "slices": int(abs(last - k))}
+
+    key_voxel = tuple(int(v) for v in np.argwhere(key)[0])
+    mask = fill_holes_per_slice(largest_component_3d(mask, keep_index=(k, *key_voxel)))
+    confidence[~mask.any(axis=(1, 2))] = 0.0
+    t_end = time.perf_counter()
+    return PropagationResult(
+        mask=mask,
+        confidence=confidence,
+        backend="classic",
+        details={
+            "method": settings.classic_method,
+            "key_slice": k,
+            "key_area_px": key_area,
+            "stop": stop,
+            "timings_s": {"key_slice": t_key - t_start, "propagation": t_end - t_key, "total": t_end - t_start,
+                          "per_slice": (t_end - t_key) / max(n_slices, 1)},
+        },
+    )

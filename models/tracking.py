@@ -1,0 +1,285 @@
+"""Cine-MR tumour tracking: the first frame's mask followed through a 2D+t sequence, streamed.
+
+Frames come one at a time from a `converters.cine.CineSource`; each frame's mask goes to a sink
+(normally `converters.cine.CineLabelWriter`) and is not kept, so memory does not grow with the
+sequence (TrackRAD2025 sequences reach 20,000 frames).
+
+Backends (`propagation.backend`, `auto` = sam2 when a checkpoint is set):
+- classic, `cine_classic_method`:
+  - `ecc` (default): the region around the first-frame mask (a template from frame 0) is found in
+    each frame by normalised cross-correlation (coarse, any shift within `cine_roi_margin_mm` of the
+    last position), then refined to an affine motion by OpenCV's ECC maximisation weighted to the
+    tumour and a ring around it; the first-frame mask is warped by that affine. Always registered
+    to frame 0, so errors do not accumulate.
+  - `flow`: dense Farneback optical flow from each frame back to frame 0 over that region; the
+    first-frame mask is pulled through the flow (handles deformation, costs more, drifts less
+    gracefully when the tumour leaves the region).
+- sam2: the video predictor with the first-frame mask as its only conditioning frame, frames fed
+  lazily and the memory bank trimmed to what SAM2 can still attend to (models/sam2_video.py).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from config.schema import PropagationConfig
+from converters.cine import CineLabelWriter, CineSource, DicomCine, open_trackrad_case, read_stack_frames
+from models.prompts import PromptError
+
+Sink = Callable[[int, np.ndarray, float, float], Any]  # (frame, mask, confidence, latency_ms)
+TEMPLATE_MARGIN_MM = 6.0  # around the tumour's box: the template must include its edges and some surroundings
+ECC_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 40, 1e-4)
+
+
+@dataclass
+class TrackingSummary:
+    name: str
+    backend: str  # "classic" or "sam2"
+    method: str  # ecc | flow | sam2 model config
+    n_frames: int
+    latency_ms_mean: float
+    latency_ms_p95: float
+    labels_path: Path | None = None
+    csv_path: Path | None = None
+    checkpoint_sha256: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _scaling(frame0: np.ndarray) -> tuple[float, float]:
+    """Intensity window from the first frame (fixed for the sequence, so the template stays comparable)."""
+    lo, hi = np.percentile(frame0, [1.0, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def _unit(frame: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.clip((np.asarray(frame, np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _bbox(mask: np.ndarray, margin_yx: tuple[int, int]) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(mask)
+    ny, nx = mask.shape
+    return (max(rows.min() - margin_yx[0], 0), min(rows.max() + margin_yx[0] + 1, ny),
+            max(cols.min() - margin_yx[1], 0), min(cols.max() + margin_yx[1] + 1, nx))
+
+
+def check_first_mask(first_mask: np.ndarray, source: CineSource) -> np.ndarray:
+    mask = np.asarray(first_mask).astype(bool)
+    if mask.shape != tuple(source.shape):
+        raise PromptError(f"{source.name}: first-frame mask {mask.shape} does not match the frames {source.shape}")
+    if not mask.any():
+        raise PromptError(f"{source.name}: the first-frame mask is empty: nothing to track")
+    if source.n_frames < 1:
+        raise PromptError(f"{source.name}: the sequence has no frames")
+    return mask
+
+
+# ----------------------------------------------------------------------------- classic
+class EccTracker:
+    """Template from frame 0 around the mask; per frame: NCC search, then affine ECC refinement."""
+
+    def __init__(self, frame0: np.ndarray, mask0: np.ndarray, spacing_mm: tuple[float, float], search_mm: float):
+        self.lo, self.hi = _scaling(frame0)
+        self.shape = mask0.shape
+        tm = (int(np.ceil(TEMPLATE_MARGIN_MM / spacing_mm[0])), int(np.ceil(TEMPLATE_MARGIN_MM / spacing_mm[1])))
+        r0, r1, c0, c1 = _bbox(mask0, tm)
+        unit0 = _unit(frame0, self.lo, self.hi)
+        self.template = np.ascontiguousarray(unit0[r0:r1, c0:c1])
+        self.mask_tpl = mask0[r0:r1, c0:c1].astype(np.float32)
+        # ECC weights: the tumour and a ring of ~TEMPLATE_MARGIN around it, where its edges are.
+        ring = ndimage.binary_dilation(mask0, iterations=max(tm))[r0:r1, c0:c1]
+        self.weights = ring.astype(np.uint8)
+        self.search = (int(np.ceil(search_mm / spacing_mm[0])), int(np.ceil(search_mm / spacing_mm[1])))
+        self.warp = np.array([[1, 0, c0], [0, 1, r0]], dtype=np.float32)  # template (x, y) -> frame (x, y)
+        self.center_tpl = np.array([(c1 - c0 - 1) / 2.0, (r1 - r0 - 1) / 2.0], dtype=np.float32)
+
+    def _coarse(self, unit: np.ndarray) -> np.ndarray:
+        """Translation-only placement by normalised cross-correlation within the search window."""
+        th, tw = self.template.shape
+        ny, nx = unit.shape
+        cx, cy = self.warp[:, :2] @ self.center_tpl + self.warp[:, 2]
+        top, left = int(round(cy - (th - 1) / 2)), int(round(cx - (tw - 1) / 2))
+        r0, c0 = max(top - self.search[0], 0), max(left - self.search[1], 0)
+        r1, c1 = min(top + th + self.search[0], ny), min(left + tw + self.search[1], nx)
+        if r1 - r0 < th or c1 - c0 < tw:
+            return self.warp.copy()
+        score = cv2.matchTemplate(unit[r0:r1, c0:c1], self.template, cv2.TM_CCOEFF_NORMED)
+        _, _, _, (bx, by) = cv2.minMaxLoc(score)
+        matched_center = np.array([c0 + bx + (tw - 1) / 2.0, r0 + by + (th - 1) / 2.0], dtype=np.float32)
+        warp = self.warp.copy()
+        warp[:, 2] = matched_center - warp[:, :2] @ self.center_tpl
+        return warp
+
+    def step(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
+        unit = _unit(frame, self.lo, self.hi)
+        warp = self._coarse(unit)
+        confidence = 0.0
+        try:
+            confidence, refined = cv2.findTransformECC(self.template, unit, warp.copy(), cv2.MOTION_AFFINE,
+                                                       ECC_CRITERIA, self.weights, 3)
+            linear = refined[:, :2]
+            if 0.7 < abs(np.linalg.det(linear)) < 1.4 and np.abs(linear - np.eye(2)).max() < 0.35:
+                warp = refined
+        except cv2.error:
+            pass  # ECC did not converge: keep the cross-correlation placement
+        self.warp = warp.astype(np.float32)
+        moved = cv2.warpAffine(self.mask_tpl, self.warp, (self.shape[1], self.shape[0]), flags=cv2.INTER_LINEAR)
+        return moved >= 0.5, float(np.clip(confidence, 0.0, 1.0))
+
+
+class FlowTracker:
+    """Dense Farneback flow from each frame back to frame 0 over the region around the mask."""
+
+    def __init__(self, frame0: np.ndarray, mask0: np.ndarray, spacing_mm: tuple[float, float], search_mm: float):
+        self.lo, self.hi = _scaling(frame0)
+        self.shape = mask0.shape
+        margin = (int(np.ceil(search_mm / spacing_mm[0])), int(np.ceil(search_mm / spacing_mm[1])))
+        self.r0, self.r1, self.c0, self.c1 = _bbox(mask0, margin)
+        self.ref8 = self._u8(frame0)
+        self.mask_roi = mask0[self.r0:self.r1, self.c0:self.c1].astype(np.float32)
+        gy, gx = np.mgrid[0:self.r1 - self.r0, 0:self.c1 - self.c0].astype(np.float32)
+        self.grid = (gx, gy)
+        self.levels = int(np.clip(np.log2(max(margin) / 2.0 + 1), 2, 5))
+
+    def _u8(self, frame: np.ndarray) -> np.ndarray:
+        return (255 * _unit(frame, self.lo, self.hi)[self.r0:self.r1, self.c0:self.c1]).astype(np.uint8)
+
+    def step(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
+        flow = cv2.calcOpticalFlowFarneback(self._u8(frame), self.ref8, None, 0.5, self.levels, 15, 3, 5, 1.1, 0)
+        pulled = cv2.remap(self.mask_roi, self.grid[0] + flow[..., 0], self.grid[1] + flow[..., 1], cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.r0:self.r1, self.c0:self.c1] = pulled >= 0.5
+        return out, 1.0
+
+
+def _track_classic(source: CineSource, mask0: np.ndarray, settings: PropagationConfig, sink: Sink) -> dict:
+    frame0 = source.frame(0)
+    cls = FlowTracker if settings.cine_classic_method == "flow" else EccTracker
+    tracker = cls(frame0, mask0, source.spacing_mm, settings.cine_roi_margin_mm)
+    sink(0, mask0, 1.0, 0.0)
+    latencies = []
+    for t in range(1, source.n_frames):
+        frame = source.frame(t)
+        t0 = time.perf_counter()
+        mask, confidence = tracker.step(frame)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        sink(t, mask, confidence, latencies[-1])
+    return {"method": settings.cine_classic_method, "latencies_ms": latencies}
+
+
+# ----------------------------------------------------------------------------- sam2
+def _track_sam2(source: CineSource, mask0: np.ndarray, settings: PropagationConfig, sink: Sink,
+                loaded: Any = None) -> dict:
+    import torch
+
+    from models.device import inference_context
+    from models.sam2_backend import load_configured_model
+    from models.sam2_video import LazyFrames, init_state_in_memory, memory_window, state_frame_count, trim_memory
+
+    if loaded is None:
+        loaded = load_configured_model(settings)
+    predictor = loaded.model
+    lo, hi = _scaling(source.frame(0))
+    frames = LazyFrames(lambda t: _unit(source.frame(t), lo, hi), source.n_frames, loaded.image_size)
+    window = memory_window(predictor)
+    latencies: list[float] = []
+    held_max = 0
+    with inference_context(loaded.device):
+        state = init_state_in_memory(predictor, frames, *source.shape, offload_state_to_cpu=True)
+        predictor.add_new_mask(state, frame_idx=0, obj_id=1, mask=torch.from_numpy(mask0))
+        t0 = time.perf_counter()
+        for t, _, logits in predictor.propagate_in_video(state, start_frame_idx=0):
+            logit2d = logits[0, 0]
+            mask = (logit2d > 0).cpu().numpy()
+            confidence = float(torch.sigmoid(logit2d[logit2d > 0].float()).mean()) if mask.any() else 0.0
+            trim_memory(state, int(t), False, window)
+            held_max = max(held_max, state_frame_count(state))
+            latency = (time.perf_counter() - t0) * 1000
+            if t > 0:
+                latencies.append(latency)
+            sink(int(t), mask0 if t == 0 else mask, 1.0 if t == 0 else confidence, 0.0 if t == 0 else latency)
+            t0 = time.perf_counter()
+        predictor.reset_state(state)
+    return {"method": loaded.config_name, "latencies_ms": latencies, "memory_window_frames": window,
+            "max_frames_held": held_max, "checkpoint_sha256": loaded.checkpoint_sha256,
+            "image_size": loaded.image_size}
+
+
+# ----------------------------------------------------------------------------- entry points
+def track(source: CineSource, first_mask: np.ndarray, settings: PropagationConfig | None = None,
+          sink: Sink | None = None, loaded: Any = None) -> TrackingSummary:
+    """Follow `first_mask` (frame 0, (rows, cols) bool) through `source`; each frame's mask goes to `sink`.
+
+    Frame 0's output is the given mask. `loaded` (a models.sam2_loader.LoadedModel) overrides the
+    configured SAM2 model (tests, bench).
+    """
+    from models.propagate import choose_backend
+
+    settings = settings or PropagationConfig()
+    mask0 = check_first_mask(first_mask, source)
+    sink = sink or (lambda *args: None)
+    backend = "sam2" if loaded is not None else choose_backend(settings)
+    t_start = time.perf_counter()
+    info = (_track_sam2(source, mask0, settings, sink, loaded) if backend == "sam2"
+            else _track_classic(source, mask0, settings, sink))
+    latencies = np.asarray(info.pop("latencies_ms") or [0.0])
+    return TrackingSummary(
+        name=source.name, backend=backend, method=str(info.get("method")), n_frames=source.n_frames,
+        latency_ms_mean=float(latencies.mean()), latency_ms_p95=float(np.percentile(latencies, 95)),
+        checkpoint_sha256=info.pop("checkpoint_sha256", None),
+        details={**info, "total_s": time.perf_counter() - t_start, "frame_rate_hz": source.frame_rate_hz},
+    )
+
+
+def read_mask_file(path: str | Path) -> np.ndarray:
+    """A first-frame mask from .mha/.nii(.gz)/.nrrd (2D, or a one-frame TrackRAD stack), .npy or .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"first-frame mask {path.name} not found in {path.parent}")
+    if path.suffix == ".npy":
+        return np.load(path).astype(bool)
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            return data[data.files[0]].astype(bool)
+    frames = read_stack_frames(path)
+    return np.squeeze(frames[0] if frames.shape[0] == 1 else frames) > 0
+
+
+def track_case(case: str | Path, out_dir: str | Path, settings: PropagationConfig | None = None,
+               first_label: str | Path | None = None) -> TrackingSummary:
+    """Track a TrackRAD2025 case folder, or a DICOM cine folder (then `first_label` is required).
+
+    Writes `<out_dir>/targets/<case>_labels.mha` and `<out_dir>/<case>_tracking.csv`.
+    """
+    case = Path(case)
+    if (case / "images").is_dir():
+        opened = open_trackrad_case(case)
+        source, mask0 = opened.source, opened.first_label
+        if first_label is not None:
+            mask0 = read_mask_file(first_label)
+    else:
+        if first_label is None:
+            raise PromptError(f"{case}: a DICOM cine series needs a first-frame mask file (first_label)")
+        source, mask0 = DicomCine(case), read_mask_file(first_label)
+    with source:
+        writer = CineLabelWriter(out_dir, source, case=source.name)
+        try:
+            summary = track(source, mask0, settings,
+                            sink=lambda t, m, c, ms: writer.add(m, confidence=c, latency_ms=ms))
+        finally:
+            writer.close()
+    summary.labels_path, summary.csv_path = writer.labels_path, writer.csv_path
+    return summary
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)

@@ -1,0 +1,155 @@
+"""Synthetic DICOM series with known geometry, for tests that need ground truth.
+
+`write_series(folder, array_zyx, spacing, origin, iop=...)` writes one single-frame file per slice
+(uncompressed, Explicit VR Little Endian) and returns the file paths in array order.
+
+Geometry (independent of `converters.geometry`, so tests can check the readers against it):
+- `spacing` is (x, y, z) mm = (along a row i.e. column spacing, along a column i.e. row spacing,
+  between slices), the order of `Geometry.spacing_mm`.
+- `origin` is the patient position (LPS mm) of voxel (slice 0, row 0, column 0).
+- voxel (k, r, c) of `array_zyx` lies at origin + c*sx*row_dir + r*sy*col_dir + k*sz*step_dir,
+  where row_dir, col_dir = iop[:3], iop[3:] and step_dir = slice_step_sign * cross(row_dir, col_dir).
+  `slice_step_sign=-1` writes a stack whose positions decrease along the normal (e.g. feet-first
+  acquisitions exported in table order): a reader must then return the array reversed along z.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def rotation_iop(angle_z_deg: float = 0.0, angle_x_deg: float = 0.0) -> tuple[float, ...]:
+    """ImageOrientationPatient of axial rows/columns rotated by angle_x about x, then angle_z about z."""
+    az, ax = np.deg2rad(angle_z_deg), np.deg2rad(angle_x_deg)
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    r = rz @ rx
+    return tuple(float(v) for v in np.concatenate([r[:, 0], r[:, 1]]))
+
+
+def voxel_to_patient(index_krc: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
+                     iop: Sequence[float] = (1, 0, 0, 0, 1, 0), slice_step_sign: int = 1) -> np.ndarray:
+    """Patient mm of voxel indices (..., 3) given as (slice, row, column) of the array written."""
+    row_dir, col_dir = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    step_dir = slice_step_sign * np.cross(row_dir, col_dir)
+    idx = np.asarray(index_krc, dtype=float)
+    return (np.asarray(origin, float) + idx[..., 2:3] * spacing[0] * row_dir
+            + idx[..., 1:2] * spacing[1] * col_dir + idx[..., 0:1] * spacing[2] * step_dir)
+
+
+def write_series(folder: str | Path, array_zyx: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 2.0),
+                 origin: Sequence[float] = (0.0, 0.0, 0.0), iop: Sequence[float] = (1, 0, 0, 0, 1, 0),
+                 modality: str = "CT", *, slice_step_sign: int = 1,
+                 series_instance_uid: str | None = None, study_instance_uid: str | None = None,
+                 frame_of_reference_uid: str | None = None, rescale_slope: float = 1.0,
+                 rescale_intercept: float | None = None, patient_name: str = "PHANTOM^TEST",
+                 patient_id: str = "PHANTOM001", shuffle_names: bool = True, seed: int = 0,
+                 extra: dict | None = None) -> list[Path]:
+    """Write `array_zyx` (values in HU for CT) as a DICOM series in `folder`; return files in array order.
+
+    File names and InstanceNumbers are shuffled (unless `shuffle_names=False`) so that readers
+    cannot rely on them. Stored values are int16 = round((value - intercept) / slope).
+    `extra` sets additional top-level attributes by keyword on every slice.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    array_zyx = np.asarray(array_zyx)
+    if array_zyx.ndim != 3:
+        raise ValueError(f"array_zyx must be 3D, got shape {array_zyx.shape}")
+    nz, ny, nx = array_zyx.shape
+    modality = modality.upper()
+    sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
+    if rescale_intercept is None:
+        rescale_intercept = -1024.0 if modality == "CT" else 0.0
+    series_uid = series_instance_uid or generate_uid()
+    study_uid = study_instance_uid or generate_uid()
+    for_uid = frame_of_reference_uid or generate_uid()
+    rng = np.random.default_rng(seed)
+    names = rng.permutation(nz) if shuffle_names else np.arange(nz)
+    numbers = rng.permutation(nz) + 1 if shuffle_names else np.arange(nz) + 1
+    now = dt.datetime(2024, 5, 17, 10, 30, 0)
+    files = []
+    for k in range(nz):
+        position = voxel_to_patient(np.array([k, 0, 0]), spacing, origin, iop, slice_step_sign)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+        ds.AccessionNumber = "ACC123"
+        ds.Modality = modality
+        ds.Manufacturer = "rtprop phantoms"
+        ds.ReferringPhysicianName = "REFERRER^DR"
+        ds.StudyDescription = "phantom study"
+        ds.SeriesDescription = "phantom series"
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "O"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "STUDY1"
+        ds.SeriesNumber = 3
+        ds.InstanceNumber = int(numbers[k])
+        ds.PatientPosition = "FFS" if slice_step_sign < 0 else "HFS"
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in iop]
+        ds.SliceThickness = f"{spacing[2]:g}"
+        ds.PixelSpacing = [f"{spacing[1]:g}", f"{spacing[0]:g}"]  # DICOM order: row spacing, column spacing
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = ny, nx
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept = f"{rescale_intercept:g}"
+        ds.RescaleSlope = f"{rescale_slope:g}"
+        if modality == "CT":
+            ds.RescaleType = "HU"
+            ds.KVP = "120"
+        else:
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "SE", "NONE", ""
+            ds.MRAcquisitionType = "2D"
+            ds.EchoTime, ds.RepetitionTime, ds.EchoTrainLength = "10", "500", 1
+            ds.MagneticFieldStrength = "1.5"
+        for key, value in (extra or {}).items():
+            setattr(ds, key, value)
+        stored = np.round((array_zyx[k].astype(np.float64) - rescale_intercept) / rescale_slope)
+        ds.PixelData = np.clip(stored, -32768, 32767).astype("<i2").tobytes()
+        path = folder / f"IMG{int(names[k]):04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def ball(shape_zyx: tuple[int, int, int], centre_zyx: Sequence[float], radius_vox: Sequence[float]) -> np.ndarray:
+    """Boolean ellipsoid in index space."""
+    z, y, x = np.ogrid[:shape_zyx[0], :shape_zyx[1], :shape_zyx[2]]
+    cz, cy, cx = centre_zyx
+    rz, ry, rx = radius_vox
+    return ((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
+
+
+def l_shape(shape_zyx: tuple[int, int, int], z_range: tuple[int, int] = (2, 5)) -> np.ndarray:
+    """An asymmetric L (long arm along +x at the top rows, short arm down +y on the left): mirrors show."""
+    mask = np.zeros(shape_zyx, dtype=bool)
+    z0, z1 = z_range
+    mask[z0:z1, 4:8, 6:26] = True  # horizontal bar, rows 4-7, columns 6-25
+    mask[z0:z1, 8:16, 6:10] = True  # vertical bar going down from its left end
+    return mask

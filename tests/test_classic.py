@@ -1,0 +1,180 @@
+"""The weight-free classic propagator: synthetic phantoms with known truth, bad prompts, one real case set."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from config.schema import PropagationConfig
+from models import classic
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, PromptError
+from pipeline.metrics import dice
+from pipeline.prompts import prompt_from_roi
+
+SETTINGS = {m: PropagationConfig(backend="classic", classic_method=m) for m in ("register_refine", "intensity")}
+
+
+def phantom(mask: np.ndarray, inside_hu: float = 60.0, outside_hu: float = -80.0, noise_hu: float = 15.0,
+            seed: int = 0) -> np.ndarray:
+    """Soft tissue (60 HU) in fat (-80 HU) with Gaussian noise: a CT-like contrast of ~9 sigma."""
+    rng = np.random.default_rng(seed)
+    image = np.where(mask, inside_hu, outside_hu).astype(np.float32)
+    return image + rng.normal(0.0, noise_hu, mask.shape).astype(np.float32)
+
+
+def ellipsoid(shape=(40, 96, 96), centre=(20, 48, 48), radii_mm=(33.0, 25.0, 18.0), spacing=(2.5, 1.0, 1.0)):
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    return sum(((g - c * s) / r) ** 2 for g, c, r, s in zip(grids, centre, radii_mm, spacing)) <= 1.0
+
+
+def extent(mask):
+    z = np.flatnonzero(mask.any(axis=(1, 2)))
+    return int(z[0]), int(z[-1])
+
+
+@pytest.mark.parametrize("method", ["register_refine", "intensity"])
+def test_ellipsoid_in_noise_is_found_with_its_extent(method):
+    spacing = (2.5, 1.0, 1.0)
+    truth = ellipsoid(spacing=spacing)  # ends inside the volume at both ends (slices 7..33)
+    image = phantom(truth)
+    result = classic.propagate(image, spacing, prompt_from_roi(truth, "box"), "CT", SETTINGS[method])
+    assert result.mask.shape == truth.shape and result.mask.dtype == bool
+    assert dice(result.mask, truth) > 0.85
+    lo, hi = extent(truth)
+    plo, phi = extent(result.mask)
+    assert abs(plo - lo) <= 1 and abs(phi - hi) <= 1, (plo, phi, lo, hi)
+    # no confidence where there is no mask, high confidence in the middle
+    assert np.all(result.confidence[~result.mask.any(axis=(1, 2))] == 0)
+    assert result.confidence[20] > 0.5
+    assert set(result.details["stop"]) == {"increasing_z", "decreasing_z"}
+    assert result.backend == "classic"
+
+
+def test_structure_ending_inside_the_volume_stops_near_its_end():
+    # A cylinder on slices 5..24 of 40: beyond it there is only fat, so both directions must stop.
+    shape = (40, 64, 64)
+    yy, xx = np.mgrid[:64, :64]
+    truth = np.zeros(shape, dtype=bool)
+    truth[5:25] = ((yy - 32) ** 2 + (xx - 30) ** 2 <= 12 ** 2)[None]
+    image = phantom(truth, seed=1)
+    result = classic.propagate(image, (3.0, 1.0, 1.0), BoxPrompt(15, 18, 20, 42, 44), "CT")
+    plo, phi = extent(result.mask)
+    assert abs(plo - 5) <= 1 and abs(phi - 24) <= 1, (plo, phi)
+    assert dice(result.mask, truth) > 0.9
+    stops = result.details["stop"]
+    assert stops["increasing_z"]["reason"] != "edge_of_volume"
+    assert stops["decreasing_z"]["reason"] != "edge_of_volume"
+
+
+def test_max_extent_mm_limits_the_propagation():
+    truth = np.zeros((40, 64, 64), dtype=bool)
+    yy, xx = np.mgrid[:64, :64]
+    truth[:] = ((yy - 32) ** 2 + (xx - 32) ** 2 <= 10 ** 2)[None]
+    image = phantom(truth, seed=2)
+    settings = PropagationConfig(backend="classic", max_extent_mm=15.0)  # 5 slices of 3 mm each way
+    result = classic.propagate(image, (3.0, 1.0, 1.0), BoxPrompt(20, 22, 22, 42, 42), "CT", settings)
+    assert extent(result.mask) == (15, 25)
+    assert result.details["stop"]["increasing_z"]["reason"] == "max_extent_mm"
+
+
+@pytest.mark.parametrize("method", ["register_refine", "intensity"])
+def test_cylinder_moving_between_slices_is_tracked(method):
+    # Centre moves 1.5 px per slice (45 px over 30 slices): copying the key slice would lose it.
+    shape = (31, 80, 110)
+    yy, xx = np.mgrid[:80, :110]
+    truth = np.zeros(shape, dtype=bool)
+    for z in range(shape[0]):
+        truth[z] = (yy - 40) ** 2 + (xx - (32 + 1.5 * z)) ** 2 <= 11 ** 2
+    image = phantom(truth, seed=3)
+    result = classic.propagate(image, (2.0, 1.0, 1.0), prompt_from_roi(truth, "box"), "CT", SETTINGS[method])
+    copied = np.repeat(truth[15][None], shape[0], axis=0)
+    assert dice(copied, truth) < 0.5  # the phantom really demands tracking
+    assert dice(result.mask, truth) > 0.85
+    assert dice(result.mask[0], truth[0]) > 0.7 and dice(result.mask[-1], truth[-1]) > 0.7
+
+
+def test_unknown_modality_uses_percentiles_not_hu():
+    # MR-like: positive arbitrary units, structure darker than its surroundings.
+    truth = ellipsoid()
+    rng = np.random.default_rng(4)
+    image = np.where(truth, 300.0, 800.0) + rng.normal(0, 40, truth.shape)
+    result = classic.propagate(image.astype(np.float32), (2.5, 1.0, 1.0), prompt_from_roi(truth, "box"), "")
+    assert dice(result.mask, truth) > 0.85
+
+
+def test_mask_prompt_is_used_as_drawn_on_its_slice():
+    truth = ellipsoid()
+    image = phantom(truth, seed=5)
+    drawn = truth[20].copy()
+    drawn[:, :48] = False  # the planner drew only half: the key slice must keep exactly that
+    result = classic.propagate(image, (2.5, 1.0, 1.0), MaskPrompt(20, drawn), "CT")
+    assert np.array_equal(result.mask[20], drawn)
+    assert result.confidence[20] == 1.0
+
+
+def test_point_prompt_segments_the_structure():
+    truth = ellipsoid()
+    image = phantom(truth, seed=6)
+    result = classic.propagate(image, (2.5, 1.0, 1.0), PointPrompt(20, ((48, 48, True),)), "CT")
+    assert dice(result.mask[20], truth[20]) > 0.85
+    assert dice(result.mask, truth) > 0.8
+
+
+# ------------------------------------------------------------------ bad prompts
+@pytest.fixture
+def ct():
+    truth = ellipsoid()
+    image = phantom(truth, seed=7)
+    image[:, :, :10] = -1000.0  # a strip of air at the left
+    return image
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (BoxPrompt(20, 80, 40, 120, 60), "outside"),
+    (BoxPrompt(20, -5, 40, 20, 60), "outside"),
+    (BoxPrompt(20, 30, 40, 30, 60), "zero area"),
+    (BoxPrompt(20, 30, 40, 50, 40), "zero area"),
+    (BoxPrompt(40, 30, 40, 50, 60), "slices 0..39"),
+    (BoxPrompt(-1, 30, 40, 50, 60), "slices 0..39"),
+    (PointPrompt(20, ((3, 48, True),)), "on air"),
+    (PointPrompt(20, ((48, 48, False),)), "no positive point"),
+    (PointPrompt(20, ((200, 48, True),)), "outside"),
+    (MaskPrompt(45, np.ones((96, 96), dtype=bool)), "slices 0..39"),
+    (MaskPrompt(20, np.zeros((96, 96), dtype=bool)), "empty"),
+    (MaskPrompt(20, np.ones((50, 96), dtype=bool)), "shape"),
+])
+def test_bad_prompts_raise_prompt_error(ct, prompt, message):
+    with pytest.raises(PromptError, match=message):
+        classic.propagate(ct, (2.5, 1.0, 1.0), prompt, "CT")
+
+
+def test_point_on_tissue_next_to_air_is_accepted(ct):
+    # the air check must look at the click, not reject everything in an image that has air
+    result = classic.propagate(ct, (2.5, 1.0, 1.0), PointPrompt(20, ((48, 48, True),)), "CT")
+    assert result.mask.any()
+
+
+# ------------------------------------------------------------------ real data
+# Subset: the solid organs of ct_3mm that lie in fat (spleen, both kidneys) and the two autochthon
+# muscles: the regime the classic method is built for (a structure with its own intensity and a
+# boundary it can see). It is a regression guard, NOT the acceptance target: on all 39 organs the
+# method scores ~0.57 (see bench/quality.py), below 0.75; the guard fails if propagation,
+# stop rules or the key-slice model degrade. Runs in ~5 s.
+REAL_SUBSET = (1, 2, 3, 86, 87)
+
+
+def test_real_ct_solid_organs_mean_dice(shared_data):
+    SimpleITK = pytest.importorskip("SimpleITK")
+    folder = shared_data / "totalseg-ct"
+    image = SimpleITK.ReadImage(str(folder / "ct_3mm.nii.gz"))
+    array = SimpleITK.GetArrayFromImage(image).astype(np.float32)
+    labels = SimpleITK.GetArrayFromImage(SimpleITK.ReadImage(str(folder / "ct_3mm_labels.nii.gz")))
+    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    scores, baseline = [], []
+    for value in REAL_SUBSET:
+        truth = labels == value
+        prompt = prompt_from_roi(truth, "box")
+        result = classic.propagate(array, spacing, prompt, "CT")
+        scores.append(dice(result.mask, truth))
+        baseline.append(dice(np.repeat(truth[prompt.slice_index][None], truth.shape[0], axis=0), truth))
+    assert np.mean(scores) >= 0.75, dict(zip(REAL_SUBSET, np.round(scores, 3)))
+    assert np.mean(scores) > np.mean(baseline) + 0.1  # and clearly better than copying the key slice

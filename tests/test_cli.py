@@ -1,0 +1,146 @@
+"""The `rtprop` command line as users script it: argument forms, outputs on the input grid, exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.metrics import dice
+
+RTPROP = [sys.executable, "-m", "pipeline.cli"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(RTPROP + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """An ellipsoid (60 HU) in a noisy 0 HU background, oblique direction, anisotropic spacing."""
+    rng = np.random.default_rng(7)
+    z, y, x = np.mgrid[0:24, 0:64, 0:72]
+    truth = ((z - 12) / 8.0) ** 2 + ((y - 30) / 14.0) ** 2 + ((x - 40) / 18.0) ** 2 <= 1.0
+    image = np.where(truth, 60.0, -10.0) + rng.normal(0, 6, truth.shape)
+    img = sitk.GetImageFromArray(image.astype(np.float32))
+    img.SetSpacing((0.8, 0.8, 2.5))
+    img.SetOrigin((-20.0, 35.5, 100.0))
+    c, s = np.cos(np.radians(25)), np.sin(np.radians(25))
+    img.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    path = tmp_path_factory.mktemp("phantom") / "ct.nii.gz"
+    sitk.WriteImage(img, str(path))
+    return path, truth
+
+
+def test_propagate_box_writes_mask_on_the_input_grid(phantom, tmp_path):
+    path, truth = phantom
+    rows, cols = np.nonzero(truth[12])
+    out = tmp_path / "mask.nii.gz"
+    res = run("propagate", path, "--box", f"12,{cols.min()},{rows.min()},{cols.max()},{rows.max()}",
+              "--out", out, "--backend", "classic")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["backend"] == "classic" and summary["checkpoint_sha256"] is None
+    written = sitk.ReadImage(str(out))
+    source = sitk.ReadImage(str(path))
+    assert written.GetSize() == source.GetSize()
+    assert np.allclose(written.GetDirection(), source.GetDirection())
+    assert np.allclose(written.GetOrigin(), source.GetOrigin()) and np.allclose(written.GetSpacing(), source.GetSpacing())
+    mask = sitk.GetArrayFromImage(written) > 0
+    assert dice(mask, truth) > 0.85
+    assert summary["voxels"] == int(mask.sum())
+
+
+def test_propagate_points_and_mask_prompts(phantom, tmp_path):
+    path, truth = phantom
+    out = tmp_path / "points.npz"
+    res = run("propagate", path, "--point", "12,40,30,+", "--point", "12,5,5,-", "--out", out, "--backend", "classic")
+    assert res.returncode == 0, res.stderr
+    with np.load(out, allow_pickle=False) as data:
+        assert dice(data["gts"] > 0, truth) > 0.8
+    truth_file = tmp_path / "truth.nii.gz"
+    ref = sitk.ReadImage(str(path))
+    t = sitk.GetImageFromArray(truth.astype(np.uint8))
+    t.CopyInformation(ref)
+    sitk.WriteImage(t, str(truth_file))
+    res = run("propagate", path, "--mask", truth_file, "--slice", "12", "--out", tmp_path / "m.mha", "--backend", "classic")
+    assert res.returncode == 0, res.stderr
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "m.mha"))) > 0
+    assert np.array_equal(mask[12], truth[12])  # the drawn contour is kept as drawn
+    assert dice(mask, truth) > 0.85
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--box", "12,100,100,120,120"], "outside"),       # box outside the 72x64 image
+    (["--box", "40,10,10,20,20"], "slice"),              # slice that does not exist
+    (["--box", "12,30,20,10,40"], "box"),                # x1 < x0
+    (["--box", "12,a,b,c,d"], "integers"),
+    (["--point", "12,40,30,*"], "+ or -"),
+    (["--box", "12,1,1,5,5", "--point", "12,3,3"], "exactly one prompt"),
+    (["--mask", "MISSINGSLICE"], "--slice"),
+])
+def test_bad_prompts_exit_2_with_a_clear_message(phantom, tmp_path, args, needle):
+    path, _ = phantom
+    if args == ["--mask", "MISSINGSLICE"]:
+        args = ["--mask", str(path)]
+    out = tmp_path / "x.nii.gz"
+    res = run("propagate", path, *args, "--out", out, "--backend", "classic")
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert needle.lower() in res.stderr.lower()
+    assert "Traceback" not in res.stderr
+    assert not out.exists()  # nothing written half-way
+
+
+def test_missing_checkpoint_names_the_file(phantom, tmp_path):
+    path, _ = phantom
+    ckpt = tmp_path / "models" / "sam2.1_hiera_tiny.pt"
+    res = run("propagate", path, "--box", "12,30,20,50,40", "--out", tmp_path / "x.nii.gz",
+              "--backend", "sam2", "--checkpoint", ckpt)
+    assert res.returncode == 2
+    assert ckpt.name in res.stderr and str(ckpt.parent) in res.stderr  # the file and where it goes
+    assert "Traceback" not in res.stderr
+
+
+def test_demo_writes_a_valid_rtstruct_better_than_copying(tmp_path):
+    out = tmp_path / "demo"
+    res = run("demo", "--out", out)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    rtstruct = Path(summary["rtstruct"])
+    assert rtstruct.exists() and (out / "metrics.json").exists()
+    # copying the middle slice to every slice scores 0.49 on this GTV (shared/data/README.md)
+    assert summary["metrics"]["dice"] > 0.55
+    assert subprocess.run(["dcmdump", "-q", str(rtstruct)], capture_output=True).returncode == 0
+    errors = [l for l in subprocess.run(["dciodvfy", str(rtstruct)], capture_output=True, text=True).stderr.splitlines()
+              if l.startswith("Error")]
+    assert errors == []
+
+
+def test_recontour_point_prompt_and_convert_round_trip(shared_data, tmp_path):
+    series = shared_data / "sts-001" / "MR_T1" / "image"
+    rs = shared_data / "sts-001" / "MR_T1" / "rtstruct" / "RS.dcm"
+    res = run("recontour", series, rs, "--roi", "gtv_mass_mr_t1", "--prompt", "point", "--out", tmp_path / "rc")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["roi"] == "GTV_Mass_MR_T1" and summary["prompt"] == "point"
+    metrics = json.loads((tmp_path / "rc" / "metrics.json").read_text())["metrics"]
+    assert set(metrics) >= {"dice", "hd95_mm", "msd_mm", "nsd", "com_distance_mm", "volume_ratio"}
+    # convert: RTSTRUCT -> mask -> RTSTRUCT -> evaluate against the original: identical
+    mask = tmp_path / "gtv.nii.gz"
+    assert run("convert", rs, mask, "--series", series).returncode == 0
+    back = tmp_path / "gtv.dcm"
+    assert run("convert", mask, back, "--series", series, "--roi-name", "GTV").returncode == 0
+    res = run("evaluate", back, rs, "--series", series, "--roi", "GTV_Mass_MR_T1", "--pred-roi", "GTV")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["dice"] >= 0.98
+
+
+def test_unknown_roi_lists_the_names(shared_data, tmp_path):
+    series = shared_data / "sts-001" / "CT" / "image"
+    rs = shared_data / "sts-001" / "CT" / "rtstruct" / "RS.dcm"
+    res = run("recontour", series, rs, "--roi", "PTV", "--out", tmp_path)
+    assert res.returncode == 2 and "GTV_Mass_CT" in res.stderr

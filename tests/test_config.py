@@ -1,0 +1,79 @@
+"""Configuration: the example validates, bad keys are named, environment overrides apply."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from config.load import ConfigError, load_config, resolve_storage
+from config.schema import Config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "example.yaml"
+
+
+def _leaf_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= _leaf_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_example_file_validates_and_documents_every_key():
+    config = load_config(EXAMPLE, environ={})
+    assert config.node.destinations["tps"].port == 104
+    text = EXAMPLE.read_text()
+    missing = [k for k in _leaf_keys(Config) if f"{k.rsplit('.', 1)[-1]}:" not in text]
+    assert not missing, f"keys not documented in config/example.yaml: {missing}"
+
+
+def test_unknown_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  prot: 104\n")
+    with pytest.raises(ConfigError, match=r"node\.prot"):
+        load_config(bad, environ={})
+
+
+def test_wrong_type_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  port: not-a-number\n")
+    with pytest.raises(ConfigError, match=r"node\.port"):
+        load_config(bad, environ={})
+
+
+def test_ae_title_longer_than_16_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  ae_title: ABCDEFGHIJKLMNOPQ\n")
+    with pytest.raises(ConfigError, match=r"node\.ae_title"):
+        load_config(bad, environ={})
+
+
+def test_environment_overrides_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("node:\n  port: 2000\n")
+    config = load_config(path, environ={"RTPROP__NODE__PORT": "3000",
+                                        "RTPROP__NODE__ALLOWED_CALLING_AES": "[TPS, ECLIPSE]",
+                                        "UNRELATED": "x"})
+    assert config.node.port == 3000
+    assert config.node.allowed_calling_aes == ["TPS", "ECLIPSE"]
+
+
+def test_bad_environment_override_is_named():
+    with pytest.raises(ConfigError, match=r"node\.port"):
+        load_config(None, environ={"RTPROP__NODE__PORT": "abc"})
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_storage_paths_resolve_under_root(tmp_path):
+    config = resolve_storage(load_config(None, environ={}, overrides={"storage": {"root": str(tmp_path)}}))
+    assert config.storage.database == tmp_path / "rtprop.sqlite"
+    assert config.storage.archive == tmp_path / "archive"
+    assert config.dropin.inbox == tmp_path / "inbox"

@@ -1,0 +1,260 @@
+"""SAM2 backend plumbing with the real sam2 code and random weights (no checkpoint exists here).
+
+Random weights say nothing about accuracy; these tests check that prompts are honoured, both
+directions run, stop rules fire, shapes/geometry are right and checkpoints load strictly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from config.schema import PropagationConfig
+from models import sam2_backend
+from models.device import DeviceError, choose_device
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, PromptError
+from models.propagate import propagate as propagate_any
+from models.sam2_backend import stop_reason, walk
+from models.sam2_loader import CheckpointError, load_checkpoint_into, load_model
+from models.sam2_video import LazyFrames, init_state_in_memory, memory_window
+
+SIZE = 128  # smallest input the Hiera backbone takes comfortably; plumbing only
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("configs/sam2.1/sam2.1_hiera_t.yaml", None, SIZE, "cpu", 2, seed=0, cache=False)
+
+
+def volume(nz: int = 9, ny: int = 48, nx: int = 72) -> np.ndarray:
+    """Non-square CT-like volume (HU) with a bright box-shaped structure over the middle slices."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 20, (nz, ny, nx)).astype(np.float32)
+    image[2:7, 15:32, 25:50] += 150
+    return image
+
+
+def settings(**kw) -> PropagationConfig:
+    return PropagationConfig(backend="sam2", image_size=SIZE, device="cpu", **kw)
+
+
+# ----------------------------------------------------------------------------- stop rules (pure)
+def test_stop_reason_rules():
+    assert stop_reason(0, 100, 0.1) == "empty"
+    assert stop_reason(9, 100, 0.1) == "area_collapse"
+    assert stop_reason(10, 100, 0.1) is None
+    assert stop_reason(500, 100, 0.1) is None
+
+
+@pytest.mark.parametrize("areas, available, extent_mm, expected", [
+    ([100, 90, 80, 0, 70], 5, 300.0, (3, "empty")),  # empty slice dropped, stop there
+    ([100, 90, 5, 70], 4, 300.0, (3, "area_collapse")),  # collapsed slice kept (tapering tip)
+    ([100, 100, 100, 100], 4, 300.0, (4, "edge_of_volume")),
+    ([100] * 10, 10, 6.0, (3, "max_extent_mm")),  # 2 mm slices: 3 slices = 6 mm
+    ([], 0, 300.0, (0, "edge_of_volume")),  # key slice on the volume's edge
+])
+def test_walk_on_synthetic_area_sequences(areas, available, extent_mm, expected):
+    s = PropagationConfig(min_area_fraction=0.1, max_extent_mm=extent_mm)
+    assert walk(areas, 100, 2.0, s, available) == expected
+
+
+# ----------------------------------------------------------------------------- bad input, devices
+@pytest.mark.parametrize("prompt, match", [
+    (BoxPrompt(20, 1, 1, 5, 5), "slice 20"),
+    (BoxPrompt(4, 60, 10, 80, 20), "outside"),
+    (BoxPrompt(4, 30, 10, 30, 20), "zero area"),
+    (PointPrompt(4, ((10, 10, False),)), "no positive"),
+    (PointPrompt(4, ()), "no points"),
+    (PointPrompt(4, ((100, 10, True),)), "outside"),
+    (MaskPrompt(4, np.zeros((48, 72), bool)), "empty"),
+    (MaskPrompt(4, np.ones((72, 48), bool)), "shape"),
+])
+def test_bad_prompts_are_prompt_errors_before_any_model_work(prompt, match):
+    with pytest.raises(PromptError, match=match):
+        sam2_backend.propagate(volume(), (2.0, 1.0, 1.0), prompt, "CT", settings())
+
+
+def test_sam2_backend_without_checkpoint_is_an_error_not_random_weights():
+    with pytest.raises(CheckpointError, match="propagation.checkpoint"):
+        propagate_any(volume(), (2.0, 1.0, 1.0), BoxPrompt(4, 25, 15, 49, 31), "CT", settings())
+
+
+def test_missing_device_and_bad_image_size_are_clear_errors():
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="cuda"):
+            choose_device("cuda")
+    assert choose_device("auto", 2).type in ("cuda", "mps", "cpu")
+    with pytest.raises(CheckpointError, match="multiple of 64"):
+        load_model("tiny", None, 200, "cpu", cache=False)
+    with pytest.raises(CheckpointError, match="model_config_name"):
+        load_model("configs/sam9/nope.yaml", None, SIZE, "cpu", cache=False)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_missing_checkpoint_names_file_and_folder(tmp_path):
+    missing = tmp_path / "models" / "sam2.1_hiera_tiny.pt"
+    with pytest.raises(CheckpointError) as err:
+        load_model("tiny", missing, SIZE, "cpu", cache=False)
+    assert "sam2.1_hiera_tiny.pt" in str(err.value) and str(missing.parent) in str(err.value)
+    assert "never downloads" in str(err.value)
+
+
+@pytest.mark.sam2
+def test_checkpoint_layouts_load_strictly_and_report_sha256(tmp_path, tiny):
+    import hashlib
+
+    sd = {k: v.half() for k, v in tiny.model.state_dict().items()}  # half: smaller files, same keys/shapes
+    layouts = {
+        "plain.pt": sd,
+        "meta_sam2.1_hiera_tiny.pt": {"model": sd},
+        "SAM2.1_b+_finetune.pt": {"model": sd, "epoch": 40},  # TrackRAD2025 (Meta's layout + extras)
+        "stardust.pt": {"model_state_dict": {f"sam2_model.{k}": v for k, v in sd.items()}, "epoch": 3,
+                        "optimizer_state_dict": {}},
+    }
+    fresh = load_model("tiny", None, SIZE, "cpu", seed=1, cache=False).model
+    for name, obj in layouts.items():
+        path = tmp_path / name
+        torch.save(obj, path)
+        digest = load_checkpoint_into(fresh, path, "tiny")
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+        key = "image_encoder.trunk.patch_embed.proj.weight"
+        assert torch.equal(fresh.state_dict()[key], sd[key].float()), name
+    # the full path through load_model returns the digest for the audit
+    loaded = load_model("tiny", tmp_path / "plain.pt", SIZE, "cpu", cache=False)
+    assert loaded.checkpoint_sha256 == hashlib.sha256((tmp_path / "plain.pt").read_bytes()).hexdigest()
+
+
+@pytest.mark.sam2
+def test_wrong_architecture_and_partial_checkpoints_are_refused(tmp_path, tiny):
+    sd = {k: v.half() for k, v in tiny.model.state_dict().items()}
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError) as err:  # tiny weights into the small config (more Hiera blocks)
+        load_model("configs/sam2.1/sam2.1_hiera_s.yaml", path, SIZE, "cpu", cache=False)
+    text = str(err.value)
+    assert "sam2.1_hiera_tiny.pt" in text and str(tmp_path) in text and "missing" in text
+    partial = dict(sd)
+    partial.pop("sam_mask_decoder.iou_token.weight")
+    partial["extra.head.weight"] = torch.zeros(3)
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=r"1 missing .*iou_token.*1 unexpected .*extra\.head"):
+        load_checkpoint_into(tiny.model, tmp_path / "partial.pt", "tiny")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a zip file at all")
+    with pytest.raises(CheckpointError, match="corrupt.pt"):
+        load_checkpoint_into(tiny.model, tmp_path / "corrupt.pt", "tiny")
+
+
+@pytest.mark.sam2
+def test_medsam2_512_config_is_built_by_overrides():
+    loaded = load_model("sam2.1_hiera_t512", None, 512, "cpu", cache=False)
+    model = loaded.model
+    assert model.image_size == 512 and model.sam_image_embedding_size == 32
+    layer = model.memory_attention.layers[0]
+    assert layer.self_attn.freqs_cis.shape[0] == 32 * 32
+    assert layer.cross_attn_image.freqs_cis.shape[0] == 32 * 32
+
+
+# ----------------------------------------------------------------------------- in-memory video state
+@pytest.mark.sam2
+def test_in_memory_state_has_the_keys_of_sam2_init_state(tmp_path, tiny):
+    import cv2
+
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i:05d}.jpg"), np.full((32, 40, 3), 100 + i, np.uint8))
+    with torch.inference_mode():
+        real = tiny.model.init_state(str(tmp_path))
+    ours = init_state_in_memory(tiny.model, LazyFrames(lambda i: np.zeros((32, 40), np.float32), 2, SIZE), 32, 40)
+    assert set(ours) == set(real)
+    assert (ours["video_height"], ours["video_width"], ours["num_frames"]) == (32, 40, 2)
+    assert tuple(ours["images"][1].shape) == tuple(real["images"][1].shape) == (3, SIZE, SIZE)
+
+
+# ----------------------------------------------------------------------------- propagation
+@pytest.mark.sam2
+def test_video_box_prompt_both_directions_shape_and_box_honoured(tiny):
+    image = volume()
+    box = BoxPrompt(4, 25, 15, 49, 31)
+    result = sam2_backend.propagate(image, (2.0, 1.0, 1.0), box, "CT", settings(), loaded=tiny)
+    assert result.backend == "sam2" and result.mask.shape == image.shape and result.mask.dtype == bool
+    assert result.confidence.shape == (image.shape[0],)
+    key = result.mask[4]
+    assert key.any()
+    rows, cols = np.nonzero(key)
+    m = sam2_backend.BOX_CLIP_MARGIN_PX
+    assert rows.min() >= 15 - m and rows.max() <= 31 + m and cols.min() >= 25 - m and cols.max() <= 49 + m
+    visited = result.details["frames_visited"]
+    assert visited["increasing_z"][:1] == [5] and visited["decreasing_z"][:1] == [3]
+    for name, stop in result.details["stop"].items():
+        assert stop["reason"] in ("empty", "area_collapse", "max_extent_mm", "edge_of_volume"), name
+        if stop["reason"] == "edge_of_volume":
+            assert visited[name][-1] in (0, image.shape[0] - 1)
+    assert result.checkpoint_sha256 is None  # random weights: nothing loaded
+    assert result.details["timings_s"]["total"] > 0
+
+
+@pytest.mark.sam2
+def test_mask_prompt_goes_through_add_new_mask_and_is_kept_on_the_key_slice(tiny):
+    image = volume()
+    yy, xx = np.mgrid[0:48, 0:72]
+    drawn = ((yy - 23) / 8.0) ** 2 + ((xx - 37) / 12.0) ** 2 <= 1
+    result = sam2_backend.propagate(image, (2.0, 1.0, 1.0), MaskPrompt(4, drawn), "CT", settings(), loaded=tiny)
+    key = result.mask[4]
+    dice = 2 * (key & drawn).sum() / (key.sum() + drawn.sum())
+    assert dice > 0.95  # SAM2 uses a mask input as the key frame's output (use_mask_input_as_output_without_sam)
+    assert set(result.details["frames_visited"]["increasing_z"]) <= set(range(5, 9))
+    assert set(result.details["frames_visited"]["decreasing_z"]) <= set(range(0, 4))
+
+
+@pytest.mark.sam2
+def test_point_prompt_video_mode(tiny):
+    result = sam2_backend.propagate(volume(), (2.0, 1.0, 1.0), PointPrompt(4, ((37, 23, True), (5, 5, False))),
+                                    "CT", settings(), loaded=tiny)
+    assert result.mask.shape == (9, 48, 72) and result.mask[4].any()
+
+
+@pytest.mark.sam2
+def test_stop_rules_fire_inside_the_real_loop(tiny):
+    image = volume(nz=11)
+    # Max extent: 2 mm slices, 4 mm allowed -> 2 slices each way and no further frame is even computed.
+    result = sam2_backend.propagate(image, (2.0, 1.0, 1.0), MaskPrompt(5, image[5] > 75), "CT",
+                                    settings(max_extent_mm=4.0), loaded=tiny)
+    assert result.details["frames_visited"] == {"increasing_z": [6, 7], "decreasing_z": [4, 3]}
+    assert {s["reason"] for s in result.details["stop"].values()} <= {"max_extent_mm", "empty", "area_collapse"}
+    assert not result.mask[:3].any() and not result.mask[8:].any()
+    # Area collapse: a key mask covering the whole slice; the random model's junk is smaller than that,
+    # so with min_area_fraction 1.0 each direction stops at its first slice (which is kept).
+    full = np.ones(image.shape[1:], bool)
+    result = sam2_backend.propagate(image, (2.0, 1.0, 1.0), MaskPrompt(5, full), "CT",
+                                    settings(min_area_fraction=1.0), loaded=tiny)
+    assert result.details["frames_visited"] == {"increasing_z": [6], "decreasing_z": [4]}
+    assert {s["reason"] for s in result.details["stop"].values()} <= {"area_collapse", "empty"}
+
+
+@pytest.mark.sam2
+def test_image_chain_mode_both_directions(tiny):
+    image = volume()
+    result = sam2_backend.propagate(image, (2.0, 1.0, 1.0), BoxPrompt(4, 25, 15, 49, 31), "CT",
+                                    settings(mode="image_chain"), loaded=tiny)
+    assert result.mask.shape == image.shape and result.details["mode"] == "image_chain"
+    visited = result.details["frames_visited"]
+    assert visited["increasing_z"][:1] == [5] and visited["decreasing_z"][:1] == [3]
+    rows, cols = np.nonzero(result.mask[4])
+    assert rows.min() >= 13 and rows.max() <= 33 and cols.min() >= 23 and cols.max() <= 51
+
+
+@pytest.mark.sam2
+def test_video_memory_bank_is_trimmed_on_long_volumes(tiny):
+    image = volume(nz=40, ny=32, nx=40)
+    image[:, 8:24, 10:30] += 150
+    result = sam2_backend.propagate(image, (1.0, 1.0, 1.0), MaskPrompt(0, image[0] > 75), "MR",
+                                    settings(min_area_fraction=0.0), loaded=tiny)
+    assert result.mask.shape == image.shape
+    window = memory_window(tiny.model)
+    assert window < 40
+    # every visited frame was encoded once (plus the key slice per pass); nothing was preloaded
+    assert result.details["frames_encoded"] <= len(result.details["frames_visited"]["increasing_z"]) + 2
+    assert len(result.details["frames_visited"]["increasing_z"]) > window  # long enough to need trimming
+    # the window's frames plus the current one plus the conditioning (key) frame, however long the volume
+    assert result.details["max_frames_held"] <= window + 2

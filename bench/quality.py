@@ -6,7 +6,8 @@ CT and MR T1. Prompt: the tight bounding box of the reference on its middle slic
 Baselines: the middle-slice mask copied to every slice, and copied within the true extent.
 
     .venv/bin/python bench/quality.py [--data ../shared/data] [--method register_refine|intensity]
-                                      [--only ts5,gtv_CT] [--out bench/results/quality.json]
+                                      [--key-slice tight_select|histogram]
+                                      [--only totalseg_label5,sts001_GTV_Mass_CT] [--out bench/results/quality.json]
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def evaluate_case(case: dict, settings: PropagationConfig) -> dict:
     try:
         result = propagate(case["image"], spacing, prompt_from_roi(mask, "box"), case["modality"], settings)
     except PromptError as exc:  # counted as a failure (Dice 0), not hidden
-        row.update(error=str(exc), dice=0.0, hd95_mm=None, predicted_extent=None)
+        row.update(error=str(exc), dice=0.0, key_slice_dice=0.0, hd95_mm=None, predicted_extent=None)
         return row
     row["seconds"] = time.perf_counter() - t0
     metrics = evaluate_masks(result.mask, mask, spacing)
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     parser.add_argument("--method", choices=["register_refine", "intensity"], default=None,
                         help="classic method (default: the config default)")
+    parser.add_argument("--key-slice", choices=["tight_select", "histogram"], default=None,
+                        help="classic key-slice segmentation for box prompts (default: the config default)")
     parser.add_argument("--only", default="", help="comma-separated structure names to run (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     args = parser.parse_args(argv)
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = PropagationConfig(backend="classic")
     if args.method:
         settings.classic_method = args.method
+    if args.key_slice:
+        settings.classic_key_slice = args.key_slice
     cases = totalseg_cases(args.data)
     try:
         cases += sts_cases(args.data)
@@ -134,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for group, prefix in (("totalseg_organs", "totalseg_"), ("sts001_gtv", "sts001_"), ("all", "")):
         summary[group] = {"n": sum(r["structure"].startswith(prefix) for r in rows), "dice": mean("dice", prefix),
+                          "key_slice_dice": mean("key_slice_dice", prefix),
                           "baseline_copy_everywhere_dice": mean("baseline_copy_everywhere_dice", prefix),
                           "baseline_copy_within_extent_dice": mean("baseline_copy_within_extent_dice", prefix)}
         s = summary[group]
         if s["n"]:
-            print(f"MEAN {group:20s} n={s['n']:2d} dice={s['dice']:.3f}  copy-everywhere={s['baseline_copy_everywhere_dice']:.3f}"
+            print(f"MEAN {group:20s} n={s['n']:2d} dice={s['dice']:.3f}  key-slice={s['key_slice_dice']:.3f}  copy-everywhere={s['baseline_copy_everywhere_dice']:.3f}"
                   f"  copy-within-extent={s['baseline_copy_within_extent_dice']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"method": settings.classic_method, "summary": summary, "cases": rows},
+    args.out.write_text(json.dumps({"method": settings.classic_method, "key_slice": settings.classic_key_slice,
+                                    "summary": summary, "cases": rows},
                                    indent=2, default=str))
     print(f"wrote {args.out}")
     return 0

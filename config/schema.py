@@ -102,6 +102,11 @@ class PropagationConfig(Section):
     classic_min_likelihood_ratio: float = Field(
         0.0, description="stop when the mean log-likelihood ratio (structure vs surroundings, key-slice model) of a "
         "new slice falls below this: 0 = the slice looks no more like the structure than like its surroundings")
+    classic_key_slice: Literal["tight_select", "histogram"] = Field(
+        "tight_select", description="classic backend, box prompts: how the key slice is segmented. 'histogram' = "
+        "iterated intensity model inside the box vs the ring around it; 'tight_select' = that and two GrabCut "
+        "segmentations that enforce the tight-box prior (the structure reaches every row and column of the box), "
+        "keeping the candidate that covers the box's rows/columns best, then stands out most from its surroundings")
     classic_model_update: float = Field(
         0.3, ge=0, le=1, description="weight of each new slice in the running intensity model (0 = key slice only)")
 
@@ -118,11 +123,28 @@ class PipelineConfig(Section):
     workers: int = Field(1, ge=1)
     job_timeout_s: float = Field(1800.0, gt=0)
     self_check_min_dice: float = Field(0.98, ge=0, le=1)
-    prompt_mode: Literal["box", "mask"] = "box"
+    prompt_mode: Literal["box", "mask", "auto"] = Field(
+        "box", description="a single-slice ROI becomes a box prompt (its bounding rectangle; a rectangle drawn "
+        "in the TPS is exact), a mask prompt (the drawn outline), or auto: box if the outline is a rectangle "
+        "(fills >= 95 % of its bounding rectangle), else mask")
     positive_point_marker: str = "+"
     negative_point_marker: str = "-"
-    recontour_roi_regex: str | None = None
-    dry_run_aes: list[str] = Field(default_factory=list)
+    recontour_roi_regex: str | None = Field(
+        None, description="re-contour mode: a fully contoured ROI whose name matches this regex (case-insensitive, "
+        "full match, e.g. '(GTV|CTV).*') is re-propagated from its middle slice; null = off")
+    dry_run_aes: list[str] = Field(default_factory=list, description="calling AEs whose jobs are processed and "
+                                   "audited but never sent (shadow mode)")
+    poll_interval_s: float = Field(1.0, gt=0, description="how often workers look for new prompt RTSTRUCTs and "
+                                   "queued jobs in the database")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="a running job's worker refreshes its claim this often")
+    heartbeat_timeout_s: float = Field(60.0, gt=0, description="a running job whose heartbeat is older than this "
+                                       "(its worker died) goes back to queued")
+    job_max_attempts: int = Field(3, ge=1, description="a job whose worker died or timed out this many times is "
+                                  "dead-lettered")
+    series_wait_s: float = Field(3600.0, ge=0, description="a prompt RTSTRUCT whose image series has not arrived "
+                                 "(complete) this long after it fails")
+    isolate_jobs: bool = Field(True, description="run each job's computation in a child process, killed after "
+                               "job_timeout_s (off: in the worker's own process, no hard timeout)")
 
 
 class DropInConfig(Section):
@@ -130,6 +152,13 @@ class DropInConfig(Section):
     inbox: Path = Path("inbox")
     done: Path = Path("done")
     stable_s: float = Field(5.0, ge=0)
+    outbox: Path = Field(Path("dropin-outbox"), description="finished RTSTRUCTs of dropped cases, named "
+                         "<case>__RS_<SOPInstanceUID>.dcm; a failed case gets <case>.failed.json here")
+    quarantine: Path = Field(Path("dropin-quarantine"), description="dropped cases that could not be taken in, "
+                             "moved here whole with a <case>.reason.json; nothing is ever deleted")
+    calling_ae: str = Field("DROPIN", min_length=1, max_length=16, description="the AE title dropped instances "
+                            "are recorded under (routes and dry_run_aes match it)")
+    poll_interval_s: float = Field(1.0, gt=0, description="fallback scan of the inbox besides file-system events")
 
 
 class BatchConfig(Section):
@@ -138,6 +167,10 @@ class BatchConfig(Section):
     window_end: str = "05:00"
     roi_regex: str = ".*"
     send_results: bool = False
+    out: Path = Field(Path("batch"), description="batch runs write here: <date>/drift.csv, montage PNGs, RTSTRUCTs")
+    prompt_kind: Literal["box", "point", "mask"] = Field("box", description="prompt taken from each ROI's middle slice")
+    lookback_days: float = Field(1.0, gt=0, description="scheduled runs cover series received this many days back")
+    montage_cases: int = Field(6, ge=1, description="the worst ROIs (lowest Dice) drawn in the PNG montage")
 
 
 class Config(Section):

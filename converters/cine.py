@@ -332,8 +332,8 @@ class SyntheticCine(CineSource):
         def texture(sigma: float, scale: float) -> np.ndarray:
             return (ndimage.gaussian_filter(rng.normal(size=shape), sigma) * scale).astype(np.float32)
 
-        # Textures live in the moving frame for the organ/tumour (they move with them) and in the
-        # fixed frame for the body: sampled by shifting with map_coordinates-free integer-free interpolation.
+        # Organ and tumour textures move with them (padded, shifted by the sub-pixel motion each
+        # frame); the body's texture is fixed.
         pad = int(np.ceil(2 * amplitude_mm / spacing_mm)) + 4
         self._pad = pad
         big = (ny + 2 * pad, nx + 2 * pad)

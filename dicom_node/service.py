@@ -1,13 +1,9 @@
 """One process: SCP + series completion checker + sender loop, stopped cleanly by SIGTERM/SIGINT.
 
-    python -m dicom_node.service --storage DIR --port 11112 [--config FILE] [--ae-title AE]
-        [--allow-ae AE]... [--destination AE@HOST:PORT]
-
-(the same flags as `rtprop serve`, which is the entry point clinics should use).
+Started by `rtprop serve` (pipeline/cli.py), which also runs the pipeline's workers beside it.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -15,7 +11,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from config.load import load_config, resolve_storage
 from config.schema import Config
 from db.audit import record
 from db.engine import open_database, transaction
@@ -81,49 +76,3 @@ def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         LOG.info("stopped")
-
-
-def _parse_destination(text: str) -> dict[str, Any]:
-    try:
-        ae, rest = text.split("@", 1)
-        host, port = rest.rsplit(":", 1)
-        return {"ae_title": ae, "host": host, "port": int(port)}
-    except ValueError as exc:
-        raise SystemExit(f"--destination must be AE@HOST:PORT, got {text!r}") from exc
-
-
-def config_from_args(argv: list[str] | None = None) -> Config:
-    """Same precedence as `rtprop serve`: file < RTPROP__* environment < flags."""
-    p = argparse.ArgumentParser(prog="python -m dicom_node.service", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, help="YAML configuration file")
-    p.add_argument("--port", type=int, help="TCP port to listen on (node.port)")
-    p.add_argument("--ae-title", help="our AE title (node.ae_title)")
-    p.add_argument("--storage", type=Path, help="storage root (storage.root)")
-    p.add_argument("--allow-ae", action="append", default=[], help="calling AE allowed to associate (repeatable)")
-    p.add_argument("--destination", help="AE@HOST:PORT where results go (node.destinations.default)")
-    p.add_argument("--log-level", default="INFO")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    node: dict[str, Any] = {}
-    if a.port is not None:
-        node["port"] = a.port
-    if a.ae_title:
-        node["ae_title"] = a.ae_title
-    if a.allow_ae:
-        node["allowed_calling_aes"] = a.allow_ae
-    if a.destination:
-        node["destinations"] = {"default": _parse_destination(a.destination)}
-        node["default_destination"] = "default"
-    overrides: dict[str, Any] = {"node": node} if node else {}
-    if a.storage is not None:
-        overrides["storage"] = {"root": str(a.storage)}
-    return resolve_storage(load_config(a.config, overrides=overrides))
-
-
-def main(argv: list[str] | None = None) -> None:
-    serve_forever(config_from_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -277,9 +277,3 @@ def track_case(case: str | Path, out_dir: str | Path, settings: PropagationConfi
             writer.close()
     summary.labels_path, summary.csv_path = writer.labels_path, writer.csv_path
     return summary
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)

@@ -5,6 +5,7 @@ line and exit 2; anything unexpected exits 1 (set RTPROP_DEBUG=1 for the traceba
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -255,7 +256,8 @@ def track(source: Path, out_dir: Path, first_label: Path | None, backend: str | 
     from models.tracking import track_case
 
     config = _config(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
-    _emit(track_case(source, out_dir, first_label=first_label, settings=config.propagation))
+    summary = track_case(source, out_dir, first_label=first_label, settings=config.propagation)
+    _emit(dataclasses.asdict(summary))
 
 
 # ---------------------------------------------------------------- serve
@@ -266,17 +268,142 @@ def track(source: Path, out_dir: Path, first_label: Path | None, backend: str | 
 @click.option("--ae-title", help="The node's AE title.")
 @click.option("--allow-ae", "allow_aes", multiple=True, help="Calling AE allowed to associate (repeatable).")
 @click.option("--destination", help="AE@HOST:PORT where results go by default.")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Worker threads running jobs (default: pipeline.workers; 0 = node only, run `rtprop worker` apart).")
+@click.option("--dropin/--no-dropin", "dropin_on", default=None,
+              help="Watch the drop-in inbox (default: dropin.enabled).")
+@click.option("--scheduler/--no-scheduler", "scheduler_on", default=None,
+              help="Run the nightly batch in its window (default: batch.enabled).")
 def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_title: str | None,
-          allow_aes: tuple[str, ...], destination: str | None) -> None:
-    """Run the DICOM node: Storage SCP, series completion, the outbound queue."""
+          allow_aes: tuple[str, ...], destination: str | None, workers: int | None, dropin_on: bool | None,
+          scheduler_on: bool | None) -> None:
+    """Run the node: Storage SCP, series completion, outbound queue, workers, drop-in watcher, nightly batch."""
+    import threading
+
+    from db.engine import open_database
     from dicom_node.service import serve_forever
+    from pipeline.dropin import start_dropin
+    from pipeline.scheduler import start_scheduler
+    from pipeline.worker import start_workers
 
     overrides: dict[str, Any] = {"node.port": port, "node.ae_title": ae_title,
                                  "node.allowed_calling_aes": list(allow_aes) or None}
     if destination:
         overrides["node.destinations"] = {"default": parse_destination(destination)}
         overrides["node.default_destination"] = "default"
-    serve_forever(_config(config_path, storage, **overrides))
+    config = _config(config_path, storage, **overrides)
+    stop = threading.Event()
+    factory = open_database(config.storage.database)
+    threads = start_workers(factory, config, stop, workers)
+    if config.dropin.enabled if dropin_on is None else dropin_on:
+        threads.append(start_dropin(factory, config, stop))
+    if config.batch.enabled if scheduler_on is None else scheduler_on:
+        config.batch.enabled = True
+        threads.append(start_scheduler(factory, config, stop))
+    try:
+        serve_forever(config, stop)  # returns on SIGTERM/SIGINT, having set `stop`
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=config.pipeline.job_timeout_s if t.name.startswith("rtprop-worker") else 10)
+
+
+@cli.command()
+@config_option
+@storage_option
+@click.option("--workers", type=click.IntRange(min=1), help="Worker threads (default: pipeline.workers).")
+@click.option("--once", is_flag=True, help="Run until no job is pending, then exit (else run until SIGTERM).")
+def worker(config_path: Path | None, storage: Path | None, workers: int | None, once: bool) -> None:
+    """Run job workers alone (more cores or machines on one storage): discover, claim, propagate, hand on."""
+    import signal
+    import threading
+
+    from db.engine import open_database
+    from pipeline.worker import Worker, start_workers
+
+    config = _config(config_path, storage)
+    factory = open_database(config.storage.database)
+    if once:
+        Worker(factory, config).drain()
+        _emit(_job_counts(factory))
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threads = start_workers(factory, config, stop, workers)
+    click.echo(f"rtprop worker ready ({len(threads)} worker(s), storage {config.storage.root})", err=True)
+    while not stop.wait(0.5):
+        pass
+    for t in threads:
+        t.join(timeout=config.pipeline.job_timeout_s)
+
+
+def _job_counts(factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    from pipeline.jobs import counts
+
+    with factory() as session:
+        return {"jobs": counts(session)}
+
+
+@cli.command()
+@config_option
+@storage_option
+@click.option("--once", is_flag=True, help="Take in what is stable now, then exit.")
+def dropin(config_path: Path | None, storage: Path | None, once: bool) -> None:
+    """Watch the drop-in inbox (and close series) without the DICOM listener; `rtprop worker` runs the jobs."""
+    import signal
+    import threading
+
+    from db.engine import open_database
+    from dicom_node.completion import CompletionChecker
+    from pipeline.dropin import DropIn
+
+    config = _config(config_path, storage)
+    factory = open_database(config.storage.database)
+    watcher = DropIn(factory, config)
+    checker = CompletionChecker(factory, config)
+    if once:
+        outcomes = watcher.scan(now=float("inf"))
+        checker.check()
+        _emit({"taken": [o.name for o in outcomes if o.ok], "quarantined": [o.name for o in outcomes if not o.ok]})
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threads = [threading.Thread(target=watcher.run, args=(stop,), daemon=True),
+               threading.Thread(target=checker.run, args=(stop, config.node.poll_interval_s), daemon=True)]
+    for t in threads:
+        t.start()
+    click.echo(f"rtprop dropin watching {watcher.paths.inbox}", err=True)
+    while not stop.wait(0.5):
+        pass
+    for t in threads:
+        t.join(timeout=10)
+
+
+@cli.command()
+@config_option
+@storage_option
+@click.option("--since", help="Only RTSTRUCTs received from this ISO date/time (UTC unless an offset is given).")
+@click.option("--until", help="... and before this ISO date/time.")
+@click.option("--roi-regex", help="ROIs to re-contour: case-insensitive full match (default: batch.roi_regex).")
+@click.option("--send/--no-send", default=None, help="Queue the new RTSTRUCTs to the case's destination "
+              "(default: batch.send_results; delivered by `rtprop serve`).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder (default: batch.out under the storage root); each run in a time-stamped subfolder.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (cron, logs).")
+def batch(config_path: Path | None, storage: Path | None, since: str | None, until: str | None,
+          roi_regex: str | None, send: bool | None, out_dir: Path | None, no_progress: bool) -> None:
+    """Re-contour archived ROIs from their middle slice with the current model; write a drift report."""
+    from db.engine import open_database
+    from pipeline.batch import run_batch
+
+    config = _config(config_path, storage)
+    if not config.storage.database.exists():
+        raise click.ClickException(f"no database at {config.storage.database}")
+    factory = open_database(config.storage.database)
+    _emit(run_batch(factory, config, since=since, until=until, roi_regex=roi_regex, send=send, out=out_dir,
+                    progress=not no_progress))
 
 
 def parse_destination(text: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Helpers for tests and benches that drive the node with real DICOM peers over loopback.
 
-Reusable by the end-to-end pipeline test: start the node the way a clinic does (`rtprop serve`,
-or `python -m dicom_node.service` while the CLI is not there), a DCMTK storescp playing the TPS,
+Reusable by the end-to-end pipeline test: start the node the way a clinic does (`rtprop serve`),
+a DCMTK storescp playing the TPS,
 DCMTK storescu/echoscu as the sending TPS, and synthetic CT series.
 """
 from __future__ import annotations
@@ -176,28 +176,9 @@ def write_config(path: Path, **sections: dict) -> Path:
     return path
 
 
-def _cli_serve_available() -> bool:
-    exe = VENV_BIN / "rtprop"
-    if not exe.exists():
-        return False
-    try:
-        r = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0 and "--storage" in r.stdout
-
-
-_CLI: bool | None = None
-
-
 def node_command() -> list[str]:
-    """`rtprop serve` once the CLI exists (what clinics script against), else the module entry."""
-    global _CLI
-    if os.environ.get("RTPROP_NODE_ENTRY") == "module":
-        return [sys.executable, "-m", "dicom_node.service"]
-    if _CLI is None:
-        _CLI = _cli_serve_available()
-    return [str(VENV_BIN / "rtprop"), "serve"] if _CLI else [sys.executable, "-m", "dicom_node.service"]
+    """`rtprop serve`: the node started the way a clinic starts it."""
+    return [str(VENV_BIN / "rtprop"), "serve"]
 
 
 class NodeProcess:

@@ -131,8 +131,8 @@ def ct():
 @pytest.mark.parametrize("prompt, message", [
     (BoxPrompt(20, 80, 40, 120, 60), "outside"),
     (BoxPrompt(20, -5, 40, 20, 60), "outside"),
-    (BoxPrompt(20, 30, 40, 30, 60), "zero area"),
-    (BoxPrompt(20, 30, 40, 50, 40), "zero area"),
+    (BoxPrompt(20, 30, 40, 29, 60), "inverted"),  # x1 < x0
+    (BoxPrompt(20, 30, 40, 50, 39), "inverted"),  # y1 < y0
     (BoxPrompt(40, 30, 40, 50, 60), "slices 0..39"),
     (BoxPrompt(-1, 30, 40, 50, 60), "slices 0..39"),
     (PointPrompt(20, ((3, 48, True),)), "on air"),
@@ -147,6 +147,39 @@ def test_bad_prompts_raise_prompt_error(ct, prompt, message):
         classic.propagate(ct, (2.5, 1.0, 1.0), prompt, "CT")
 
 
+@pytest.mark.parametrize("key_slice", ["tight_select", "histogram"])
+def test_one_pixel_wide_box_is_accepted(key_slice):
+    # box_from_slice gives inclusive indices: a 1-pixel-wide structure has x0 == x1, a 1-pixel box
+    truth = np.zeros((20, 64, 64), dtype=bool)
+    truth[5:15, 20:40, 32] = True
+    image = phantom(truth, inside_hu=400.0, seed=8)  # a thin bright (contrast-filled) line
+    prompt = prompt_from_roi(truth, "box")
+    assert prompt.x0 == prompt.x1
+    settings = PropagationConfig(backend="classic", classic_key_slice=key_slice)
+    result = classic.propagate(image, (3.0, 1.0, 1.0), prompt, "CT", settings)
+    assert result.mask[prompt.slice_index].any()
+    assert dice(result.mask[prompt.slice_index], truth[prompt.slice_index]) > 0.5
+
+
+def test_key_slice_reaches_every_row_and_column_of_a_tight_box():
+    # A crescent (lung-like, dark) wrapped around a bright blob: the blob fills the box's centre, so
+    # a centre-weighted intensity model takes the blob; only the crescent reaches every row and column.
+    yy, xx = np.mgrid[:96, :96]
+    outer = (yy - 56) ** 2 + (xx - 48) ** 2 <= 30 ** 2
+    inner = (yy - 62) ** 2 + (xx - 48) ** 2 <= 26 ** 2
+    crescent = outer & ~inner & (yy <= 62)
+    truth = np.repeat(crescent[None], 9, axis=0)
+    rng = np.random.default_rng(9)
+    image = np.full(truth.shape, 40.0, np.float32)  # soft tissue everywhere ...
+    image[truth] = -800.0  # ... the crescent is lung
+    image += rng.normal(0.0, 15.0, truth.shape).astype(np.float32)
+    prompt = prompt_from_roi(truth, "box")
+    tight = classic.propagate(image, (3.0, 1.0, 1.0), prompt, "CT")
+    assert dice(tight.mask[4], truth[4]) > 0.95  # the histogram model alone gets ~0.88 here (it takes blob rim)
+    sub = tight.mask[4][prompt.y0:prompt.y1 + 1, prompt.x0:prompt.x1 + 1]
+    assert sub.any(axis=1).all() and sub.any(axis=0).all()
+
+
 def test_point_on_tissue_next_to_air_is_accepted(ct):
     # the air check must look at the click, not reject everything in an image that has air
     result = classic.propagate(ct, (2.5, 1.0, 1.0), PointPrompt(20, ((48, 48, True),)), "CT")
@@ -154,21 +187,46 @@ def test_point_on_tissue_next_to_air_is_accepted(ct):
 
 
 # ------------------------------------------------------------------ real data
-# Subset: the solid organs of ct_3mm that lie in fat (spleen, both kidneys) and the two autochthon
-# muscles: the regime the classic method is built for (a structure with its own intensity and a
-# boundary it can see). It is a regression guard, NOT the acceptance target: on all 39 organs the
-# method scores ~0.57 (see bench/quality.py), below 0.75; the guard fails if propagation,
-# stop rules or the key-slice model degrade. Runs in ~5 s.
-REAL_SUBSET = (1, 2, 3, 86, 87)
-
-
-def test_real_ct_solid_organs_mean_dice(shared_data):
+@pytest.fixture(scope="module")
+def ct_3mm(shared_data):
     SimpleITK = pytest.importorskip("SimpleITK")
     folder = shared_data / "totalseg-ct"
     image = SimpleITK.ReadImage(str(folder / "ct_3mm.nii.gz"))
     array = SimpleITK.GetArrayFromImage(image).astype(np.float32)
     labels = SimpleITK.GetArrayFromImage(SimpleITK.ReadImage(str(folder / "ct_3mm_labels.nii.gz")))
     spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    organs = [v for v in np.unique(labels)[1:] if (labels == v).any(axis=(1, 2)).sum() >= 5]  # as bench/quality.py
+    return array, labels, spacing, organs
+
+
+def test_real_ct_key_slice_from_a_tight_box(ct_3mm):
+    # Key-slice Dice caps everything after it. All 39 organs of ct_3mm spanning >= 5 slices, box =
+    # tight bounding box of the reference on its middle slice. Measured: tight_select 0.805,
+    # histogram 0.732 (lung lobe 14: 0.85 vs 0.00; liver 0.61 both; costal cartilage ~0 both).
+    array, labels, spacing, organs = ct_3mm
+    feature = classic.feature_image(array, "CT")
+    scores = {m: [] for m in ("tight_select", "histogram")}
+    for value in organs:
+        truth = labels == value
+        prompt = prompt_from_roi(truth, "box")
+        smooth = classic.ndimage.gaussian_filter(feature[prompt.slice_index], classic.SMOOTH_PX)
+        for method, values in scores.items():
+            key = classic.key_mask_from_box(smooth, prompt, spacing[1:], method)
+            values.append(dice(key, truth[prompt.slice_index]))
+    assert np.mean(scores["tight_select"]) >= 0.78, np.round(scores["tight_select"], 2)
+    assert np.mean(scores["tight_select"]) >= np.mean(scores["histogram"]) + 0.04
+
+
+# Subset: the solid organs of ct_3mm that lie in fat (spleen, both kidneys) and the two autochthon
+# muscles: the regime the classic method is built for (a structure with its own intensity and a
+# boundary it can see). It is a regression guard, NOT the acceptance target: on all 39 organs the
+# method scores ~0.59 (see bench/quality.py and the all-organs test below), below 0.75; the guard
+# fails if propagation, stop rules or the key-slice model degrade. Runs in ~5 s.
+REAL_SUBSET = (1, 2, 3, 86, 87)
+
+
+def test_real_ct_solid_organs_mean_dice(ct_3mm):
+    array, labels, spacing, _ = ct_3mm
     scores, baseline = [], []
     for value in REAL_SUBSET:
         truth = labels == value
@@ -178,3 +236,18 @@ def test_real_ct_solid_organs_mean_dice(shared_data):
         baseline.append(dice(np.repeat(truth[prompt.slice_index][None], truth.shape[0], axis=0), truth))
     assert np.mean(scores) >= 0.75, dict(zip(REAL_SUBSET, np.round(scores, 3)))
     assert np.mean(scores) > np.mean(baseline) + 0.1  # and clearly better than copying the key slice
+
+
+def test_real_ct_all_organs_mean_dice(ct_3mm):
+    # The full acceptance set (39 organs), what the method truly achieves: 0.590 mean Dice with
+    # register_refine + tight_select (copy-everywhere baseline 0.367). Below the 0.75 target: this
+    # guards against regressions, it does not claim the target.
+    array, labels, spacing, organs = ct_3mm
+    scores, baseline = [], []
+    for value in organs:
+        truth = labels == value
+        prompt = prompt_from_roi(truth, "box")
+        scores.append(dice(classic.propagate(array, spacing, prompt, "CT").mask, truth))
+        baseline.append(dice(np.repeat(truth[prompt.slice_index][None], truth.shape[0], axis=0), truth))
+    assert np.mean(scores) >= 0.57, np.round(scores, 2)
+    assert np.mean(scores) > np.mean(baseline) + 0.15

@@ -215,8 +215,8 @@ def test_tls_receive_and_send(tmp_path: Path) -> None:
     node.proc = None
     node.start_plain_check = False
     # start without the echoscu readiness probe (plain TCP would be refused): wait for the port instead
-    import os, sys
-    from node_helpers import node_command, port_open, REPO
+    import os
+    from node_helpers import node_command, REPO
     log = open(node.log_path, "ab")
     node.proc = subprocess.Popen([*node_command(), *node.args], stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -6,7 +6,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from node_helpers import ENV, NodeProcess, echoscu, make_ct_series, storescu, wait_for
 

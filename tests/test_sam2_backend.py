@@ -5,7 +5,6 @@ directions run, stop rules fire, shapes/geometry are right and checkpoints load 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

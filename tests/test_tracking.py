@@ -10,7 +10,6 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -21,7 +20,8 @@ from config.schema import PropagationConfig
 from converters.cine import (ArrayCine, CineError, CineLabelWriter, DicomCine, MhaCine, SyntheticCine,
                              open_trackrad_case, read_stack_frames)
 from models.prompts import PromptError
-from models.tracking import dice, track, track_case
+from models.tracking import track, track_case
+from pipeline.metrics import dice
 
 CLASSIC = PropagationConfig(backend="classic")
 

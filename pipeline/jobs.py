@@ -1,0 +1,197 @@
+"""The job state machine, kept in the `jobs` table: every hand-over is a row, so any process may die.
+
+States and the only transitions allowed (anything else raises `JobStateError`):
+
+    received  -> queued        the image series is complete and prompts were found
+    received  -> failed        no prompt in the RTSTRUCT, no usable series, series incomplete
+    queued    -> running       a worker claimed it (attempts + 1)
+    running   -> validated     propagated, RTSTRUCT written, self-check passed
+    running   -> queued        the worker died or timed out; attempts < pipeline.job_max_attempts
+    running   -> failed        an error in the input (bad prompt, unreadable series) or the self-check
+                               failed (the RTSTRUCT is then held in quarantine with the reason)
+    running   -> dead-letter   it died or timed out pipeline.job_max_attempts times
+    validated -> sending       queued for C-STORE (a row in `sends`)
+    validated -> sent          delivered by file (drop-in outbox)
+    validated -> failed        no destination for the calling AE (the RTSTRUCT stays in the outbox)
+    sending   -> sent          the peer answered 0x0000
+    sending   -> dead-letter   the send gave up (dead-lettered by the sender)
+
+A dry-run job ends in `validated` with `dry_run` set: processed and audited, never sent.
+`sent`, `failed` and `dead-letter` are final. Every transition writes an audit row in the same
+transaction (`job.<event>`), with UIDs and AE titles only.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.audit import record
+from db.engine import transaction
+from db.schema import Job
+
+LOG = logging.getLogger("rtprop.pipeline.jobs")
+
+STATES = ("received", "queued", "running", "validated", "sending", "sent", "failed", "dead-letter")
+FINAL_STATES = frozenset({"sent", "failed", "dead-letter"})
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "received": frozenset({"queued", "failed"}),
+    "queued": frozenset({"running"}),
+    "running": frozenset({"validated", "queued", "failed", "dead-letter"}),
+    "validated": frozenset({"sending", "sent", "failed"}),
+    "sending": frozenset({"sent", "dead-letter"}),
+    "sent": frozenset(),
+    "failed": frozenset(),
+    "dead-letter": frozenset(),
+}
+# Audit event written for each target state (job.claimed for running, ...).
+EVENTS = {"queued": "job.queued", "running": "job.claimed", "validated": "job.validated", "sending": "job.sending",
+          "sent": "job.sent", "failed": "job.failed", "dead-letter": "job.dead_letter"}
+
+
+class JobStateError(RuntimeError):
+    """A transition the state machine does not allow (names the job, its state and the target)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; they are UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def check_transition(job_id: int | None, current: str, target: str) -> None:
+    if target not in TRANSITIONS.get(current, frozenset()):
+        allowed = ", ".join(sorted(TRANSITIONS.get(current, ()))) or "none (final state)"
+        raise JobStateError(f"job {job_id}: {current} -> {target} is not allowed (from {current}: {allowed})")
+
+
+def audit_job(session: Session, job: Job, event: str, **details: Any) -> None:
+    record(session, event, component="pipeline", job_id=job.id, study_instance_uid=job.study_instance_uid,
+           series_instance_uid=job.series_instance_uid, sop_instance_uid=job.rtstruct_sop_instance_uid,
+           calling_ae=job.calling_ae, **details)
+
+
+def transition(session: Session, job: Job, target: str, *, event: str | None = None,
+               expect_owner: str | None = None, details: dict[str, Any] | None = None, **fields: Any) -> Job:
+    """Move `job` to `target` inside the caller's transaction; set the columns `fields`; audit (with
+    `details`). Refuses illegal moves.
+
+    The UPDATE is conditional on the state the row had (compare-and-set), so two processes acting
+    on one stale object cannot both move it; `expect_owner` also requires `claimed_by` to match.
+    """
+    session.refresh(job)
+    current = job.state
+    check_transition(job.id, current, target)
+    if expect_owner is not None and job.claimed_by != expect_owner:
+        raise JobStateError(f"job {job.id}: claimed by {job.claimed_by!r}, not {expect_owner!r}")
+    values = {"state": target, "updated_at": utcnow(), **fields}
+    done = session.execute(update(Job).where(Job.id == job.id, Job.state == current).values(**values)
+                           .execution_options(synchronize_session=False)).rowcount
+    if not done:
+        raise JobStateError(f"job {job.id}: state changed under us (was {current})")
+    session.refresh(job)
+    logged = {k: v for k, v in fields.items() if k in ("error", "attempts", "result_sha256", "self_check_dice",
+                                                        "claimed_by", "backend", "result_path")}
+    audit_job(session, job, event or EVENTS[target], previous_state=current, **logged, **(details or {}))
+    LOG.info("job %s: %s -> %s", job.id, current, target)
+    return job
+
+
+def find_job_for_rtstruct(session: Session, rtstruct_uid: str, kind: str = "prompt") -> Job | None:
+    return session.execute(select(Job).where(Job.rtstruct_sop_instance_uid == rtstruct_uid, Job.kind == kind)
+                           .limit(1)).scalar()
+
+
+def create_job(session: Session, *, rtstruct_uid: str, study_uid: str, calling_ae: str, series_uid: str = "",
+               kind: str = "prompt", dry_run: bool = False) -> tuple[Job, bool]:
+    """The job of one prompt RTSTRUCT, created once: returns (job, created).
+
+    Called inside a write-locked transaction (BEGIN IMMEDIATE), so the look-up and the insert are
+    one atomic step: two discovery loops can never create two jobs for one RTSTRUCT.
+    """
+    existing = find_job_for_rtstruct(session, rtstruct_uid, kind)
+    if existing is not None:
+        return existing, False
+    job = Job(state="received", kind=kind, series_instance_uid=series_uid, study_instance_uid=study_uid,
+              rtstruct_sop_instance_uid=rtstruct_uid, calling_ae=calling_ae[:16], dry_run=dry_run, attempts=0,
+              created_at=utcnow(), updated_at=utcnow())
+    session.add(job)
+    session.flush()
+    audit_job(session, job, "job.created", kind=kind, dry_run=dry_run)
+    return job, True
+
+
+def claim_next(factory: sessionmaker[Session], worker: str) -> Job | None:
+    """Claim the oldest queued job for `worker`: one conditional UPDATE inside BEGIN IMMEDIATE."""
+    with transaction(factory) as session:
+        job_id = session.execute(select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(1)).scalar()
+        if job_id is None:
+            return None
+        now = utcnow()
+        done = session.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
+            state="running", claimed_by=worker, heartbeat_at=now, updated_at=now, attempts=Job.attempts + 1)
+            .execution_options(synchronize_session=False)).rowcount
+        if not done:
+            return None
+        job = session.get(Job, job_id)
+        session.refresh(job)
+        audit_job(session, job, "job.claimed", previous_state="queued", worker=worker, attempt=job.attempts)
+        return job
+
+
+def heartbeat(factory: sessionmaker[Session], job_id: int, worker: str) -> bool:
+    """Refresh the claim; False if the job is no longer ours (recovered by another process)."""
+    with transaction(factory) as session:
+        return bool(session.execute(update(Job).where(Job.id == job_id, Job.state == "running",
+                                                      Job.claimed_by == worker)
+                                    .values(heartbeat_at=utcnow())
+                                    .execution_options(synchronize_session=False)).rowcount)
+
+
+def recover_stale(factory: sessionmaker[Session], *, heartbeat_timeout_s: float, max_attempts: int,
+                  owner_alive=None, now: datetime | None = None) -> list[int]:
+    """Jobs left `running` by a dead worker go back to `queued` (or `dead-letter` after max_attempts).
+
+    A claim is stale when its heartbeat is older than `heartbeat_timeout_s`, or at once when
+    `owner_alive(claimed_by)` says the owning process is gone (same host, pid not running).
+    """
+    now = now or utcnow()
+    moved: list[int] = []
+    with transaction(factory) as session:
+        for job in session.execute(select(Job).where(Job.state == "running")).scalars().all():
+            beat = aware(job.heartbeat_at)
+            stale = beat is None or (now - beat).total_seconds() > heartbeat_timeout_s
+            dead = owner_alive is not None and job.claimed_by and not owner_alive(job.claimed_by)
+            if not (stale or dead):
+                continue
+            why = "owner process gone" if dead else f"no heartbeat for more than {heartbeat_timeout_s:g} s"
+            if job.attempts >= max_attempts:
+                transition(session, job, "dead-letter", event="job.dead_letter", claimed_by="",
+                           error=f"worker lost {job.attempts} time(s) ({why}); giving up after {max_attempts}")
+            else:
+                transition(session, job, "queued", event="job.recovered", claimed_by="",
+                           error=f"attempt {job.attempts} lost: {why}")
+            moved.append(job.id)
+    if moved:
+        LOG.warning("recovered %d job(s) left running by a lost worker: %s", len(moved), moved)
+    return moved
+
+
+def counts(session: Session) -> dict[str, int]:
+    """Number of jobs per state (for status output and tests)."""
+    out = {s: 0 for s in STATES}
+    for (state,) in session.execute(select(Job.state)).all():
+        out[state] = out.get(state, 0) + 1
+    return out
+
+
+def stale_before(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)

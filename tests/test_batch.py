@@ -1,0 +1,103 @@
+"""Nightly batch on the shared real data (sts-001 CT and MR GTVs): drift CSV, PNG montage, audit; the
+scheduler's window logic; `rtprop audit verify` on a DB produced by real runs."""
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from node_helpers import VENV_BIN
+from pipeline_helpers import STS_CT, STS_MR
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A storage root with sts-001 CT + MR and their GTV RTSTRUCTs taken in as the node does."""
+    from config.load import load_config, resolve_storage
+    from db.engine import open_database
+    from dicom_node.completion import CompletionChecker
+    from dicom_node.storage import Received, Store
+
+    root = tmp_path_factory.mktemp("storage")
+    config = resolve_storage(load_config(None, overrides={"storage": {"root": str(root), "fsync": False},
+                                                          "node": {"series_quiet_period_s": 0}}))
+    factory = open_database(config.storage.database)
+    store = Store(config.storage, factory, fsync=False)
+    for series in (STS_CT, STS_MR):  # CT and MR share one Frame of Reference: each RTSTRUCT arrives with its series
+        time.sleep(1.0)
+        for path in sorted((series / "image").iterdir()) + sorted((series / "rtstruct").iterdir()):
+            assert store.ingest(path.read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
+    CompletionChecker(factory, config).check()
+    factory.kw["bind"].dispose()
+    return root
+
+
+def test_batch_drift_report_on_sts001(tmp_path, archive):
+    out = tmp_path / "report"
+    r = subprocess.run([str(VENV_BIN / "rtprop"), "batch", "--storage", str(archive), "--roi-regex", "GTV.*",
+                        "--out", str(out), "--since", "2000-01-01"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "rtprop batch" in r.stderr  # the tqdm progress bar
+    rows = list(csv.DictReader(open(summary["csv"])))
+    assert sorted(row["roi"] for row in rows) == ["GTV_Mass_CT", "GTV_Mass_MR_T1"]
+    for row in rows:
+        assert row["error"] == ""
+        assert 0.3 < float(row["dice"]) <= 1 and float(row["hd95_mm"]) > 0 and float(row["volume_ratio"]) > 0
+        assert Path(row["new_rtstruct"]).is_file()
+    print("drift:", {row["roi"]: (row["dice"], row["hd95_mm"], row["volume_ratio"]) for row in rows},
+          "montage:", summary["montage"])
+    montage = Path(summary["montage"])
+    assert montage.stat().st_size > 10_000 and montage.read_bytes()[:4] == b"\x89PNG"
+    with sqlite3.connect(archive / "rtprop.sqlite") as con:
+        events = [e for (e,) in con.execute("SELECT event FROM audit WHERE component='batch'")]
+        assert events.count("batch.roi") == 2 and "batch.started" in events and "batch.finished" in events
+        assert con.execute("SELECT count(*) FROM sends").fetchone()[0] == 0  # not sent unless asked
+
+
+def test_audit_verify_detects_one_altered_row_in_a_real_run_db(tmp_path, archive):
+    """After real ingest + batch rows: verify passes; editing one row (triggers dropped, as an attacker
+    with file access would) makes `rtprop audit verify` exit 3 naming that row."""
+    import shutil
+
+    storage = tmp_path / "copy"
+    shutil.copytree(archive, storage)
+    verify = [str(VENV_BIN / "rtprop"), "audit", "verify", "--storage", str(storage)]
+    ok = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    with sqlite3.connect(storage / "rtprop.sqlite") as con:
+        rows = con.execute("SELECT id FROM audit WHERE event='series.complete'").fetchall()
+        target = rows[0][0]
+        con.execute("DROP TRIGGER audit_no_update")
+        con.execute("UPDATE audit SET calling_ae='FORGED' WHERE id=?", (target,))
+    bad = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 3
+    problems = json.loads(bad.stdout)["problems"]
+    assert [p["row_id"] for p in problems] == [target]
+
+
+def test_scheduler_window_and_once_per_night(tmp_path):
+    from config.load import load_config, resolve_storage
+    from db.audit import record
+    from db.engine import open_database, transaction
+    from pipeline.scheduler import due, window_date
+
+    config = resolve_storage(load_config(None, overrides={
+        "storage": {"root": str(tmp_path)}, "batch": {"enabled": True, "window_start": "22:30",
+                                                      "window_end": "04:00"}}))
+    assert window_date(datetime(2026, 3, 1, 23, 0), config.batch).isoformat() == "2026-03-01"
+    assert window_date(datetime(2026, 3, 2, 3, 59), config.batch).isoformat() == "2026-03-01"
+    assert window_date(datetime(2026, 3, 2, 12, 0), config.batch) is None
+    factory = open_database(config.storage.database)
+    assert due(factory, config, datetime(2026, 3, 2, 1, 0)).isoformat() == "2026-03-01"
+    with transaction(factory) as session:
+        record(session, "batch.scheduled", component="scheduler", window_date="2026-03-01")
+    assert due(factory, config, datetime(2026, 3, 2, 1, 0)) is None  # a restart in the window: not again
+    config.batch.enabled = False
+    assert due(factory, config, datetime(2026, 3, 2, 23, 0)) is None

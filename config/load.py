@@ -91,15 +91,19 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
 
 
 def resolve_storage(config: Config) -> Config:
-    """Make every storage path absolute under `storage.root` (so all subcommands agree)."""
+    """Make every path of the storage, drop-in and batch sections absolute under `storage.root`.
+
+    Done once, here, so every subcommand given the same `--storage` sees the same folders.
+    """
     root = config.storage.root.expanduser().resolve()
-    updates = {"root": root}
-    for name in ("archive", "quarantine", "outbox", "database"):
-        p: Path = getattr(config.storage, name)
-        updates[name] = p if p.is_absolute() else root / p
-    for name in ("inbox", "done"):
-        p = getattr(config.dropin, name)
-        if not p.is_absolute():
-            setattr(config.dropin, name, root / p)
-    config.storage = config.storage.model_copy(update=updates)
+
+    def under_root(p: Path) -> Path:
+        return p if p.is_absolute() else root / p
+
+    config.storage = config.storage.model_copy(update={
+        "root": root, **{name: under_root(getattr(config.storage, name))
+                         for name in ("archive", "quarantine", "outbox", "database")}})
+    config.dropin = config.dropin.model_copy(update={
+        name: under_root(getattr(config.dropin, name)) for name in ("inbox", "done", "quarantine", "outbox")})
+    config.batch = config.batch.model_copy(update={"out": under_root(config.batch.out)})
     return config

@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.schema import Config, Destination
 from db.audit import record
 from db.engine import transaction
-from db.schema import Send
+from db.schema import Send, utcnow
 from dicom_node.tls import client_context
 
 LOG = logging.getLogger("rtprop.node.scu")
@@ -55,16 +55,6 @@ class Outcome:
     state: str        # sent | pending (retry later) | dead-letter
     status: int | None
     error: str = ""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _aware(dt: datetime | None) -> datetime | None:
-    if dt is None:
-        return None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
 def worker_id() -> str:

@@ -38,3 +38,42 @@ Prompt = BoxPrompt | PointPrompt | MaskPrompt
 
 class PromptError(ValueError):
     """A prompt that cannot be used: outside the image, empty, on a slice that does not exist..."""
+
+
+def check_prompt(image_shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...], prompt: Prompt) -> None:
+    """Refuse, before any model work, a prompt the image cannot take; the message names what is wrong.
+
+    Box indices are inclusive, so x0 == x1 is a one-pixel-wide box; only an inverted box has no area.
+    """
+    if len(image_shape_zyx) != 3 or min(image_shape_zyx) < 1:
+        raise ValueError(f"image must be 3D (z, y, x) with at least one slice, got shape {tuple(image_shape_zyx)}")
+    if len(spacing_zyx) != 3 or any(not float(s) > 0 for s in spacing_zyx):
+        raise ValueError(f"spacing_zyx must be 3 positive numbers in mm, got {spacing_zyx}")
+    nz, ny, nx = image_shape_zyx
+    if not isinstance(prompt, (BoxPrompt, PointPrompt, MaskPrompt)):
+        raise PromptError(f"unknown prompt type {type(prompt).__name__}")
+    z = prompt.slice_index
+    if not 0 <= z < nz:
+        raise PromptError(f"prompt on slice {z}, but the series has slices 0..{nz - 1}")
+    if isinstance(prompt, BoxPrompt):
+        corners = (prompt.x0, prompt.y0, prompt.x1, prompt.y1)
+        if not (0 <= prompt.x0 < nx and 0 <= prompt.x1 < nx and 0 <= prompt.y0 < ny and 0 <= prompt.y1 < ny):
+            raise PromptError(f"box (x0, y0, x1, y1) = {corners} on slice {z} lies outside the {nx} x {ny} "
+                              f"image (columns 0..{nx - 1}, rows 0..{ny - 1})")
+        if prompt.x1 < prompt.x0 or prompt.y1 < prompt.y0:
+            raise PromptError(f"box (x0, y0, x1, y1) = {corners} on slice {z} is inverted (no area): "
+                              "x1 must be >= x0 and y1 >= y0 (inclusive pixel indices)")
+    elif isinstance(prompt, PointPrompt):
+        if not prompt.points:
+            raise PromptError(f"point prompt on slice {z} has no points")
+        for x, y, _ in prompt.points:
+            if not (0 <= x < nx and 0 <= y < ny):
+                raise PromptError(f"point (x={x}, y={y}) on slice {z} lies outside the {nx} x {ny} image")
+        if not any(positive for _, _, positive in prompt.points):
+            raise PromptError(f"point prompt on slice {z} has no positive point: nothing to segment")
+    else:
+        mask = np.asarray(prompt.mask)
+        if mask.shape != (ny, nx):
+            raise PromptError(f"mask prompt on slice {z} has shape {mask.shape}, the image slices are {(ny, nx)}")
+        if not mask.astype(bool).any():
+            raise PromptError(f"mask prompt on slice {z} is empty")

@@ -30,7 +30,7 @@ from config.schema import PropagationConfig
 from converters.intensity import normalise
 from models.device import inference_context
 from models.postprocess import fill_holes_per_slice, largest_component_3d
-from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError, check_prompt
 from models.propagate import PropagationResult
 from models.sam2_loader import CheckpointError, LoadedModel, load_model  # noqa: F401  (re-exported)
 from models.sam2_video import (LazyFrames, init_state_in_memory, memory_window, state_frame_count, to_model_input,
@@ -79,42 +79,6 @@ def walk(areas_by_step: list[int], key_area_px: int, spacing_z_mm: float, settin
 
 
 # ----------------------------------------------------------------------------- inputs
-def check_inputs(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompt: Prompt) -> None:
-    """PromptError (or ValueError for the image) naming what is wrong, before any model work."""
-    if image.ndim != 3 or min(image.shape) < 1:
-        raise ValueError(f"image must be 3D (z, y, x) with at least one slice, got shape {image.shape}")
-    if len(spacing_zyx) != 3 or any(not float(s) > 0 for s in spacing_zyx):
-        raise ValueError(f"spacing_zyx must be 3 positive numbers in mm, got {spacing_zyx}")
-    nz, ny, nx = image.shape
-    if not isinstance(prompt, (BoxPrompt, PointPrompt, MaskPrompt)):
-        raise PromptError(f"unknown prompt type {type(prompt).__name__}")
-    z = prompt.slice_index
-    if not 0 <= z < nz:
-        raise PromptError(f"prompt on slice {z}, but the series has slices 0..{nz - 1}")
-    if isinstance(prompt, BoxPrompt):
-        corners = (prompt.x0, prompt.y0, prompt.x1, prompt.y1)
-        if not (0 <= prompt.x0 < nx and 0 <= prompt.x1 < nx and 0 <= prompt.y0 < ny and 0 <= prompt.y1 < ny):
-            raise PromptError(f"box (x0, y0, x1, y1) = {corners} on slice {z} lies outside the {nx} x {ny} "
-                              f"image (columns 0..{nx - 1}, rows 0..{ny - 1})")
-        if prompt.x1 <= prompt.x0 or prompt.y1 <= prompt.y0:
-            raise PromptError(f"box (x0, y0, x1, y1) = {corners} on slice {z} has zero area: x1 must exceed x0 "
-                              "and y1 must exceed y0")
-    elif isinstance(prompt, PointPrompt):
-        if not prompt.points:
-            raise PromptError(f"point prompt on slice {z} has no points")
-        for x, y, _ in prompt.points:
-            if not (0 <= x < nx and 0 <= y < ny):
-                raise PromptError(f"point (x={x}, y={y}) on slice {z} lies outside the {nx} x {ny} image")
-        if not any(positive for _, _, positive in prompt.points):
-            raise PromptError(f"point prompt on slice {z} has no positive point: nothing to segment")
-    else:
-        mask = np.asarray(prompt.mask)
-        if mask.shape != (ny, nx):
-            raise PromptError(f"mask prompt on slice {z} has shape {mask.shape}, the image slices are {(ny, nx)}")
-        if not mask.astype(bool).any():
-            raise PromptError(f"mask prompt on slice {z} is empty")
-
-
 def clip_to_box(mask: np.ndarray, box: BoxPrompt, margin_px: int = BOX_CLIP_MARGIN_PX) -> np.ndarray:
     out = np.zeros_like(mask, dtype=bool)
     ny, nx = mask.shape
@@ -348,7 +312,7 @@ def propagate(
     """
     settings = settings or PropagationConfig()
     image = np.asarray(image)
-    check_inputs(image, spacing_zyx, prompt)
+    check_prompt(image.shape, spacing_zyx, prompt)
     t_start = time.perf_counter()
     if loaded is None:
         loaded = load_configured_model(settings)

@@ -114,8 +114,7 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: str | No
     roi_regex = roi_regex or config.batch.roi_regex
     send = config.batch.send_results if send is None else send
     started = datetime.now(timezone.utc)
-    out_root = Path(out) if out is not None else (config.batch.out if config.batch.out.is_absolute()
-                                                  else Path(config.storage.root) / config.batch.out)
+    out_root = Path(out) if out is not None else config.batch.out
     run_dir = out_root / started.strftime("%Y%m%dT%H%M%SZ")
     run_dir.mkdir(parents=True, exist_ok=True)
     items = select_items(factory, config, since=_parse_when(since), until=_parse_when(until), roi_regex=roi_regex)

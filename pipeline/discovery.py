@@ -35,9 +35,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config, PipelineConfig, RTStructConfig
 from db.engine import transaction
-from db.schema import Instance, Job, Series
+from db.schema import Instance, Job, Series, aware, utcnow
 from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError
-from pipeline.jobs import JobStateError, aware, create_job, transition, utcnow
+from pipeline.jobs import JobStateError, create_job, transition
 
 LOG = logging.getLogger("rtprop.pipeline.discovery")
 

@@ -46,9 +46,8 @@ class DropinPaths:
 
     @classmethod
     def from_config(cls, config: Config) -> "DropinPaths":
-        root = Path(config.storage.root)
-        d = config.dropin
-        paths = cls(*(p if p.is_absolute() else root / p for p in (d.inbox, d.done, d.quarantine, d.outbox)))
+        d = config.dropin  # absolute under storage.root (config.load.resolve_storage)
+        paths = cls(d.inbox, d.done, d.quarantine, d.outbox)
         for p in (paths.inbox, paths.done, paths.quarantine, paths.outbox):
             p.mkdir(parents=True, exist_ok=True)
         return paths

@@ -23,7 +23,7 @@ transaction (`job.<event>`), with UIDs and AE titles only.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import record
 from db.engine import transaction
-from db.schema import Job
+from db.schema import Job, aware, utcnow
 
 LOG = logging.getLogger("rtprop.pipeline.jobs")
 
@@ -54,17 +54,6 @@ EVENTS = {"queued": "job.queued", "running": "job.claimed", "validated": "job.va
 
 class JobStateError(RuntimeError):
     """A transition the state machine does not allow (names the job, its state and the target)."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def aware(value: datetime | None) -> datetime | None:
-    """SQLite hands datetimes back naive; they are UTC."""
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def check_transition(job_id: int | None, current: str, target: str) -> None:

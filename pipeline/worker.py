@@ -64,11 +64,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def under_root(config: Config, path: Path) -> Path:
-    """Paths of the drop-in/batch sections are relative to storage.root, like the storage paths."""
-    return path if path.is_absolute() else Path(config.storage.root) / path
-
-
 def worker_identity(index: int = 0) -> str:
     from dicom_node.scu import worker_id
 
@@ -397,7 +392,7 @@ class Worker:
         return "sending"
 
     def dropin_output(self, session: Session, job: Job, path: Path) -> Path:
-        outbox = under_root(self.config, self.config.dropin.outbox)
+        outbox = self.config.dropin.outbox
         outbox.mkdir(parents=True, exist_ok=True)
         target = outbox / f"{dropin_case(session, job) or job.study_instance_uid}__{path.name}"
         tmp = target.with_name(f".{target.name}.tmp")
@@ -424,7 +419,7 @@ class Worker:
 
     def report_dropin_failures(self) -> None:
         """A dropped case whose job failed gets <case>.failed.json in the drop-in outbox (once)."""
-        outbox = under_root(self.config, self.config.dropin.outbox)
+        outbox = self.config.dropin.outbox
         with self.factory() as session:
             rows = session.execute(select(Job).join(Instance, Instance.sop_instance_uid == Job.rtstruct_sop_instance_uid)
                                    .where(Instance.source == "dropin", Job.state.in_(("failed", "dead-letter")))

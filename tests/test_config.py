@@ -77,3 +77,5 @@ def test_storage_paths_resolve_under_root(tmp_path):
     assert config.storage.database == tmp_path / "rtprop.sqlite"
     assert config.storage.archive == tmp_path / "archive"
     assert config.dropin.inbox == tmp_path / "inbox"
+    assert config.dropin.quarantine == tmp_path / "dropin-quarantine"
+    assert config.batch.out == tmp_path / "batch"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from db.engine import open_database, transaction
-from db.schema import AuditEntry, Job
+from db.schema import AuditEntry, Job, utcnow
 from pipeline import jobs as J
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_dead_worker_job_requeued_then_dead_lettered(factory):
     for attempt in range(1, 4):
         job = J.claim_next(factory, "host:1:1#w0")
         assert job.id == job_id and job.attempts == attempt
-        later = J.utcnow() + timedelta(seconds=120)
+        later = utcnow() + timedelta(seconds=120)
         moved = J.recover_stale(factory, heartbeat_timeout_s=60, max_attempts=3, now=later)
         assert moved == [job_id]
         with factory() as s:

@@ -63,7 +63,7 @@ def test_walk_on_synthetic_area_sequences(areas, available, extent_mm, expected)
 @pytest.mark.parametrize("prompt, match", [
     (BoxPrompt(20, 1, 1, 5, 5), "slice 20"),
     (BoxPrompt(4, 60, 10, 80, 20), "outside"),
-    (BoxPrompt(4, 30, 10, 30, 20), "zero area"),
+    (BoxPrompt(4, 30, 10, 29, 20), "inverted"),
     (PointPrompt(4, ((10, 10, False),)), "no positive"),
     (PointPrompt(4, ()), "no points"),
     (PointPrompt(4, ((100, 10, True),)), "outside"),

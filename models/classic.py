@@ -29,8 +29,8 @@ from scipy import ndimage
 
 from config.schema import PropagationConfig
 from converters.intensity import normalise_percentiles
-from models.postprocess import fill_holes_per_slice, largest_component_3d
-from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError
+from models.postprocess import fill_holes_per_slice
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError, check_prompt
 from models.propagate import PropagationResult
 
 N_BINS = 64
@@ -75,42 +75,6 @@ def _llr(image: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
 def _ring(mask: np.ndarray, spacing_yx: tuple[float, float], width_mm: float = RING_MM) -> np.ndarray:
     d = ndimage.distance_transform_edt(~mask, sampling=spacing_yx)
     return (d > 0) & (d <= width_mm)
-
-
-# ----------------------------------------------------------------------------- prompt checks
-def _check_inputs(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompt: Prompt) -> None:
-    if image.ndim != 3:
-        raise ValueError(f"image must be 3D (z, y, x), got shape {image.shape}")
-    if len(spacing_zyx) != 3 or any(not float(s) > 0 for s in spacing_zyx):
-        raise ValueError(f"spacing_zyx must be 3 positive numbers in mm, got {spacing_zyx}")
-    nz, ny, nx = image.shape
-    z = prompt.slice_index
-    if not 0 <= z < nz:
-        raise PromptError(f"prompt on slice {z}, but the series has slices 0..{nz - 1}")
-    if isinstance(prompt, BoxPrompt):
-        corners = (prompt.x0, prompt.y0, prompt.x1, prompt.y1)
-        if not (0 <= prompt.x0 < nx and 0 <= prompt.x1 < nx and 0 <= prompt.y0 < ny and 0 <= prompt.y1 < ny):
-            raise PromptError(f"box (x0, y0, x1, y1) = {corners} on slice {z} lies outside the "
-                              f"{nx} x {ny} image (columns 0..{nx - 1}, rows 0..{ny - 1})")
-        if prompt.x1 < prompt.x0 or prompt.y1 < prompt.y0:  # inclusive indices: x0 == x1 is one pixel wide
-            raise PromptError(f"box (x0, y0, x1, y1) = {corners} on slice {z} is inverted (no area): "
-                              "x1 must be >= x0 and y1 >= y0 (inclusive pixel indices)")
-    elif isinstance(prompt, PointPrompt):
-        if not prompt.points:
-            raise PromptError(f"point prompt on slice {z} has no points")
-        for x, y, _ in prompt.points:
-            if not (0 <= x < nx and 0 <= y < ny):
-                raise PromptError(f"point (x={x}, y={y}) on slice {z} lies outside the {nx} x {ny} image")
-        if not any(positive for _, _, positive in prompt.points):
-            raise PromptError(f"point prompt on slice {z} has no positive point: nothing to segment")
-    elif isinstance(prompt, MaskPrompt):
-        mask = np.asarray(prompt.mask)
-        if mask.shape != (ny, nx):
-            raise PromptError(f"mask prompt on slice {z} has shape {mask.shape}, the image slices are {(ny, nx)}")
-        if not mask.astype(bool).any():
-            raise PromptError(f"mask prompt on slice {z} is empty")
-    else:
-        raise PromptError(f"unknown prompt type {type(prompt).__name__}")
 
 
 # ----------------------------------------------------------------------------- key slice
@@ -376,7 +340,7 @@ def propagate(
     settings = settings or PropagationConfig()
     t_start = time.perf_counter()
     image = np.asarray(image)
-    _check_inputs(image, spacing_zyx, prompt)
+    check_prompt(image.shape, spacing_zyx, prompt)
     dz, dy, dx = (float(s) for s in spacing_zyx)
     spacing_yx = (dy, dx)
     k = prompt.slice_index

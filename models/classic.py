@@ -5,10 +5,12 @@
    iterated GrabCut-style inside the box; points grow a region from the positive clicks; a mask
    is used as drawn.
 2. Propagation, slice by slice in both directions: the previous slice's mask is carried onto the
-   next slice (by 2D demons registration of the two slices in `register_refine`, unchanged in
-   `intensity`), turned into a spatial prior (signed distance, in mm) and combined with the
-   intensity log-likelihood ratio of the running structure/surroundings model; the posterior > 0.5
-   inside a search band, restricted to the components touching the carried mask, is the new slice.
+   next slice (moved by the shift that best matches its patch, then by 2D demons registration of
+   the two slices in `register_refine`), turned into a spatial prior (signed distance, in mm) and
+   combined with the intensity log-likelihood ratio of the running structure/surroundings model;
+   the posterior > 0.5 inside a search band, restricted to the components touching the carried
+   mask and opened at a tenth of the cross-section's diameter (cuts leaks through thin bridges),
+   is the new slice.
 3. Stop rules per direction: empty mask, intensities that no longer match the key slice's model
    (mean log-likelihood ratio below `classic_min_likelihood_ratio`), area collapse below
    `min_area_fraction` of the key slice (that last small slice is kept: structures taper), the
@@ -20,6 +22,7 @@ bone all stay distinguishable; anything else gets the percentile normalisation u
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -28,9 +31,20 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from config.schema import PropagationConfig
-from converters.intensity import normalise_percentiles
+from converters.intensity import (
+    normalise_percentiles,
+    percentile_bounds,
+    scale_to_bounds,
+)
 from models.postprocess import fill_holes_per_slice
-from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError, check_prompt
+from models.prompts import (
+    BoxPrompt,
+    MaskPrompt,
+    PointPrompt,
+    Prompt,
+    PromptError,
+    check_prompt,
+)
 from models.propagate import PropagationResult
 
 N_BINS = 64
@@ -38,6 +52,9 @@ AIR_HU = -900.0  # a positive click below this, with no tissue around it, is on 
 SMOOTH_PX = 0.7  # Gaussian sigma before intensity modelling: takes the edge off CT/MR noise
 GRABCUT_MAX_PX = 128  # GrabCut runs on the box crop shrunk to this size (speed on 512 x 512 organs)
 RING_MM = 10.0  # width of the "surroundings" ring of the intensity model
+TEMPLATE_SEARCH_MM = 10.0  # how far a cross-section may shift between neighbouring slices (ribs, vessels)
+TEMPLATE_PENALTY = 0.02  # correlation given up per mm of shift (per slice gap): small shifts win ties
+OPENING_FRACTION = 0.1  # per-slice opening radius, as a fraction of the cross-section's equivalent diameter
 
 
 # ----------------------------------------------------------------------------- intensities
@@ -52,6 +69,25 @@ def feature_image(image: np.ndarray, modality: str) -> np.ndarray:
     if modality.upper() == "CT":
         return np.interp(image, [-1000.0, -160.0, 240.0, 1500.0], [0.0, 0.2, 0.8, 1.0]).astype(np.float32)
     return normalise_percentiles(image)
+
+
+def slice_features(image: np.ndarray, modality: str) -> Callable[[int], np.ndarray]:
+    """Slice z -> its feature image (as `feature_image`), smoothed in 2D, computed on first use.
+
+    A propagation visits only the structure's slices, so the rest of the volume is never mapped.
+    MR percentiles are still taken over the whole volume, so every slice is scaled alike.
+    """
+    bounds = None if modality.upper() == "CT" else percentile_bounds(image)
+    cache: dict[int, np.ndarray] = {}
+
+    def features(z: int) -> np.ndarray:
+        if z not in cache:
+            raw = np.asarray(image[z], dtype=np.float32)
+            mapped = feature_image(raw, "CT") if bounds is None else scale_to_bounds(raw, *bounds)
+            cache[z] = ndimage.gaussian_filter(mapped, SMOOTH_PX)  # 2D only: slices may be far apart
+        return cache[z]
+
+    return features
 
 
 def _histogram(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -73,8 +109,17 @@ def _llr(image: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
 
 
 def _ring(mask: np.ndarray, spacing_yx: tuple[float, float], width_mm: float = RING_MM) -> np.ndarray:
-    d = ndimage.distance_transform_edt(~mask, sampling=spacing_yx)
-    return (d > 0) & (d <= width_mm)
+    """The band up to `width_mm` around the mask (distances computed on the mask's neighbourhood only)."""
+    ring = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return ring
+    pad = (int(np.ceil(width_mm / spacing_yx[0])) + 1, int(np.ceil(width_mm / spacing_yx[1])) + 1)
+    ys, xs = np.nonzero(mask)
+    rows = slice(max(0, ys.min() - pad[0]), ys.max() + pad[0] + 1)
+    cols = slice(max(0, xs.min() - pad[1]), xs.max() + pad[1] + 1)
+    d = ndimage.distance_transform_edt(~mask[rows, cols], sampling=spacing_yx)
+    ring[rows, cols] = (d > 0) & (d <= width_mm)
+    return ring
 
 
 # ----------------------------------------------------------------------------- key slice
@@ -270,6 +315,54 @@ def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
             slice(max(0, xs.min() - margin), min(mask.shape[1], xs.max() + margin + 1)))
 
 
+def _template_shift(previous_image: np.ndarray, image: np.ndarray, previous: np.ndarray,
+                    spacing_yx: tuple[float, float], dz: float) -> tuple[int, int]:
+    """Whole-pixel shift (dy, dx) of the structure's patch from the previous slice to this one.
+
+    Demons follow deformation but lose a small structure that moves further than its own width
+    between slices (a rib, a vessel, a bowel loop running obliquely). Normalised cross-correlation
+    of the patch around the structure, searched within TEMPLATE_SEARCH_MM, finds that move first;
+    each mm of shift costs TEMPLATE_PENALTY per slice gap, so a static structure keeps (0, 0).
+    """
+    ys, xs = np.nonzero(previous)
+    ny, nx = image.shape
+    y0, y1, x0, x1 = max(0, ys.min() - 2), min(ny, ys.max() + 3), max(0, xs.min() - 2), min(nx, xs.max() + 3)
+    template = np.ascontiguousarray(previous_image[y0:y1, x0:x1], dtype=np.float32)
+    reach = int(np.ceil(TEMPLATE_SEARCH_MM / min(spacing_yx)))
+    sy0, sy1, sx0, sx1 = max(0, y0 - reach), min(ny, y1 + reach), max(0, x0 - reach), min(nx, x1 + reach)
+    search = np.ascontiguousarray(image[sy0:sy1, sx0:sx1], dtype=np.float32)
+    if template.std() < 1e-4 or search.shape[0] <= template.shape[0] and search.shape[1] <= template.shape[1]:
+        return 0, 0
+    score = cv2.matchTemplate(search, template, cv2.TM_CCOEFF_NORMED)
+    oy, ox = y0 - sy0, x0 - sx0  # position of "no shift" in the score map
+    yy, xx = np.mgrid[:score.shape[0], :score.shape[1]]
+    shift_mm = np.hypot((yy - oy) * spacing_yx[0], (xx - ox) * spacing_yx[1])
+    score -= TEMPLATE_PENALTY * shift_mm / max(dz, 1e-3)
+    by, bx = np.unravel_index(int(np.argmax(score)), score.shape)
+    return int(by - oy), int(bx - ox)
+
+
+def _shifted(image: np.ndarray, shift: tuple[int, int], rows: slice, cols: slice) -> np.ndarray:
+    """The (rows, cols) crop of `image` moved by `shift` whole pixels (edges repeated)."""
+    r = np.clip(np.arange(rows.start, rows.stop) - shift[0], 0, image.shape[0] - 1)
+    c = np.clip(np.arange(cols.start, cols.stop) - shift[1], 0, image.shape[1] - 1)
+    return image[np.ix_(r, c)]
+
+
+def _open_relative(mask: np.ndarray, fraction: float = OPENING_FRACTION) -> np.ndarray:
+    """Open with a disc scaled to the cross-section (fraction x equivalent diameter).
+
+    Cuts the thin bridges by which a same-intensity neighbour leaks in, at the structure's own
+    scale: a 5 cm tumour loses attachments under ~1 cm wide, a 1 cm rib is left alone.
+    """
+    radius = int(round(fraction * 2.0 * np.sqrt(mask.sum() / np.pi)))
+    if radius < 1:
+        return mask
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, disc) > 0
+    return _drop_specks(opened) if opened.any() else mask
+
+
 REGISTRATION_MAX_PX = 96  # demons run on the crop shrunk to this size: the prior needs shape, not detail
 
 
@@ -346,29 +439,26 @@ def propagate(
     k = prompt.slice_index
     nz = image.shape[0]
 
-    feature = feature_image(image, modality)
-    smooth = np.empty_like(feature)
-    for z in range(nz):  # 2D only: never blur across slices that may be far apart
-        smooth[z] = ndimage.gaussian_filter(feature[z], SMOOTH_PX)
+    features = slice_features(image, modality)
 
     if isinstance(prompt, MaskPrompt):
         key = np.asarray(prompt.mask, dtype=bool).copy()
     elif isinstance(prompt, BoxPrompt):
-        key = key_mask_from_box(smooth[k], prompt, spacing_yx, settings.classic_key_slice)
+        key = key_mask_from_box(features(k), prompt, spacing_yx, settings.classic_key_slice)
     else:
-        key = key_mask_from_points(smooth[k], image[k], prompt, spacing_yx, modality)
+        key = key_mask_from_points(features(k), image[k], prompt, spacing_yx, modality)
     if not key.any():
         raise PromptError(f"no structure found in the prompt on slice {k}")
     t_key = time.perf_counter()
 
     ring = _ring(key, spacing_yx)
-    fg_key = _histogram(smooth[k][key])
-    bg_key = _histogram(smooth[k][ring] if ring.any() else smooth[k][~key])
+    fg_key = _histogram(features(k)[key])
+    bg_key = _histogram(features(k)[ring] if ring.any() else features(k)[~key])
     key_area = int(key.sum())
     # How far a boundary may move between slices, and how soft the shape prior is: both scale with
     # the slice gap (an oblique surface moves ~ gap x slope) but never drop below a pixel or two.
     search_mm = max(2.0 * dy, dz)
-    prior_width_mm = max(dy, 0.5 * dz)
+    prior_width_mm = 0.5 * max(dy, 0.5 * dz)
     margin_px = int(np.ceil(search_mm / min(dy, dx))) + 3
     use_registration = settings.classic_method == "register_refine"
     alpha = settings.classic_model_update
@@ -393,19 +483,23 @@ def propagate(
                 reason = "max_extent_mm"
                 break
             n_slices += 1
-            rows, cols = _bbox(previous, margin_px + (20 if use_registration else 0))
-            prior = previous[rows, cols]
+            shift = _template_shift(features(z - direction), features(z), previous, spacing_yx, dz)
+            moved = ndimage.shift(previous.astype(np.uint8), shift, order=0) > 0 if shift != (0, 0) else previous
+            rows, cols = _bbox(moved | previous, margin_px + (20 if use_registration else 0))
+            prior = moved[rows, cols]
             if use_registration:
-                carried = _demons_warp(smooth[z][rows, cols], smooth[z - direction][rows, cols], prior,
-                                       settings.classic_registration_iterations)
+                carried = _demons_warp(features(z)[rows, cols], _shifted(features(z - direction), shift, rows, cols),
+                                       prior, settings.classic_registration_iterations)
                 prior = carried if carried.any() else prior
-            new_crop, conf = _refine(smooth[z][rows, cols], prior, fg, bg, spacing_yx, prior_width_mm, search_mm)
+            new_crop, conf = _refine(features(z)[rows, cols], prior, fg, bg, spacing_yx, prior_width_mm, search_mm)
+            if new_crop.any():
+                new_crop = _open_relative(new_crop)
             if not new_crop.any():
                 reason = "empty"
                 break
             new = np.zeros_like(previous)
             new[rows, cols] = new_crop
-            values = smooth[z][new]
+            values = features(z)[new]
             match = float(np.mean(_llr(values, fg_key, bg_key)))
             if match < settings.classic_min_likelihood_ratio:
                 reason = "intensity_mismatch"
@@ -420,11 +514,13 @@ def propagate(
                 fg = (1 - alpha) * fg + alpha * _histogram(values)
                 around = _ring(new, spacing_yx)
                 if around.any():
-                    bg = (1 - alpha) * bg + alpha * _histogram(smooth[z][around])
+                    bg = (1 - alpha) * bg + alpha * _histogram(features(z)[around])
         last = z - direction
         stop[name] = {"reason": reason, "last_slice": int(last), "slices": int(abs(last - k))}
 
-    mask = fill_holes_per_slice(_components_through_key(mask, k))
+    zs, ys, xs = (np.flatnonzero(mask.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    box = (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    mask[box] = fill_holes_per_slice(_components_through_key(mask[box], k - zs[0]))
     confidence[~mask.any(axis=(1, 2))] = 0.0
     t_end = time.perf_counter()
     return PropagationResult(

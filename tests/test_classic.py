@@ -92,6 +92,35 @@ def test_cylinder_moving_between_slices_is_tracked(method):
     assert dice(result.mask[0], truth[0]) > 0.7 and dice(result.mask[-1], truth[-1]) > 0.7
 
 
+def test_small_structure_moving_further_than_its_width_is_followed():
+    # A 7 px rod (bone in muscle) crossing the slices obliquely: its cross-section moves 7 px per
+    # slice, so it does not overlap itself between neighbours (a rib seen on 3 mm axial slices).
+    # Demons alone lose it after one slice; the patch match finds the move first.
+    shape = (15, 64, 128)
+    yy, xx = np.mgrid[:64, :128]
+    truth = np.stack([(yy - 32) ** 2 + (xx - 64 - 7 * (z - 7)) ** 2 <= 3 ** 2 for z in range(shape[0])])
+    image = phantom(truth, inside_hu=400.0, outside_hu=40.0, seed=3)
+    result = classic.propagate(image, (3.0, 1.0, 1.0), MaskPrompt(7, truth[7]), "CT")
+    assert extent(result.mask) == (0, 14)
+    assert dice(result.mask, truth) > 0.85
+    for z in (0, 14):  # the far ends are where drift would show
+        assert dice(result.mask[z], truth[z]) > 0.6, z
+
+
+def test_same_intensity_neighbour_behind_a_thin_bridge_stays_out():
+    # An ellipsoid next to a same-intensity blob, joined on every slice by a 3 px bridge: the
+    # per-slice opening (a tenth of the cross-section's diameter) cuts the bridge, so the
+    # propagation does not creep into the neighbour slice after slice.
+    zz, yy, xx = np.mgrid[:30, :96, :96]
+    truth = ((zz - 15) * 3.0 / 40) ** 2 + ((yy - 48) / 18.0) ** 2 + ((xx - 34) / 18.0) ** 2 <= 1
+    neighbour = ((yy - 48) / 16.0) ** 2 + ((xx - 72) / 12.0) ** 2 <= 1
+    bridge = (np.abs(yy - 48) <= 1) & (xx >= 34) & (xx <= 72)
+    image = phantom(truth | ((neighbour | bridge) & ~truth), seed=4)
+    result = classic.propagate(image, (3.0, 1.0, 1.0), MaskPrompt(15, truth[15]), "CT")
+    assert dice(result.mask, truth) > 0.9
+    assert (result.mask & neighbour).sum() < 0.02 * neighbour.sum()
+
+
 def test_unknown_modality_uses_percentiles_not_hu():
     # MR-like: positive arbitrary units, structure darker than its surroundings.
     truth = ellipsoid()
@@ -220,7 +249,7 @@ def test_real_ct_key_slice_from_a_tight_box(ct_3mm):
 # Subset: the solid organs of ct_3mm that lie in fat (spleen, both kidneys) and the two autochthon
 # muscles: the regime the classic method is built for (a structure with its own intensity and a
 # boundary it can see). It is a regression guard, NOT the acceptance target: on all 39 organs the
-# method scores ~0.59 (see bench/quality.py and the all-organs test below), below 0.75; the guard
+# method scores ~0.62 (see bench/quality.py and the all-organs test below), below 0.75; the guard
 # fails if propagation, stop rules or the key-slice model degrade. Runs in ~5 s.
 REAL_SUBSET = (1, 2, 3, 86, 87)
 
@@ -244,10 +273,10 @@ def test_real_ct_solid_organs_mean_dice(ct_3mm):
 
 
 def test_real_ct_all_organs_mean_dice(ct_3mm):
-    # The full acceptance set (39 organs), what the method truly achieves: 0.590 mean Dice with
+    # The full acceptance set (39 organs), what the method truly achieves: 0.620 mean Dice with
     # register_refine + tight_select (copy-everywhere baseline 0.367). Below the 0.75 target: this
     # guards against regressions, it does not claim the target.
     array, labels, spacing, organs = ct_3mm
     scores, baseline = _box_prompt_scores(array, labels, spacing, organs)
-    assert np.mean(scores) >= 0.57, np.round(scores, 2)
+    assert np.mean(scores) >= 0.60, np.round(scores, 2)
     assert np.mean(scores) > np.mean(baseline) + 0.15

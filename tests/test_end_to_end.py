@@ -91,7 +91,7 @@ def test_storescu_to_serve_to_storescp(tmp_path, sts_case):
         scores = result_dice(out, sts_case)
         print("Dice against the reference GTV:", scores, "self-check", self_dice, "timings", timings)
         assert scores["GTV_prop"] >= 0.75  # outline drawn on one slice -> mask prompt
-        assert scores["GTVbox_prop"] >= 0.70  # rectangle -> box prompt (classic backend: 0.72 on this case)
+        assert scores["GTVbox_prop"] >= 0.75  # rectangle -> box prompt (classic backend: 0.758 on this case)
         assert "GTVpt_prop" in scores  # the point pair gave a third structure in the same RTSTRUCT
         kinds = {p["structure"]: p["kind"] for p in json.loads(prompts)}
         assert kinds == {"GTV": "mask", "GTVbox": "box", "GTVpt": "point"}

@@ -5,9 +5,11 @@ CT and MR T1. Prompt: the tight bounding box of the reference on its middle slic
 (pipeline.prompts.prompt_from_roi), propagated by models.propagate.propagate with backend classic.
 Baselines: the middle-slice mask copied to every slice, and copied within the true extent.
 
-    .venv/bin/python bench/quality.py [--data ../shared/data] [--method register_refine|intensity]
+    .venv/bin/python bench/quality.py [--data ../shared/data] [--prompt box|point|mask]
+                                      [--method register_refine|intensity]
                                       [--key-slice tight_select|histogram]
-                                      [--only totalseg_label5,sts001_GTV_Mass_CT] [--out bench/results/quality.json]
+                                      [--only totalseg_label5,sts001_GTV_Mass_CT]
+                                      [--out bench/results/quality.json, quality_point.json, ...]
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from config.schema import PropagationConfig
-from models.prompts import PromptError
+from models.prompts import MaskPrompt, PointPrompt, Prompt, PromptError
 from models.propagate import propagate
 from pipeline.metrics import evaluate_masks
 from pipeline.prompts import middle_slice, prompt_from_roi
@@ -68,7 +71,19 @@ def _extent(mask: np.ndarray) -> tuple[int, int] | None:
     return (int(slices[0]), int(slices[-1])) if slices.size else None
 
 
-def evaluate_case(case: dict, settings: PropagationConfig) -> dict:
+def make_prompt(mask: np.ndarray, kind: str, spacing_yx: tuple[float, float]) -> Prompt:
+    """The prompt a planner would give on the reference's middle slice."""
+    if kind == "box":
+        return prompt_from_roi(mask, "box")
+    z = middle_slice(mask)
+    if kind == "mask":
+        return MaskPrompt(z, mask[z])
+    depth = ndimage.distance_transform_edt(np.pad(mask[z], 1), sampling=spacing_yx)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return PointPrompt(z, ((int(x), int(y), True),))
+
+
+def evaluate_case(case: dict, settings: PropagationConfig, kind: str = "box") -> dict:
     mask, spacing = case["mask"], case["spacing"]
     z = middle_slice(mask)
     everywhere = np.repeat(mask[z][None], mask.shape[0], axis=0)
@@ -82,7 +97,7 @@ def evaluate_case(case: dict, settings: PropagationConfig) -> dict:
            "baseline_copy_within_extent_dice": evaluate_masks(within, mask, spacing)["dice"]}
     t0 = time.perf_counter()
     try:
-        result = propagate(case["image"], spacing, prompt_from_roi(mask, "box"), case["modality"], settings)
+        result = propagate(case["image"], spacing, make_prompt(mask, kind, spacing[1:]), case["modality"], settings)
     except PromptError as exc:  # counted as a failure (Dice 0), not hidden
         row.update(error=str(exc), dice=0.0, key_slice_dice=0.0, hd95_mm=None, predicted_extent=None)
         return row
@@ -98,12 +113,14 @@ def evaluate_case(case: dict, settings: PropagationConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
+    parser.add_argument("--prompt", choices=["box", "point", "mask"], default="box", help="prompt kind (default box)")
     parser.add_argument("--method", choices=["register_refine", "intensity"], default=None,
                         help="classic method (default: the config default)")
     parser.add_argument("--key-slice", choices=["tight_select", "histogram"], default=None,
                         help="classic key-slice segmentation for box prompts (default: the config default)")
     parser.add_argument("--only", default="", help="comma-separated structure names to run (default: all)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results (default bench/results/quality.json, quality_<prompt>.json if not box)")
     args = parser.parse_args(argv)
 
     settings = PropagationConfig(backend="classic")
@@ -124,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'structure':30s} {'slices':>6s} {'dice':>6s} {'hd95mm':>7s} {'pred extent':>12s} {'true extent':>12s}"
           f" {'copy':>6s} {'copyext':>7s}")
     for case in cases:
-        row = evaluate_case(case, settings)
+        row = evaluate_case(case, settings, args.prompt)
         rows.append(row)
         pe = row.get("predicted_extent")
         hd = row.get("hd95_mm")
@@ -146,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         if s["n"]:
             print(f"MEAN {group:20s} n={s['n']:2d} dice={s['dice']:.3f}  key-slice={s['key_slice_dice']:.3f}  copy-everywhere={s['baseline_copy_everywhere_dice']:.3f}"
                   f"  copy-within-extent={s['baseline_copy_within_extent_dice']:.3f}")
+    if args.out is None:
+        name = "quality.json" if args.prompt == "box" else f"quality_{args.prompt}.json"
+        args.out = REPO / "bench" / "results" / name
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"method": settings.classic_method, "key_slice": settings.classic_key_slice,
+    args.out.write_text(json.dumps({"prompt": args.prompt, "method": settings.classic_method,
+                                    "key_slice": settings.classic_key_slice,
                                     "summary": summary, "cases": rows},
                                    indent=2, default=str))
     print(f"wrote {args.out}")

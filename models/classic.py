@@ -22,7 +22,6 @@ bone all stay distinguishable; anything else gets the percentile normalisation u
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -31,102 +30,35 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from config.schema import PropagationConfig
-from converters.intensity import (
-    normalise_percentiles,
-    percentile_bounds,
-    scale_to_bounds,
+from models.classic_points import key_mask_from_points
+from models.intensity_model import (
+    SMOOTH_PX,
+    histogram,
+    llr,
+    ring_around,
+    slice_features,
 )
 from models.postprocess import fill_holes_per_slice
 from models.prompts import (
     BoxPrompt,
     MaskPrompt,
-    PointPrompt,
     Prompt,
     PromptError,
     check_prompt,
 )
 from models.propagate import PropagationResult
 
-N_BINS = 64
-AIR_HU = -900.0  # a positive click below this, with no tissue around it, is on air
-SMOOTH_PX = 0.7  # Gaussian sigma before intensity modelling: takes the edge off CT/MR noise
 GRABCUT_MAX_PX = 128  # GrabCut runs on the box crop shrunk to this size (speed on 512 x 512 organs)
-RING_MM = 10.0  # width of the "surroundings" ring of the intensity model
 TEMPLATE_SEARCH_MM = 10.0  # how far a cross-section may shift between neighbouring slices (ribs, vessels)
 TEMPLATE_PENALTY = 0.02  # correlation given up per mm of shift (per slice gap): small shifts win ties
 OPENING_FRACTION = 0.1  # per-slice opening radius, as a fraction of the cross-section's equivalent diameter
-
-
-# ----------------------------------------------------------------------------- intensities
-def feature_image(image: np.ndarray, modality: str) -> np.ndarray:
-    """Intensities mapped to [0, 1]: CT piecewise-linear in HU, anything else by percentiles.
-
-    CT: -1000..-160 HU -> 0..0.2 (air, lung, fat), -160..240 -> 0.2..0.8 (soft tissue at full
-    resolution), 240..1500 -> 0.8..1 (bone), so a plain soft-tissue window does not merge lung
-    with fat or cortical with cancellous bone.
-    """
-    image = np.asarray(image, dtype=np.float32)
-    if modality.upper() == "CT":
-        return np.interp(image, [-1000.0, -160.0, 240.0, 1500.0], [0.0, 0.2, 0.8, 1.0]).astype(np.float32)
-    return normalise_percentiles(image)
-
-
-def slice_features(image: np.ndarray, modality: str) -> Callable[[int], np.ndarray]:
-    """Slice z -> its feature image (as `feature_image`), smoothed in 2D, computed on first use.
-
-    A propagation visits only the structure's slices, so the rest of the volume is never mapped.
-    MR percentiles are still taken over the whole volume, so every slice is scaled alike.
-    """
-    bounds = None if modality.upper() == "CT" else percentile_bounds(image)
-    cache: dict[int, np.ndarray] = {}
-
-    def features(z: int) -> np.ndarray:
-        if z not in cache:
-            raw = np.asarray(image[z], dtype=np.float32)
-            mapped = feature_image(raw, "CT") if bounds is None else scale_to_bounds(raw, *bounds)
-            cache[z] = ndimage.gaussian_filter(mapped, SMOOTH_PX)  # 2D only: slices may be far apart
-        return cache[z]
-
-    return features
-
-
-def _histogram(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Smoothed, floored intensity histogram (a density over N_BINS bins of [0, 1])."""
-    h, _ = np.histogram(np.clip(values, 0.0, 1.0), bins=N_BINS, range=(0.0, 1.0), weights=weights)
-    h = ndimage.gaussian_filter1d(h.astype(np.float64), 1.5)
-    h += 1e-3 * max(h.sum(), 1.0) / N_BINS  # unseen intensities are unlikely, not impossible
-    return h / h.sum()
-
-
-def _bins(image: np.ndarray) -> np.ndarray:
-    return np.clip((image * N_BINS).astype(np.intp), 0, N_BINS - 1)
-
-
-def _llr(image: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """Log-likelihood ratio structure vs surroundings, per pixel."""
-    b = _bins(image)
-    return np.log(fg[b]) - np.log(bg[b])
-
-
-def _ring(mask: np.ndarray, spacing_yx: tuple[float, float], width_mm: float = RING_MM) -> np.ndarray:
-    """The band up to `width_mm` around the mask (distances computed on the mask's neighbourhood only)."""
-    ring = np.zeros(mask.shape, dtype=bool)
-    if not mask.any():
-        return ring
-    pad = (int(np.ceil(width_mm / spacing_yx[0])) + 1, int(np.ceil(width_mm / spacing_yx[1])) + 1)
-    ys, xs = np.nonzero(mask)
-    rows = slice(max(0, ys.min() - pad[0]), ys.max() + pad[0] + 1)
-    cols = slice(max(0, xs.min() - pad[1]), xs.max() + pad[1] + 1)
-    d = ndimage.distance_transform_edt(~mask[rows, cols], sampling=spacing_yx)
-    ring[rows, cols] = (d > 0) & (d <= width_mm)
-    return ring
 
 
 # ----------------------------------------------------------------------------- key slice
 def _box_crop(shape: tuple[int, int], box: BoxPrompt) -> tuple[int, int, int, int]:
     """Rows/columns (y0, y1, x0, x1, end exclusive) of the box plus a surroundings margin half the box wide."""
     ny, nx = shape
-    margin = max(3, int(round(0.5 * max(box.x1 - box.x0 + 1, box.y1 - box.y0 + 1))))
+    margin = max(3, round(0.5 * max(box.x1 - box.x0 + 1, box.y1 - box.y0 + 1)))
     return (max(0, box.y0 - margin), min(ny, box.y1 + margin + 1),
             max(0, box.x0 - margin), min(nx, box.x1 + margin + 1))
 
@@ -146,16 +78,16 @@ def _histogram_candidate(feature2d: np.ndarray, box: BoxPrompt, iterations: int 
     yy, xx = np.mgrid[:crop.shape[0], :crop.shape[1]]
     cy, cx = (y0 + y1) / 2.0 - cy0, (x0 + x1) / 2.0 - cx0
     centre_w = np.exp(-2.0 * (((yy - cy) / (bh / 2.0 + 0.5)) ** 2 + ((xx - cx) / (bw / 2.0 + 0.5)) ** 2))
-    fg = _histogram(crop[inbox], centre_w[inbox])
-    bg = _histogram(crop[outside]) if outside.any() else _histogram(crop[inbox])
+    fg = histogram(crop[inbox], centre_w[inbox])
+    bg = histogram(crop[outside]) if outside.any() else histogram(crop[inbox])
     mask = inbox
     for _ in range(iterations):
-        llr = ndimage.gaussian_filter(_llr(crop, fg, bg), SMOOTH_PX)
-        candidate = (llr > 0) & inbox
+        score = ndimage.gaussian_filter(llr(crop, fg, bg), SMOOTH_PX)
+        candidate = (score > 0) & inbox
         if candidate.sum() < 3:
             break
         mask = candidate
-        fg = _histogram(crop[mask])
+        fg = histogram(crop[mask])
     out = np.zeros(feature2d.shape, dtype=bool)
     out[cy0:cy1, cx0:cx1] = _drop_specks(mask)
     return out
@@ -240,7 +172,7 @@ def _box_coverage(mask: np.ndarray, box: BoxPrompt) -> float:
 
 def _ring_contrast(feature2d: np.ndarray, mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
     """|mean inside - mean of the ring around| / pooled SD: how clearly the mask stands out."""
-    inside, around = feature2d[mask], feature2d[_ring(mask, spacing_yx)]
+    inside, around = feature2d[mask], feature2d[ring_around(mask, spacing_yx)]
     if inside.size < 2 or around.size < 2:
         return 0.0
     return float(abs(inside.mean() - around.mean()) / np.sqrt(0.5 * (inside.var() + around.var()) + 1e-6))
@@ -268,44 +200,6 @@ def key_mask_from_box(feature2d: np.ndarray, box: BoxPrompt,
         if score > best_score:
             best, best_score = cand, score
     return best
-
-
-def key_mask_from_points(feature2d: np.ndarray, raw2d: np.ndarray, prompt: PointPrompt,
-                         spacing_yx: tuple[float, float], modality: str) -> np.ndarray:
-    """Grow a region from the positive clicks; negative clicks cut away the pieces they fall on."""
-    ny, nx = feature2d.shape
-    pos = [(y, x) for x, y, p in prompt.points if p]
-    neg = [(y, x) for x, y, p in prompt.points if not p]
-    for y, x in pos:
-        y0, y1, x0, x1 = max(0, y - 2), min(ny, y + 3), max(0, x - 2), min(nx, x + 3)
-        if modality.upper() == "CT" and float(np.median(raw2d[y0:y1, x0:x1])) < AIR_HU:
-            raise PromptError(f"positive point (x={x}, y={y}) on slice {prompt.slice_index} is on air "
-                              f"({float(raw2d[y, x]):.0f} HU, nothing structure-like around it)")
-        if modality.upper() != "CT" and float(raw2d[y0:y1, x0:x1].max()) <= float(raw2d.min()):
-            raise PromptError(f"positive point (x={x}, y={y}) on slice {prompt.slice_index} is on "
-                              "empty background (the image's minimum intensity all around it)")
-    seeds = np.zeros((ny, nx), dtype=bool)
-    for y, x in pos:
-        seeds[y, x] = True
-    dist = ndimage.distance_transform_edt(~seeds, sampling=spacing_yx)
-    fg = _histogram(feature2d[dist <= 3.0])  # a click sits inside the structure: ~3 mm around it
-    surround = (dist > 15.0) & (dist <= 40.0)
-    for y, x in neg:
-        surround[max(0, y - 2):y + 3, max(0, x - 2):x + 3] = True
-    bg = _histogram(feature2d[surround])
-    llr = ndimage.gaussian_filter(_llr(feature2d, fg, bg), SMOOTH_PX)
-    # Spatial prior: structures extend a few cm around the clicks, not across the whole slice.
-    mask = (llr - dist / 20.0 > 0) | (dist <= 1.5)
-    labels, _ = ndimage.label(mask)
-    keep = {int(labels[y, x]) for y, x in pos} - {0}
-    keep -= {int(labels[y, x]) for y, x in neg}
-    out = ndimage.binary_fill_holes(np.isin(labels, sorted(keep)))
-    for y, x in neg:
-        out[y, x] = False
-    if not out.any():
-        raise PromptError(f"the points on slice {prompt.slice_index} give an empty region "
-                          "(negative points cover the positive ones?)")
-    return out
 
 
 # ----------------------------------------------------------------------------- propagation step
@@ -355,7 +249,7 @@ def _open_relative(mask: np.ndarray, fraction: float = OPENING_FRACTION) -> np.n
     Cuts the thin bridges by which a same-intensity neighbour leaks in, at the structure's own
     scale: a 5 cm tumour loses attachments under ~1 cm wide, a 1 cm rib is left alone.
     """
-    radius = int(round(fraction * 2.0 * np.sqrt(mask.sum() / np.pi)))
+    radius = round(fraction * 2.0 * np.sqrt(mask.sum() / np.pi))
     if radius < 1:
         return mask
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
@@ -396,7 +290,7 @@ def _refine(feature2d: np.ndarray, prior_mask: np.ndarray, fg: np.ndarray, bg: n
     outside = ndimage.distance_transform_edt(~prior_mask, sampling=spacing_yx)
     inside = ndimage.distance_transform_edt(prior_mask, sampling=spacing_yx)
     signed = outside - inside  # mm, > 0 outside the carried mask
-    logit = ndimage.gaussian_filter(_llr(feature2d, fg, bg), SMOOTH_PX) - signed / prior_width_mm
+    logit = ndimage.gaussian_filter(llr(feature2d, fg, bg), SMOOTH_PX) - signed / prior_width_mm
     mask = (logit > 0) & (signed <= search_mm)
     labels, n = ndimage.label(mask)
     if n:
@@ -451,9 +345,9 @@ def propagate(
         raise PromptError(f"no structure found in the prompt on slice {k}")
     t_key = time.perf_counter()
 
-    ring = _ring(key, spacing_yx)
-    fg_key = _histogram(features(k)[key])
-    bg_key = _histogram(features(k)[ring] if ring.any() else features(k)[~key])
+    ring = ring_around(key, spacing_yx)
+    fg_key = histogram(features(k)[key])
+    bg_key = histogram(features(k)[ring] if ring.any() else features(k)[~key])
     key_area = int(key.sum())
     # How far a boundary may move between slices, and how soft the shape prior is: both scale with
     # the slice gap (an oblique surface moves ~ gap x slope) but never drop below a pixel or two.
@@ -500,7 +394,7 @@ def propagate(
             new = np.zeros_like(previous)
             new[rows, cols] = new_crop
             values = features(z)[new]
-            match = float(np.mean(_llr(values, fg_key, bg_key)))
+            match = float(np.mean(llr(values, fg_key, bg_key)))
             if match < settings.classic_min_likelihood_ratio:
                 reason = "intensity_mismatch"
                 break
@@ -511,10 +405,10 @@ def propagate(
                 break
             previous = new
             if alpha > 0:
-                fg = (1 - alpha) * fg + alpha * _histogram(values)
-                around = _ring(new, spacing_yx)
+                fg = (1 - alpha) * fg + alpha * histogram(values)
+                around = ring_around(new, spacing_yx)
                 if around.any():
-                    bg = (1 - alpha) * bg + alpha * _histogram(features(z)[around])
+                    bg = (1 - alpha) * bg + alpha * histogram(features(z)[around])
         last = z - direction
         stop[name] = {"reason": reason, "last_slice": int(last), "slices": int(abs(last - k))}
 

@@ -92,7 +92,9 @@ def test_storescu_to_serve_to_storescp(tmp_path, sts_case):
         print("Dice against the reference GTV:", scores, "self-check", self_dice, "timings", timings)
         assert scores["GTV_prop"] >= 0.75  # outline drawn on one slice -> mask prompt
         assert scores["GTVbox_prop"] >= 0.75  # rectangle -> box prompt (classic backend: 0.758 on this case)
-        assert "GTVpt_prop" in scores  # the point pair gave a third structure in the same RTSTRUCT
+        # the point pair gave a third structure in the same RTSTRUCT; one click carries no extent and
+        # this tumour is nearly iso-dense with muscle, so it scores below the box (measured 0.645)
+        assert scores["GTVpt_prop"] >= 0.6
         kinds = {p["structure"]: p["kind"] for p in json.loads(prompts)}
         assert kinds == {"GTV": "mask", "GTVbox": "box", "GTVpt": "point"}
         assert backend == "classic" and self_dice >= 0.98 and attempts == 1

@@ -2,8 +2,8 @@
 
 1. Key slice: the prompt becomes a 2D mask. A box is a tight rectangle around the structure, so
    an intensity model (histogram inside the box, centre-weighted, vs a ring around it) is
-   iterated GrabCut-style inside the box; points grow a region from the positive clicks; a mask
-   is used as drawn.
+   iterated GrabCut-style inside the box; clicks grow a region (models/classic_points.py); a
+   mask is used as drawn.
 2. Propagation, slice by slice in both directions: the previous slice's mask is carried onto the
    next slice (moved by the shift that best matches its patch, then by 2D demons registration of
    the two slices in `register_refine`), turned into a spatial prior (signed distance, in mm) and
@@ -16,8 +16,8 @@
    `min_area_fraction` of the key slice (that last small slice is kept: structures taper), the
    volume's edge, or `max_extent_mm` from the key slice.
 
-Works on raw intensities: CT in HU is mapped piecewise-linearly so that lung, fat, soft tissue and
-bone all stay distinguishable; anything else gets the percentile normalisation used for MR.
+Works on raw intensities, mapped to features by models/intensity_model.py (CT by HU, anything else
+by percentiles), one slice at a time and only for the slices the propagation visits.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from models.intensity_model import (
     histogram,
     llr,
     ring_around,
+    ring_contrast,
     slice_features,
 )
 from models.postprocess import fill_holes_per_slice
@@ -170,14 +171,6 @@ def _box_coverage(mask: np.ndarray, box: BoxPrompt) -> float:
     return 0.5 * (float(sub.any(axis=1).mean()) + float(sub.any(axis=0).mean()))
 
 
-def _ring_contrast(feature2d: np.ndarray, mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
-    """|mean inside - mean of the ring around| / pooled SD: how clearly the mask stands out."""
-    inside, around = feature2d[mask], feature2d[ring_around(mask, spacing_yx)]
-    if inside.size < 2 or around.size < 2:
-        return 0.0
-    return float(abs(inside.mean() - around.mean()) / np.sqrt(0.5 * (inside.var() + around.var()) + 1e-6))
-
-
 def key_mask_from_box(feature2d: np.ndarray, box: BoxPrompt,
                       spacing_yx: tuple[float, float] = (1.0, 1.0), method: str = "tight_select") -> np.ndarray:
     """Segment the structure inside a tight box.
@@ -191,12 +184,12 @@ def key_mask_from_box(feature2d: np.ndarray, box: BoxPrompt,
     hist = _histogram_candidate(feature2d, box)
     if method == "histogram":
         return hist
-    best, best_score = hist, (round(_box_coverage(hist, box), 1), _ring_contrast(feature2d, hist, spacing_yx))
+    best, best_score = hist, (round(_box_coverage(hist, box), 1), ring_contrast(feature2d, hist, spacing_yx))
     for channels in ("gray", "scales"):
         cand = _grabcut_tight_candidate(feature2d, box, channels)
         if not cand.any():
             continue
-        score = (round(_box_coverage(cand, box), 1), _ring_contrast(feature2d, cand, spacing_yx))
+        score = (round(_box_coverage(cand, box), 1), ring_contrast(feature2d, cand, spacing_yx))
         if score > best_score:
             best, best_score = cand, score
     return best

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from models.intensity_model import SMOOTH_PX, histogram, llr, ring_around
+from models.intensity_model import SMOOTH_PX, histogram, llr, ring_contrast
 from models.prompts import PointPrompt, PromptError
 
 AIR_HU = -900.0  # a positive click whose neighbourhood is below this on CT is on air
@@ -54,16 +54,6 @@ def _region(similar: np.ndarray, reach: np.ndarray, seeds: np.ndarray) -> np.nda
     labels, _ = ndimage.label(similar & reach)
     keep = np.unique(labels[seeds])
     return ndimage.binary_fill_holes(np.isin(labels, keep[keep > 0]))
-
-
-def _contrast(feature2d: np.ndarray, mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
-    """|mean inside - mean of the 10 mm ring around| / pooled SD: how clearly the region stands out."""
-    if mask.sum() < 3:
-        return -1.0
-    inside, around = feature2d[mask], feature2d[ring_around(mask, spacing_yx)]
-    if around.size < 2:
-        return 0.0
-    return float(abs(inside.mean() - around.mean()) / np.sqrt(0.5 * (inside.var() + around.var()) + 1e-6))
 
 
 def _local_region(feature2d: np.ndarray, seeds: np.ndarray, negatives: np.ndarray, to_pos: np.ndarray) -> np.ndarray:
@@ -112,4 +102,4 @@ def key_mask_from_points(feature2d: np.ndarray, raw2d: np.ndarray, prompt: Point
     to_pos = ndimage.distance_transform_edt(~seeds, sampling=spacing_yx)
     candidates = (_grown_region(feature2d, seeds, negatives, to_pos, spacing_yx),
                   _local_region(feature2d, seeds, negatives, to_pos))
-    return max(candidates, key=lambda m: _contrast(feature2d, m, spacing_yx))
+    return max(candidates, key=lambda m: ring_contrast(feature2d, m, spacing_yx) if m.sum() >= 3 else -1.0)

@@ -84,3 +84,11 @@ def ring_around(mask: np.ndarray, spacing_yx: tuple[float, float], width_mm: flo
     d = ndimage.distance_transform_edt(~mask[rows, cols], sampling=spacing_yx)
     ring[rows, cols] = (d > 0) & (d <= width_mm)
     return ring
+
+
+def ring_contrast(feature2d: np.ndarray, mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
+    """|mean inside - mean of the ring around| / pooled SD: how clearly a 2D region stands out."""
+    inside, around = feature2d[mask], feature2d[ring_around(mask, spacing_yx)]
+    if inside.size < 2 or around.size < 2:
+        return 0.0
+    return float(abs(inside.mean() - around.mean()) / np.sqrt(0.5 * (inside.var() + around.var()) + 1e-6))

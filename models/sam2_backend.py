@@ -30,11 +30,24 @@ from config.schema import PropagationConfig
 from converters.intensity import normalise
 from models.device import inference_context
 from models.postprocess import fill_holes_per_slice, largest_component_3d
-from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError, check_prompt
+from models.prompts import (
+    BoxPrompt,
+    MaskPrompt,
+    PointPrompt,
+    Prompt,
+    PromptError,
+    check_prompt,
+)
 from models.propagate import PropagationResult
-from models.sam2_loader import CheckpointError, LoadedModel, load_model  # noqa: F401  (re-exported)
-from models.sam2_video import (LazyFrames, init_state_in_memory, memory_window, state_frame_count, to_model_input,
-                               trim_memory)
+from models.sam2_loader import CheckpointError, LoadedModel, load_model
+from models.sam2_video import (
+    LazyFrames,
+    init_state_in_memory,
+    memory_window,
+    state_frame_count,
+    to_model_input,
+    trim_memory,
+)
 
 OBJ_ID = 1
 BOX_CLIP_MARGIN_PX = 2  # SAM masks may overshoot a tight box by a pixel or so of partial volume

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 # sam2 wraps propagate_in_video in a tqdm bar: one progress line per direction per job in a
 # service log. Silence it for the whole process (we report progress through details/CSV).
-import sam2.sam2_video_predictor as _svp  # noqa: E402
+import sam2.sam2_video_predictor as _svp
+import torch
+import torch.nn.functional as F
 
 _svp.tqdm = lambda iterable, *args, **kwargs: iterable
 

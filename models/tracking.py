@@ -30,7 +30,13 @@ import numpy as np
 from scipy import ndimage
 
 from config.schema import PropagationConfig
-from converters.cine import CineLabelWriter, CineSource, DicomCine, open_trackrad_case, read_stack_frames
+from converters.cine import (
+    CineLabelWriter,
+    CineSource,
+    DicomCine,
+    open_trackrad_case,
+    read_stack_frames,
+)
 from models.prompts import PromptError
 
 Sink = Callable[[int, np.ndarray, float, float], Any]  # (frame, mask, confidence, latency_ms)
@@ -181,7 +187,13 @@ def _track_sam2(source: CineSource, mask0: np.ndarray, settings: PropagationConf
 
     from models.device import inference_context
     from models.sam2_backend import load_configured_model
-    from models.sam2_video import LazyFrames, init_state_in_memory, memory_window, state_frame_count, trim_memory
+    from models.sam2_video import (
+        LazyFrames,
+        init_state_in_memory,
+        memory_window,
+        state_frame_count,
+        trim_memory,
+    )
 
     if loaded is None:
         loaded = load_configured_model(settings)

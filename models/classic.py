@@ -269,11 +269,20 @@ def _demons_warp(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, iterat
     f = sitk.GetImageFromArray(fixed.astype(np.float32))
     m = sitk.GetImageFromArray(moving.astype(np.float32))
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfThreads(1)  # crops of <= 96 px: thread start-up costs more than it saves
     demons.SetNumberOfIterations(iterations)
     demons.SetStandardDeviations(1.5)  # field smoothing in pixels: local, but not per-pixel, motion
     field = demons.Execute(f, m)
-    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    warped = sitk.Resample(sitk.GetImageFromArray(mask.astype(np.float32)), f, transform, sitk.sitkLinear, 0.0)
+    cast = sitk.CastImageFilter()
+    cast.SetOutputPixelType(sitk.sitkVectorFloat64)
+    cast.SetNumberOfThreads(1)
+    transform = sitk.DisplacementFieldTransform(cast.Execute(field))
+    resample = sitk.ResampleImageFilter()
+    resample.SetReferenceImage(f)
+    resample.SetTransform(transform)
+    resample.SetInterpolator(sitk.sitkLinear)
+    resample.SetNumberOfThreads(1)
+    warped = resample.Execute(sitk.GetImageFromArray(mask.astype(np.float32)))
     return sitk.GetArrayFromImage(warped) > 0.5
 
 

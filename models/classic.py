@@ -220,7 +220,8 @@ def _template_shift(previous_image: np.ndarray, image: np.ndarray, previous: np.
     search = np.ascontiguousarray(image[sy0:sy1, sx0:sx1], dtype=np.float32)
     if template.std() < 1e-4 or search.shape[0] <= template.shape[0] and search.shape[1] <= template.shape[1]:
         return 0, 0
-    score = cv2.matchTemplate(search, template, cv2.TM_CCOEFF_NORMED)
+    # flat windows (air, padding) give NaN correlations: never the best match
+    score = np.nan_to_num(cv2.matchTemplate(search, template, cv2.TM_CCOEFF_NORMED), nan=-1.0, posinf=-1.0, neginf=-1.0)
     oy, ox = y0 - sy0, x0 - sx0  # position of "no shift" in the score map
     yy, xx = np.mgrid[:score.shape[0], :score.shape[1]]
     shift_mm = np.hypot((yy - oy) * spacing_yx[0], (xx - ox) * spacing_yx[1])
@@ -353,6 +354,9 @@ def propagate(
     key_area = int(key.sum())
     # How far a boundary may move between slices, and how soft the shape prior is: both scale with
     # the slice gap (an oblique surface moves ~ gap x slope) but never drop below a pixel or two.
+    # The prior is firm (half a pixel or a quarter gap): the carried mask is already registered, so
+    # intensities only have to settle the boundary (bench/quality.py --prompt mask, mean Dice over the
+    # 41 cases before the patch-matched carry: 0.676 at this width, 0.660 at twice it).
     search_mm = max(2.0 * dy, dz)
     prior_width_mm = 0.5 * max(dy, 0.5 * dz)
     margin_px = int(np.ceil(search_mm / min(dy, dx))) + 3

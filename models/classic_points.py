@@ -10,7 +10,7 @@ stands out more from the ring around it wins (as for boxes in models/classic.py)
   jumps in area when it spills over its weakest edge; the region just before the largest relative
   jump is taken. Right for large structures, whose 15-40 mm ring is still inside them.
 Negative clicks are background: a grown region that reaches one has spilled (the region before it
-is taken), they join the local model's background, and a candidate piece containing one is dropped.
+is taken), they join the local model's background, and they are never part of the result.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 1. Key slice: the prompt becomes a 2D mask. A box is a tight rectangle around the structure, so
    an intensity model (histogram inside the box, centre-weighted, vs a ring around it) is
-   iterated GrabCut-style inside the box; clicks grow a region (models/classic_points.py); a
-   mask is used as drawn.
+   iterated GrabCut-style inside the box; clicks seed a random walk at the structure's own scale
+   (models/classic_points.py); a mask is used as drawn.
 2. Propagation, slice by slice in both directions: the previous slice's mask is carried onto the
    next slice (moved by the shift that best matches its patch, then by 2D demons registration of
    the two slices in `register_refine`), turned into a spatial prior (signed distance, in mm) and

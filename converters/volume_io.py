@@ -24,6 +24,7 @@ import SimpleITK as sitk
 
 from converters.errors import ConversionError
 from converters.geometry import Geometry, Volume
+from converters.intensity import infer_modality
 from converters.intensity import normalise as normalise_intensity
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,6 @@ def sitk_geometry(image: sitk.Image) -> Geometry:
         raise ConversionError(f"expected a 3D image, got {image.GetDimension()}D of size {size}")
     return Geometry(origin_mm=tuple(image.GetOrigin()), spacing_mm=tuple(image.GetSpacing()),
                     direction=tuple(image.GetDirection()), shape_zyx=(size[2], size[1], size[0]))
-
-
-def sitk_to_volume(image: sitk.Image, modality: str = "") -> Volume:
-    return Volume(array=sitk.GetArrayFromImage(image), geometry=sitk_geometry(image), modality=modality)
 
 
 def reference_image(geometry: Geometry, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
@@ -189,7 +186,9 @@ def read_volume(path: str | Path) -> Volume:
             raise ConversionError(f"{path}: unreadable image ({str(exc).strip().splitlines()[-1]})") from exc
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise ConversionError(f"{path}: {image.GetNumberOfComponentsPerPixel()}-component image; expected scalar")
-        return sitk_to_volume(image)
+        array = sitk.GetArrayFromImage(image)
+        # these formats carry no Modality: Hounsfield units say CT, anything else stays unknown (MR-like)
+        return Volume(array=array, geometry=sitk_geometry(image), modality=infer_modality(array))
     raise ConversionError(f"{path}: unknown volume format {suffix or '(no suffix)'}; "
                           "use a DICOM folder, .nii, .nii.gz, .mha or .npz")
 

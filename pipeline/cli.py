@@ -153,6 +153,7 @@ def _mask_summary(result, vol, out: Path, seconds: float) -> dict[str, Any]:
     return {
         "out": str(out),
         "backend": result.backend,
+        "modality": vol.modality or "unknown",
         "checkpoint_sha256": result.checkpoint_sha256,
         "slices": [slices[0], slices[-1]] if slices else [],
         "voxels": int(result.mask.sum()),

@@ -55,6 +55,26 @@ def test_propagate_box_writes_mask_on_the_input_grid(phantom, tmp_path):
     assert summary["voxels"] == int(mask.sum())
 
 
+def test_propagate_real_nifti_ct_is_treated_as_ct(shared_data, tmp_path):
+    # a NIfTI carries no Modality: the CLI must still see HU (read as MR-like percentiles, the organs
+    # of this CT lose 0.04 mean Dice in bench/quality.py), exactly as the API given "CT"
+    from models.propagate import propagate
+    from pipeline.prompts import prompt_from_roi
+
+    ct = shared_data / "totalseg-ct" / "ct_3mm.nii.gz"
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(ct))).astype(np.float32)
+    kidney = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data / "totalseg-ct" / "ct_3mm_labels.nii.gz"))) == 2
+    box = prompt_from_roi(kidney, "box")
+    out = tmp_path / "kidney.nii.gz"
+    res = run("propagate", ct, "--box", f"{box.slice_index},{box.x0},{box.y0},{box.x1},{box.y1}", "--out", out,
+              "--backend", "classic")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["modality"] == "CT"
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
+    assert np.array_equal(mask, propagate(image, (3.0, 3.0, 3.0), box, "CT").mask)
+    assert dice(mask, kidney) > 0.8  # copying the key slice within the kidney's true extent: 0.735
+
+
 def test_propagate_points_and_mask_prompts(phantom, tmp_path):
     path, truth = phantom
     out = tmp_path / "points.npz"

@@ -91,6 +91,21 @@ def test_read_volume_dispatch(shared_data, tmp_path):
         read_volume(tmp_path / "bad.npz")
 
 
+def test_modality_inferred_for_files_without_a_header(shared_data, tmp_path):
+    # NIfTI/MHA carry no Modality; the propagators treat CT (HU) and MR (percentiles) differently
+    assert read_volume(shared_data / "totalseg-ct" / "ct_3mm.nii.gz").modality == "CT"
+    mr = read_series(shared_data / "sts-001" / "MR_T1" / "image").array.astype(np.float32)
+    ct = read_series(shared_data / "sts-001" / "CT" / "image").array.astype(np.float32)
+    rng = np.random.default_rng(0)
+    soft = np.where(rng.random(ct.shape) < 0.3, -100.0, 45.0) + rng.normal(0, 10, ct.shape)  # fat + muscle, no air
+    cases = {"mr_raw": (mr, ""), "mr_zscore": ((mr - mr.mean()) / mr.std(), ""), "ct": (ct, "CT"),
+             "ct_inside_body": (soft.astype(np.float32), "CT")}
+    for name, (array, expected) in cases.items():
+        path = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+        assert read_volume(path).modality == expected, name
+
+
 def test_labels_align_through_physical_space(shared_data):
     """The NIfTI label map is y-flipped relative to the series: resampling fixes it (liver ~ 89 HU)."""
     vol = read_series(shared_data / "totalseg-ct" / "dicom")

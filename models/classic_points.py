@@ -101,9 +101,9 @@ def _inscribed_radius(feature2d: np.ndarray, y: int, x: int, noise: float, spaci
     return float(np.quantile((pixels_in + 0.5) * step_mm, RAY_QUANTILE))
 
 
-def _click_radii(feature2d: np.ndarray, pos: list[tuple[int, int]], spacing_yx: tuple[float, float]) -> np.ndarray:
+def _click_radii(feature2d: np.ndarray, pos: list[tuple[int, int]], spacing_yx: tuple[float, float],
+                 noise: float) -> np.ndarray:
     """Inscribed radius (mm, at least a pixel) at each click."""
-    noise = _noise(feature2d)
     return np.array([max(_inscribed_radius(feature2d, y, x, noise, spacing_yx), max(spacing_yx)) for y, x in pos])
 
 
@@ -148,7 +148,8 @@ def _block_max(mask: np.ndarray, step: int) -> np.ndarray:
     return padded.reshape(h // step, step, w // step, step).any(axis=(1, 3))
 
 
-def _random_walk(feature2d: np.ndarray, labels: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray:
+def _random_walk(feature2d: np.ndarray, labels: np.ndarray, spacing_yx: tuple[float, float],
+                 noise: float) -> np.ndarray:
     """Probability of the structure label per pixel, on the seeds' crop (shrunk if large), else 0."""
     ys, xs = np.nonzero(labels != 2)
     rows = slice(max(0, ys.min() - 1), min(labels.shape[0], ys.max() + 2))
@@ -166,7 +167,7 @@ def _random_walk(feature2d: np.ndarray, labels: np.ndarray, spacing_yx: tuple[fl
     sampling = np.array(spacing_yx) / max(spacing_yx)
     with warnings.catch_warnings():  # "probability outside [0, 1] within tolerance": harmless rounding
         warnings.simplefilter("ignore", UserWarning)
-        prob = random_walker(crop / _noise(feature2d), seeds, beta=RW_BETA, mode="cg_j", tol=1e-3,
+        prob = random_walker(crop / noise, seeds, beta=RW_BETA, mode="cg_j", tol=1e-3,
                              spacing=sampling, return_full_prob=True)[0]
     full_shape = (rows.stop - rows.start, cols.stop - cols.start)
     if prob.shape != full_shape:
@@ -197,14 +198,15 @@ def key_mask_from_points(feature2d: np.ndarray, raw2d: np.ndarray, prompt: Point
         raise PromptError(f"the points on slice {prompt.slice_index} give an empty region "
                           "(negative points cover the positive ones?)")
     pos = [(y, x) for y, x in pos if seeds[y, x]]
-    rho = _scale_map(_click_radii(feature2d, pos, spacing_yx), pos, feature2d.shape, spacing_yx)
-    negatives = _negative_discs(feature2d, negatives, seeds, spacing_yx)
+    noise = _noise(feature2d)  # once per slice: the rays, the walks and the negative clicks share it
+    rho = _scale_map(_click_radii(feature2d, pos, spacing_yx, noise), pos, feature2d.shape, spacing_yx)
+    negatives = _negative_discs(feature2d, negatives, seeds, spacing_yx, noise)
     to_click = ndimage.distance_transform_edt(~seeds, sampling=spacing_yx)
     core = (to_click <= np.maximum(SEED_FRACTION * rho, 0.5 * max(spacing_yx))) & ~negatives
     mask = core
     for _ in range(1 + MAX_RESEEDS):
         labels = _seed_labels(feature2d, core, mask, rho, negatives, spacing_yx)
-        new = _clicked_pieces(_random_walk(feature2d, labels, spacing_yx) > 0.5, seeds, negatives)
+        new = _clicked_pieces(_random_walk(feature2d, labels, spacing_yx, noise) > 0.5, seeds, negatives)
         converged = (new ^ mask).sum() <= 0.02 * mask.sum()
         mask = new
         if converged:
@@ -234,7 +236,7 @@ def _small_structure(feature2d: np.ndarray, seeds: np.ndarray, negatives: np.nda
 
 
 def _negative_discs(feature2d: np.ndarray, negatives: np.ndarray, seeds: np.ndarray,
-                    spacing_yx: tuple[float, float]) -> np.ndarray:
+                    spacing_yx: tuple[float, float], noise: float) -> np.ndarray:
     """Each negative click grown to SEED_FRACTION of its own inscribed radius (the neighbour it marks).
 
     A single background pixel barely pulls a random walk; the disc is as sure of the neighbour as the
@@ -244,7 +246,7 @@ def _negative_discs(feature2d: np.ndarray, negatives: np.ndarray, seeds: np.ndar
         return negatives
     px = max(spacing_yx)
     pos = [(int(y), int(x)) for y, x in np.argwhere(negatives)]
-    rho = _scale_map(_click_radii(feature2d, pos, spacing_yx), pos, feature2d.shape, spacing_yx)
+    rho = _scale_map(_click_radii(feature2d, pos, spacing_yx, noise), pos, feature2d.shape, spacing_yx)
     to_neg = ndimage.distance_transform_edt(~negatives, sampling=spacing_yx)
     to_pos = ndimage.distance_transform_edt(~seeds, sampling=spacing_yx)
     return (to_neg <= np.maximum(SEED_FRACTION * rho, 0.5 * px)) & (to_neg < to_pos)

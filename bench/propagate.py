@@ -86,7 +86,7 @@ def work_sam2(args: dict) -> dict:
     size, n = args["size"], args["slices"]
     image, organ = ct_phantom(n)
     loaded = load_model("tiny", None, size, "cpu", 2, seed=0)
-    settings = PropagationConfig(backend="sam2", image_size=size, device="cpu", min_area_fraction=0.0)
+    settings = PropagationConfig(backend="sam2", sam2={"image_size": size}, device="cpu", min_area_fraction=0.0)
     key = np.ones(image.shape[1:], bool)  # random weights: a full key mask keeps junk from stopping early
     sam2_backend.propagate(image[:2], (2.0, 0.8, 0.8), MaskPrompt(0, key), "CT", settings, loaded=loaded)  # warm-up
     t0 = time.perf_counter()

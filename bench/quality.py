@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = PropagationConfig(backend="classic")
     if args.method:
-        settings.classic_method = args.method
+        settings.classic.method = args.method
     if args.key_slice:
-        settings.classic_key_slice = args.key_slice
+        settings.classic.key_slice = args.key_slice
     cases = totalseg_cases(args.data)
     try:
         cases += sts_cases(args.data)
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         name = "quality.json" if args.prompt == "box" else f"quality_{args.prompt}.json"
         args.out = REPO / "bench" / "results" / name
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"prompt": args.prompt, "method": settings.classic_method,
-                                    "key_slice": settings.classic_key_slice,
+    args.out.write_text(json.dumps({"prompt": args.prompt, "method": settings.classic.method,
+                                    "key_slice": settings.classic.key_slice,
                                     "summary": summary, "cases": rows},
                                    indent=2, default=str))
     print(f"wrote {args.out}")

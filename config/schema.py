@@ -1,10 +1,11 @@
 """The configuration schema: one YAML file, validated at start-up; unknown keys are errors."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -69,12 +70,73 @@ class NodeConfig(Section):
                                    "look for work in the database")
 
 
+class Sam2Config(Section):
+    """The SAM2 backend (models/sam2_backend.py)."""
+
+    model_cfg: str = Field("configs/sam2.1/sam2.1_hiera_t.yaml", description="sam2 model config (a config name "
+                           "inside the sam2 package or a yaml file) that fits the checkpoint")
+    image_size: int = Field(512, ge=64, description="model input size in pixels (a multiple of 64)")
+    mode: Literal["video", "image_chain"] = "video"
+    chain_box_margin_mm: float = Field(
+        3.0, ge=0, description="image_chain mode: each slice is prompted with the previous slice's mask box "
+        "grown by this margin")
+
+
+class ClassicConfig(Section):
+    """The weight-free `classic` backend (models/classic.py); defaults are general rules, not tuned per case."""
+
+    method: Literal["register_refine", "intensity"] = Field(
+        "register_refine", description="'register_refine' warps the previous slice's mask by slice-to-slice demons "
+        "registration, then refines it with the key slice's intensity model (more accurate); 'intensity' refines "
+        "the previous mask directly (about 5x faster, no registration)")
+    registration_iterations: int = Field(30, ge=1, description="demons iterations per slice pair "
+                                         "(register_refine only)")
+    min_likelihood_ratio: float = Field(
+        0.0, description="stop when the mean log-likelihood ratio (structure vs surroundings, key-slice model) of a "
+        "new slice falls below this: 0 = the slice looks no more like the structure than like its surroundings")
+    key_slice: Literal["tight_select", "histogram"] = Field(
+        "tight_select", description="box prompts: how the key slice is segmented. 'histogram' = iterated intensity "
+        "model inside the box vs the ring around it; 'tight_select' = that and two GrabCut segmentations that "
+        "enforce the tight-box prior (the structure reaches every row and column of the box), keeping the "
+        "candidate that covers the box's rows/columns best, then stands out most from its surroundings")
+    model_update: float = Field(0.3, ge=0, le=1, description="weight of each new slice in the running intensity "
+                                "model (0 = key slice only)")
+
+
+class CineConfig(Section):
+    """Cine-MR tracking through time (models/tracking.py)."""
+
+    classic_method: Literal["ecc", "flow"] = Field(
+        "ecc", description="classic backend: 'ecc' fits an affine motion of the region around the first-frame mask "
+        "to each frame (OpenCV ECC, reference = first frame, no drift); 'flow' warps the mask by dense optical "
+        "flow (Farneback) from the first frame")
+    roi_margin_mm: float = Field(30.0, gt=0, description="how far (mm) the tumour may move between consecutive "
+                                 "frames; the classic backend searches this far around its last position")
+
+
+# Flat keys of releases before the nested sections: still read (with a warning) for one release.
+DEPRECATED_PROPAGATION_KEYS = {
+    "model_config_name": ("sam2", "model_cfg"),
+    "image_size": ("sam2", "image_size"),
+    "mode": ("sam2", "mode"),
+    "chain_box_margin_mm": ("sam2", "chain_box_margin_mm"),
+    "classic_method": ("classic", "method"),
+    "classic_registration_iterations": ("classic", "registration_iterations"),
+    "classic_min_likelihood_ratio": ("classic", "min_likelihood_ratio"),
+    "classic_key_slice": ("classic", "key_slice"),
+    "classic_model_update": ("classic", "model_update"),
+    "cine_classic_method": ("cine", "classic_method"),
+    "cine_roi_margin_mm": ("cine", "roi_margin_mm"),
+}
+
+
+class ConfigDeprecationWarning(UserWarning):
+    """A configuration key that still works but has a new name (the message names both)."""
+
+
 class PropagationConfig(Section):
     backend: Literal["auto", "sam2", "classic"] = "auto"
     checkpoint: Path | None = None
-    model_config_name: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
-    image_size: int = Field(512, ge=64)
-    mode: Literal["video", "image_chain"] = "video"
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     cpu_threads: int = Field(2, ge=1)
     ct_window_level: float = 40.0
@@ -82,33 +144,30 @@ class PropagationConfig(Section):
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
     min_area_fraction: float = Field(0.1, ge=0, le=1, description="stop when a slice shrinks below this fraction of the key slice")
     max_extent_mm: float = Field(300.0, gt=0)
-    chain_box_margin_mm: float = Field(
-        3.0, ge=0, description="sam2 image_chain mode: each slice is prompted with the previous slice's mask box "
-        "grown by this margin")
-    cine_classic_method: Literal["ecc", "flow"] = Field(
-        "ecc", description="cine tracking, classic backend: 'ecc' fits an affine motion of the region around the "
-        "first-frame mask to each frame (OpenCV ECC, reference = first frame, no drift); 'flow' warps the mask by "
-        "dense optical flow (Farneback) from the first frame")
-    cine_roi_margin_mm: float = Field(
-        30.0, gt=0, description="cine tracking: how far (mm) the tumour may move between consecutive frames; the "
-        "classic backend searches this far around its last position")
-    # Weight-free `classic` backend (models/classic.py); defaults are general rules, not tuned per case.
-    classic_method: Literal["register_refine", "intensity"] = Field(
-        "register_refine", description="classic backend: 'register_refine' warps the previous slice's mask by "
-        "slice-to-slice demons registration, then refines it with the key slice's intensity model (more accurate); "
-        "'intensity' refines the previous mask directly (about 5x faster, no registration)")
-    classic_registration_iterations: int = Field(
-        30, ge=1, description="demons iterations per slice pair (register_refine only)")
-    classic_min_likelihood_ratio: float = Field(
-        0.0, description="stop when the mean log-likelihood ratio (structure vs surroundings, key-slice model) of a "
-        "new slice falls below this: 0 = the slice looks no more like the structure than like its surroundings")
-    classic_key_slice: Literal["tight_select", "histogram"] = Field(
-        "tight_select", description="classic backend, box prompts: how the key slice is segmented. 'histogram' = "
-        "iterated intensity model inside the box vs the ring around it; 'tight_select' = that and two GrabCut "
-        "segmentations that enforce the tight-box prior (the structure reaches every row and column of the box), "
-        "keeping the candidate that covers the box's rows/columns best, then stands out most from its surroundings")
-    classic_model_update: float = Field(
-        0.3, ge=0, le=1, description="weight of each new slice in the running intensity model (0 = key slice only)")
+    sam2: Sam2Config = Field(default_factory=Sam2Config)
+    classic: ClassicConfig = Field(default_factory=ClassicConfig)
+    cine: CineConfig = Field(default_factory=CineConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_keys(cls, data: Any) -> Any:
+        """Old flat keys (`classic_method`, `image_size`, ...) move into their section, with a warning."""
+        if not isinstance(data, dict) or not DEPRECATED_PROPAGATION_KEYS.keys() & data.keys():
+            return data
+        data = dict(data)
+        for old, (section, key) in DEPRECATED_PROPAGATION_KEYS.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            sub = dict(data.get(section) or {})
+            if key in sub:
+                raise ValueError(f"propagation.{old} and propagation.{section}.{key} both given: keep "
+                                 f"propagation.{section}.{key}")
+            sub[key] = value
+            data[section] = sub
+            warnings.warn(f"configuration key propagation.{old} is deprecated: use propagation.{section}.{key}",
+                          ConfigDeprecationWarning, stacklevel=2)
+        return data
 
 
 class RTStructConfig(Section):

@@ -2,8 +2,8 @@
 
 NPZ layout (MedSAM2/CVPR25-compatible keys, plus the geometry and DICOM identities we need to go
 back to DICOM); saved without pickled objects, so `np.load(path, allow_pickle=False)` reads it:
-- `imgs`: (z, y, x) image. Raw values (HU for CT) as float32, or with `normalise=True` uint8
-  0-255 after the CT window (level/width, default 40/400) or MR 0.5-99.5 percentiles, as MedSAM2's
+- `imgs`: (z, y, x) image. Raw values (HU for CT) as float32, or (`normalised=`) uint8 0-255 after
+  the CT window (level/width, default 40/400) or MR 0.5-99.5 percentiles, as MedSAM2's
   pre-processing stores it.
 - `gts`: optional (z, y, x) uint8/uint16 label map on the same grid.
 - `spacing`: (x, y, z) mm, SimpleITK GetSpacing order, as MedSAM2's npz files have it.
@@ -24,8 +24,6 @@ import SimpleITK as sitk
 
 from converters.errors import ConversionError
 from converters.geometry import Geometry, Volume
-from converters.intensity import infer_modality
-from converters.intensity import normalise as normalise_intensity
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +93,21 @@ def _str(value: str) -> np.ndarray:
     return np.asarray(str(value), dtype=np.str_)
 
 
-def write_npz(path: str | Path, volume: Volume, gts: np.ndarray | None = None, *, normalise: bool = False,
-              window_level: float = 40.0, window_width: float = 400.0,
-              percentiles: tuple[float, float] = (0.5, 99.5)) -> Path:
-    """Write `volume` (and an optional label map `gts` on its grid) as a MedSAM2-style NPZ (see module doc)."""
+def write_npz(path: str | Path, volume: Volume, gts: np.ndarray | None = None, *,
+              normalised: np.ndarray | None = None) -> Path:
+    """Write `volume` (and an optional label map `gts` on its grid) as a MedSAM2-style NPZ (see module doc).
+
+    `normalised`: the volume's intensities already mapped to [0, 1] (models/preprocess.py), stored as
+    uint8 0-255 instead of the raw values.
+    """
     path = Path(path)
     if gts is not None and np.asarray(gts).shape != volume.array.shape:
         raise ConversionError(f"{path}: gts shape {np.asarray(gts).shape} differs from imgs {volume.array.shape}")
-    if normalise:
-        imgs = np.round(normalise_intensity(volume.array, volume.modality, window_level, window_width,
-                                            percentiles) * 255.0).astype(np.uint8)
+    if normalised is not None:
+        if np.shape(normalised) != volume.array.shape:
+            raise ConversionError(f"{path}: normalised shape {np.shape(normalised)} differs from imgs "
+                                  f"{volume.array.shape}")
+        imgs = np.round(np.clip(normalised, 0.0, 1.0) * 255.0).astype(np.uint8)
         intensity = "normalised_uint8"
     else:
         imgs = np.asarray(volume.array, dtype=np.float32)
@@ -164,6 +167,21 @@ def read_npz(path: str | Path) -> Volume:
     geometry = Geometry(origin_mm=origin, spacing_mm=spacing, direction=direction, shape_zyx=tuple(imgs.shape))
     return Volume(array=imgs, geometry=geometry, modality=modality, series_instance_uid=series,
                   study_instance_uid=study, frame_of_reference_uid=frame, sop_instance_uids=uids)
+
+
+def infer_modality(image: np.ndarray) -> str:
+    """"CT" when the intensities can only be Hounsfield units, else "" (unknown: treated like MR).
+
+    For volumes that carry no Modality (NIfTI, MHA): air or lung (0.1th percentile <= -500), or fat
+    well below zero together with tissue above it (1st percentile <= -50, 99th >= 50), which raw MR
+    magnitudes (>= 0) and z-scored MR (|values| of a few units) never show.
+    """
+    image = np.asarray(image)
+    sample = image[tuple(slice(None, None, max(1, n // 64)) for n in image.shape)]  # <= ~64 per axis
+    if sample.size == 0:
+        return ""
+    p01, p1, p99 = np.percentile(sample.astype(np.float32), [0.1, 1.0, 99.0])
+    return "CT" if p01 <= -500.0 or (p1 <= -50.0 and p99 >= 50.0) else ""
 
 
 # ------------------------------------------------------------------ dispatchers

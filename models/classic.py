@@ -12,7 +12,7 @@
    mask and opened at a tenth of the cross-section's diameter (cuts leaks through thin bridges),
    is the new slice.
 3. Stop rules per direction: empty mask, intensities that no longer match the key slice's model
-   (mean log-likelihood ratio below `classic_min_likelihood_ratio`), area collapse below
+   (mean log-likelihood ratio below `classic.min_likelihood_ratio`), area collapse below
    `min_area_fraction` of the key slice (that last small slice is kept: structures taper), the
    volume's edge, or `max_extent_mm` from the key slice.
 
@@ -22,6 +22,7 @@ by percentiles), one slice at a time and only for the slices the propagation vis
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -45,9 +46,10 @@ from models.prompts import (
     MaskPrompt,
     Prompt,
     PromptError,
-    check_prompt,
+    check_prompts,
+    single_prompt,
 )
-from models.propagate import PropagationResult
+from models.result import PropagationResult
 
 GRABCUT_MAX_PX = 128  # GrabCut runs on the box crop shrunk to this size (speed on 512 x 512 organs)
 TEMPLATE_SEARCH_MM = 10.0  # how far a cross-section may shift between neighbouring slices (ribs, vessels)
@@ -317,11 +319,11 @@ def _components_through_key(mask: np.ndarray, k: int) -> np.ndarray:
 def propagate(
     image: np.ndarray,
     spacing_zyx: tuple[float, float, float],
-    prompt: Prompt,
+    prompts: Prompt | Sequence[Prompt],
     modality: str = "",
     settings: PropagationConfig | None = None,
 ) -> PropagationResult:
-    """Spread `prompt` from its slice through `image` (z, y, x, raw intensities, HU for CT).
+    """Spread `prompts` from their slice through `image` (z, y, x, raw intensities, HU for CT).
 
     spacing_zyx: voxel size in mm, array order. modality: "CT", "MR" or "" (unknown).
     Raises PromptError for unusable prompts (outside the image, zero-area box, point on air,
@@ -330,7 +332,7 @@ def propagate(
     settings = settings or PropagationConfig()
     t_start = time.perf_counter()
     image = np.asarray(image)
-    check_prompt(image.shape, spacing_zyx, prompt)
+    prompt = single_prompt(check_prompts(image.shape, spacing_zyx, prompts), "classic")
     dz, dy, dx = (float(s) for s in spacing_zyx)
     spacing_yx = (dy, dx)
     k = prompt.slice_index
@@ -341,7 +343,7 @@ def propagate(
     if isinstance(prompt, MaskPrompt):
         key = np.asarray(prompt.mask, dtype=bool).copy()
     elif isinstance(prompt, BoxPrompt):
-        key = key_mask_from_box(features(k), prompt, spacing_yx, settings.classic_key_slice)
+        key = key_mask_from_box(features(k), prompt, spacing_yx, settings.classic.key_slice)
     else:
         key = key_mask_from_points(features(k), image[k], prompt, spacing_yx, modality)
     if not key.any():
@@ -360,8 +362,8 @@ def propagate(
     search_mm = max(2.0 * dy, dz)
     prior_width_mm = 0.5 * max(dy, 0.5 * dz)
     margin_px = int(np.ceil(search_mm / min(dy, dx))) + 3
-    use_registration = settings.classic_method == "register_refine"
-    alpha = settings.classic_model_update
+    use_registration = settings.classic.method == "register_refine"
+    alpha = settings.classic.model_update
 
     mask = np.zeros(image.shape, dtype=bool)
     confidence = np.zeros(nz, dtype=np.float32)
@@ -389,7 +391,7 @@ def propagate(
             prior = moved[rows, cols]
             if use_registration:
                 carried = _demons_warp(features(z)[rows, cols], _shifted(features(z - direction), shift, rows, cols),
-                                       prior, settings.classic_registration_iterations)
+                                       prior, settings.classic.registration_iterations)
                 prior = carried if carried.any() else prior
             new_crop, conf = _refine(features(z)[rows, cols], prior, fg, bg, spacing_yx, prior_width_mm, search_mm)
             if new_crop.any():
@@ -401,7 +403,7 @@ def propagate(
             new[rows, cols] = new_crop
             values = features(z)[new]
             match = float(np.mean(llr(values, fg_key, bg_key)))
-            if match < settings.classic_min_likelihood_ratio:
+            if match < settings.classic.min_likelihood_ratio:
                 reason = "intensity_mismatch"
                 break
             mask[z] = new
@@ -428,7 +430,7 @@ def propagate(
         confidence=confidence,
         backend="classic",
         details={
-            "method": settings.classic_method,
+            "method": settings.classic.method,
             "key_slice": k,
             "key_area_px": key_area,
             "stop": stop,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-from converters.intensity import (
+from models.preprocess import (
     normalise_percentiles,
     percentile_bounds,
     scale_to_bounds,

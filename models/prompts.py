@@ -1,6 +1,12 @@
-"""Prompts: what the planner drew on one slice. Voxel indices in (z, y, x) array order."""
+"""Prompts: what the planner drew, each on one slice. Voxel indices in (z, y, x) array order.
+
+One structure may carry several prompts: on several slices (first, middle and last slice of the
+target), and on one slice a box with clicks (corrective clicks after a first result). A slice may
+hold at most one box and at most one outline, not both.
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,10 +46,12 @@ class PromptError(ValueError):
     """A prompt that cannot be used: outside the image, empty, on a slice that does not exist..."""
 
 
-def check_prompt(image_shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...], prompt: Prompt) -> None:
+def check_prompt(image_shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...], prompt: Prompt,
+                 *, negative_only_ok: bool = False) -> None:
     """Refuse, before any model work, a prompt the image cannot take; the message names what is wrong.
 
     Box indices are inclusive, so x0 == x1 is a one-pixel-wide box; only an inverted box has no area.
+    `negative_only_ok`: clicks that are all negative are allowed (another prompt says what to segment).
     """
     if len(image_shape_zyx) != 3 or min(image_shape_zyx) < 1:
         raise ValueError(f"image must be 3D (z, y, x) with at least one slice, got shape {tuple(image_shape_zyx)}")
@@ -69,7 +77,7 @@ def check_prompt(image_shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...
         for x, y, _ in prompt.points:
             if not (0 <= x < nx and 0 <= y < ny):
                 raise PromptError(f"point (x={x}, y={y}) on slice {z} lies outside the {nx} x {ny} image")
-        if not any(positive for _, _, positive in prompt.points):
+        if not negative_only_ok and not any(positive for _, _, positive in prompt.points):
             raise PromptError(f"point prompt on slice {z} has no positive point: nothing to segment")
     else:
         mask = np.asarray(prompt.mask)
@@ -77,3 +85,50 @@ def check_prompt(image_shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...
             raise PromptError(f"mask prompt on slice {z} has shape {mask.shape}, the image slices are {(ny, nx)}")
         if not mask.astype(bool).any():
             raise PromptError(f"mask prompt on slice {z} is empty")
+
+
+def is_positive(prompt: Prompt) -> bool:
+    """Does this prompt say where the structure is (a box, an outline or a positive click)?"""
+    return not isinstance(prompt, PointPrompt) or any(positive for _, _, positive in prompt.points)
+
+
+def check_prompts(image_shape_zyx: tuple[int, ...], spacing_zyx: tuple[float, ...],
+                  prompts: Prompt | Sequence[Prompt]) -> tuple[Prompt, ...]:
+    """All prompts of one structure, checked and ordered by slice; one prompt is a tuple of one.
+
+    Each prompt must fit the image (`check_prompt`); at least one must be positive; a slice holds at
+    most one box and one outline, never both; a slice's clicks are merged into one PointPrompt.
+    """
+    items = (prompts,) if isinstance(prompts, (BoxPrompt, PointPrompt, MaskPrompt)) else tuple(prompts)
+    if not items:
+        raise PromptError("no prompt given")
+    for prompt in items:
+        check_prompt(image_shape_zyx, spacing_zyx, prompt, negative_only_ok=len(items) > 1)
+    if not any(is_positive(p) for p in items):
+        raise PromptError("every prompt is a negative click: nothing says where the structure is")
+    out: list[Prompt] = []
+    for z in sorted({p.slice_index for p in items}):
+        here = [p for p in items if p.slice_index == z]
+        boxes = [p for p in here if isinstance(p, BoxPrompt)]
+        masks = [p for p in here if isinstance(p, MaskPrompt)]
+        if len(boxes) > 1 or len(masks) > 1 or (boxes and masks):
+            raise PromptError(f"slice {z} has {len(boxes)} box(es) and {len(masks)} outline(s): give at most one "
+                              "box or one outline per slice (clicks may be added to either)")
+        clicks = tuple(pt for p in here if isinstance(p, PointPrompt) for pt in p.points)
+        out.extend(boxes + masks)
+        if clicks:
+            out.append(PointPrompt(z, clicks))
+    return tuple(out)
+
+
+def prompt_slices(prompts: Sequence[Prompt]) -> list[int]:
+    """The prompted slices, in order."""
+    return sorted({p.slice_index for p in prompts})
+
+
+def single_prompt(prompts: Sequence[Prompt], backend: str) -> Prompt:
+    """The one prompt of a backend that does not (yet) take several; a clear error otherwise."""
+    if len(prompts) != 1:
+        raise PromptError(f"the {backend} backend takes one prompt per structure; got {len(prompts)} on slices "
+                          f"{prompt_slices(prompts)}")
+    return prompts[0]

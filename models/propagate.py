@@ -1,26 +1,17 @@
-"""The one propagator interface: a volume and a prompt on one slice in, a 3D mask out.
+"""The one propagator interface: a volume and prompts on one or more slices in, a 3D mask out.
 
 `models/` knows nothing of DICOM: arrays, spacing and prompts in, masks out. Every caller (CLI,
 pipeline, batch) goes through `propagate`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from config.schema import PropagationConfig
-from models.prompts import Prompt
-
-
-@dataclass
-class PropagationResult:
-    mask: np.ndarray  # (z, y, x) bool, same shape as the input image
-    confidence: np.ndarray  # (z,) float in [0, 1]; 0 on slices the structure does not reach
-    backend: str  # "classic" or "sam2": the backend that actually ran
-    checkpoint_sha256: str | None = None  # of the loaded checkpoint file (sam2 only), for the audit
-    details: dict[str, Any] = field(default_factory=dict)  # timings, stop reasons per direction, ...
+from models.prompts import Prompt, check_prompts
+from models.result import Backend, PropagationResult
 
 
 def choose_backend(settings: PropagationConfig) -> str:
@@ -30,20 +21,26 @@ def choose_backend(settings: PropagationConfig) -> str:
     return "sam2" if settings.checkpoint is not None else "classic"
 
 
+def backend_function(name: str) -> Backend:
+    """The propagate function of backend `name` ("sam2" or "classic"), imported on first use."""
+    if name == "sam2":
+        from models import sam2_backend
+
+        return sam2_backend.propagate
+    from models import classic
+
+    return classic.propagate
+
+
 def propagate(
     image: np.ndarray,
     spacing_zyx: tuple[float, float, float],
-    prompt: Prompt,
+    prompts: Prompt | Sequence[Prompt],
     modality: str = "",
     settings: PropagationConfig | None = None,
 ) -> PropagationResult:
-    """Spread `prompt` from its slice through `image` (z, y, x) with the configured backend."""
+    """Spread `prompts` (one prompt, or several on one or more slices) through `image` (z, y, x)."""
     settings = settings or PropagationConfig()
-    backend = choose_backend(settings)
-    if backend == "sam2":
-        from models import sam2_backend
-
-        return sam2_backend.propagate(image, spacing_zyx, prompt, modality, settings)
-    from models import classic
-
-    return classic.propagate(image, spacing_zyx, prompt, modality, settings)
+    image = np.asarray(image)
+    checked = check_prompts(image.shape, spacing_zyx, prompts)
+    return backend_function(choose_backend(settings))(image, spacing_zyx, checked, modality, settings)

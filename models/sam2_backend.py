@@ -1,13 +1,13 @@
 """The SAM2 propagator: a one-slice prompt spread through a volume by the real `sam2` package.
 
-Two modes (`propagation.mode`):
+Two modes (`propagation.sam2.mode`):
 - `video` (default, MedSAM2's scheme): the slices are SAM2 video frames fed from memory
   (models/sam2_video.py). The prompt gives the key-slice mask; then for each direction the state is
   reset, that mask is added with `add_new_mask` on the key slice and `propagate_in_video` runs
   forward, then in reverse. Adding the same key mask in both passes means both halves start from
   exactly what the planner accepted.
 - `image_chain` (STARDUST's box mode): the image predictor segments each slice on its own, prompted
-  with the box of the previous slice's mask plus `chain_box_margin_mm`, in both directions.
+  with the box of the previous slice's mask plus `sam2.chain_box_margin_mm`, in both directions.
 
 Key slice: a box prompt is run through SAM2 and the result clipped to the box (a planner's box bounds
 the structure); points are run through SAM2 (multimask for a single click, best score kept); a mask
@@ -20,6 +20,7 @@ slice (sam2's own hole filling needs the CUDA `_C` op).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from config.schema import PropagationConfig
-from converters.intensity import normalise
+from models.preprocess import normalise
 from models.device import inference_context
 from models.postprocess import fill_holes_per_slice, largest_component_3d
 from models.prompts import (
@@ -36,9 +37,10 @@ from models.prompts import (
     PointPrompt,
     Prompt,
     PromptError,
-    check_prompt,
+    check_prompts,
+    single_prompt,
 )
-from models.propagate import PropagationResult
+from models.result import PropagationResult
 from models.sam2_loader import CheckpointError, LoadedModel, load_model
 from models.sam2_video import (
     LazyFrames,
@@ -259,8 +261,8 @@ def _propagate_chain(loaded: LoadedModel, norm: np.ndarray, spacing_zyx: tuple[f
     if not key.any():
         raise PromptError(f"SAM2 found no structure for the {type(prompt).__name__} on slice {k}: draw a tighter "
                           "box, add points or give a contour")
-    margin = (int(np.ceil(settings.chain_box_margin_mm / spacing_zyx[1])),
-              int(np.ceil(settings.chain_box_margin_mm / spacing_zyx[2])))
+    margin = (int(np.ceil(settings.sam2.chain_box_margin_mm / spacing_zyx[1])),
+              int(np.ceil(settings.sam2.chain_box_margin_mm / spacing_zyx[2])))
     key_area = int(key.sum())
     mask = np.zeros((nz, ny, nx), dtype=bool)
     confidence = np.zeros(nz, dtype=np.float32)
@@ -299,7 +301,7 @@ def load_configured_model(settings: PropagationConfig) -> LoadedModel:
     if settings.checkpoint is None:
         raise CheckpointError("the sam2 backend needs propagation.checkpoint (a SAM2/SAM2.1/MedSAM2 weights file "
                               "on this node; rtprop never downloads weights), or use backend classic/auto")
-    return load_model(settings.model_config_name, settings.checkpoint, settings.image_size, settings.device,
+    return load_model(settings.sam2.model_cfg, settings.checkpoint, settings.sam2.image_size, settings.device,
                       settings.cpu_threads)
 
 
@@ -312,27 +314,27 @@ def preprocess(image: np.ndarray, modality: str, settings: PropagationConfig) ->
 def propagate(
     image: np.ndarray,
     spacing_zyx: tuple[float, float, float],
-    prompt: Prompt,
+    prompts: Prompt | Sequence[Prompt],
     modality: str = "",
     settings: PropagationConfig | None = None,
     loaded: LoadedModel | None = None,
 ) -> PropagationResult:
-    """Spread `prompt` through `image` (z, y, x) with SAM2; mask on the image's own grid.
+    """Spread `prompts` through `image` (z, y, x) with SAM2; mask on the image's own grid.
 
     `loaded` lets a caller (tests, bench) pass a model already built; otherwise it is built from
-    `settings` (checkpoint, model_config_name, image_size, device) and cached.
+    `settings` (checkpoint, sam2.model_cfg, sam2.image_size, device) and cached.
     Raises PromptError for an unusable prompt, CheckpointError for a missing or unfitting checkpoint.
     """
     settings = settings or PropagationConfig()
     image = np.asarray(image)
-    check_prompt(image.shape, spacing_zyx, prompt)
+    prompt = single_prompt(check_prompts(image.shape, spacing_zyx, prompts), "sam2")
     t_start = time.perf_counter()
     if loaded is None:
         loaded = load_configured_model(settings)
     t_loaded = time.perf_counter()
     norm = preprocess(image, modality, settings)
     timer = _Timer()
-    run = _propagate_chain if settings.mode == "image_chain" else _propagate_video
+    run = _propagate_chain if settings.sam2.mode == "image_chain" else _propagate_video
     with inference_context(loaded.device):
         mask, confidence, info = run(loaded, norm, spacing_zyx, prompt, settings, timer)
     t_prop = time.perf_counter()
@@ -348,7 +350,7 @@ def propagate(
         backend="sam2",
         checkpoint_sha256=loaded.checkpoint_sha256,
         details={
-            "mode": settings.mode,
+            "mode": settings.sam2.mode,
             "model_config": loaded.config_name,
             "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
             "image_size": loaded.image_size,

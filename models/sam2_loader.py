@@ -4,7 +4,7 @@
   `configs/sam2.1/sam2.1_hiera_t.yaml`), a short alias (`tiny`, `small`, `base_plus`, `large`,
   `sam2_tiny`...), MedSAM2's `sam2.1_hiera_t512` (the tiny config at 512 px, built here by hydra
   overrides since the package ships no such yaml), or a path to a yaml file of the same schema.
-- The input size is always `settings.image_size`: the model's `image_size` and the memory
+- The input size is always `settings.sam2.image_size`: the model's `image_size` and the memory
   attention's RoPE `feat_sizes` (image_size / 16) are overridden to match, as MedSAM2's 512 config does.
 - Checkpoint layouts accepted: a plain state dict; Meta's `{"model": sd}` (also TrackRAD2025's
   `SAM2.1_b+_finetune.pt`); `{"model_state_dict": sd}` / `{"state_dict": sd}` with keys prefixed
@@ -71,7 +71,7 @@ def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
 def image_size_overrides(image_size: int) -> list[str]:
     """Hydra overrides for a model input of `image_size` px (stride-16 features for memory attention RoPE)."""
     if image_size % 64:
-        raise CheckpointError(f"propagation.image_size {image_size} must be a multiple of 64 "
+        raise CheckpointError(f"propagation.sam2.image_size {image_size} must be a multiple of 64 "
                               f"(the Hiera backbone's stride 32 and the mask decoder's 4x upsampling)")
     feat = image_size // 16
     return [
@@ -108,7 +108,7 @@ def resolve_config(config_name: str) -> tuple[str, Path | None]:
     if as_path.is_file():
         return "", as_path.resolve()
     shipped = sorted(str(p.relative_to(package_dir)) for p in package_dir.glob("configs/**/*.yaml"))
-    raise CheckpointError(f"model config {config_name!r} (propagation.model_config_name) is neither a yaml "
+    raise CheckpointError(f"model config {config_name!r} (propagation.sam2.model_cfg) is neither a yaml "
                           f"shipped in {package_dir} nor an existing file; shipped: {', '.join(shipped)}")
 
 
@@ -178,7 +178,7 @@ def load_checkpoint_into(model: torch.nn.Module, path: Path, config_name: str) -
             parts.append(f"{len(wrong_shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)}, "
                          f"model {tuple(expected[k].shape)})")
         raise CheckpointError(f"checkpoint {path.name} in {path.parent} does not fit model config {config_name!r}: "
-                              f"{'; '.join(parts)}. Is propagation.model_config_name the architecture "
+                              f"{'; '.join(parts)}. Is propagation.sam2.model_cfg the architecture "
                               f"(tiny/small/base+/large, SAM2 or SAM2.1) these weights were trained with?")
     model.load_state_dict(state, strict=True)
     return digest

@@ -5,9 +5,9 @@ Frames come one at a time from a `converters.cine.CineSource`; each frame's mask
 sequence (TrackRAD2025 sequences reach 20,000 frames).
 
 Backends (`propagation.backend`, `auto` = sam2 when a checkpoint is set):
-- classic, `cine_classic_method`:
+- classic, `cine.classic_method`:
   - `ecc` (default): the region around the first-frame mask (a template from frame 0) is found in
-    each frame by normalised cross-correlation (coarse, any shift within `cine_roi_margin_mm` of the
+    each frame by normalised cross-correlation (coarse, any shift within `cine.roi_margin_mm` of the
     last position), then refined to an affine motion by OpenCV's ECC maximisation weighted to the
     tumour and a ring around it; the first-frame mask is warped by that affine. Always registered
     to frame 0, so errors do not accumulate.
@@ -167,8 +167,8 @@ class FlowTracker:
 
 def _track_classic(source: CineSource, mask0: np.ndarray, settings: PropagationConfig, sink: Sink) -> dict:
     frame0 = source.frame(0)
-    cls = FlowTracker if settings.cine_classic_method == "flow" else EccTracker
-    tracker = cls(frame0, mask0, source.spacing_mm, settings.cine_roi_margin_mm)
+    cls = FlowTracker if settings.cine.classic_method == "flow" else EccTracker
+    tracker = cls(frame0, mask0, source.spacing_mm, settings.cine.roi_margin_mm)
     sink(0, mask0, 1.0, 0.0)
     latencies = []
     for t in range(1, source.n_frames):
@@ -177,7 +177,7 @@ def _track_classic(source: CineSource, mask0: np.ndarray, settings: PropagationC
         mask, confidence = tracker.step(frame)
         latencies.append((time.perf_counter() - t0) * 1000)
         sink(t, mask, confidence, latencies[-1])
-    return {"method": settings.cine_classic_method, "latencies_ms": latencies}
+    return {"method": settings.cine.classic_method, "latencies_ms": latencies}
 
 
 # ----------------------------------------------------------------------------- sam2

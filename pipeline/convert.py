@@ -94,8 +94,12 @@ def convert_any(source: Path, dest: Path, *, series_dir: Path | None = None, roi
         return masks_to_rtstruct(source, series_dir, dest, roi_name, config)
     volume = read_volume(source)
     p = config.propagation
-    options = ({"normalise": normalise, "window_level": p.ct_window_level, "window_width": p.ct_window_width,
-                "percentiles": tuple(p.mr_percentiles)} if dest.name.lower().endswith(".npz") else {})
+    options = {}
+    if normalise and dest.name.lower().endswith(".npz"):
+        from models.preprocess import normalise as normalise_intensity
+
+        options["normalised"] = normalise_intensity(volume.array, volume.modality, p.ct_window_level,
+                                                    p.ct_window_width, tuple(p.mr_percentiles))
     out = write_volume(dest, volume, **options)
     return {"kind": "volume", "shape_zyx": list(volume.array.shape), "spacing_mm": list(volume.geometry.spacing_mm),
             "modality": volume.modality, "written": [str(out)]}

@@ -11,7 +11,7 @@ from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, PromptError
 from pipeline.metrics import dice
 from pipeline.prompts import prompt_from_roi
 
-SETTINGS = {m: PropagationConfig(backend="classic", classic_method=m) for m in ("register_refine", "intensity")}
+SETTINGS = {m: PropagationConfig(backend="classic", classic={"method": m}) for m in ("register_refine", "intensity")}
 
 
 def phantom(mask: np.ndarray, inside_hu: float = 60.0, outside_hu: float = -80.0, noise_hu: float = 15.0,
@@ -185,7 +185,7 @@ def test_one_pixel_wide_box_is_accepted(key_slice):
     image = phantom(truth, inside_hu=400.0, seed=8)  # a thin bright (contrast-filled) line
     prompt = prompt_from_roi(truth, "box")
     assert prompt.x0 == prompt.x1
-    settings = PropagationConfig(backend="classic", classic_key_slice=key_slice)
+    settings = PropagationConfig(backend="classic", classic={"key_slice": key_slice})
     result = classic.propagate(image, (3.0, 1.0, 1.0), prompt, "CT", settings)
     assert result.mask[prompt.slice_index].any()
     assert dice(result.mask[prompt.slice_index], truth[prompt.slice_index]) > 0.5

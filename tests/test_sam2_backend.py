@@ -35,8 +35,8 @@ def volume(nz: int = 9, ny: int = 48, nx: int = 72) -> np.ndarray:
     return image
 
 
-def settings(**kw) -> PropagationConfig:
-    return PropagationConfig(backend="sam2", image_size=SIZE, device="cpu", **kw)
+def settings(mode: str = "video", **kw) -> PropagationConfig:
+    return PropagationConfig(backend="sam2", sam2={"image_size": SIZE, "mode": mode}, device="cpu", **kw)
 
 
 # ----------------------------------------------------------------------------- stop rules (pure)
@@ -87,7 +87,7 @@ def test_missing_device_and_bad_image_size_are_clear_errors():
     assert choose_device("auto", 2).type in ("cuda", "mps", "cpu")
     with pytest.raises(CheckpointError, match="multiple of 64"):
         load_model("tiny", None, 200, "cpu", cache=False)
-    with pytest.raises(CheckpointError, match="model_config_name"):
+    with pytest.raises(CheckpointError, match="model_cfg"):
         load_model("configs/sam9/nope.yaml", None, SIZE, "cpu", cache=False)
 
 

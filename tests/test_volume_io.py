@@ -44,7 +44,9 @@ def test_npz_normalised_ct_window(tmp_path):
     arr[0, 0, 0], arr[0, 0, 1], arr[0, 0, 2] = 40, 240, -160
     write_series(tmp_path / "ct", arr)
     vol = read_series(tmp_path / "ct")
-    path = write_npz(tmp_path / "n.npz", vol, normalise=True)
+    from models.preprocess import normalise
+
+    path = write_npz(tmp_path / "n.npz", vol, normalised=normalise(vol.array, vol.modality))
     with np.load(path, allow_pickle=False) as data:
         imgs = data["imgs"]
         assert imgs.dtype == np.uint8 and str(data["intensity"]) == "normalised_uint8"

@@ -1,4 +1,4 @@
-"""Intensity normalisation to [0, 1], as the SAM2/MedSAM2 seeds do it: CT window, MR percentiles."""
+"""Model input preprocessing: intensities to [0, 1] as the SAM2/MedSAM2 seeds do it (CT window, MR percentiles)."""
 from __future__ import annotations
 
 import numpy as np
@@ -29,21 +29,6 @@ def scale_to_bounds(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def normalise_percentiles(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     """Clip to the [low, high] percentiles of the non-zero voxels and scale to [0, 1] (MR)."""
     return scale_to_bounds(image, *percentile_bounds(image, low, high))
-
-
-def infer_modality(image: np.ndarray) -> str:
-    """"CT" when the intensities can only be Hounsfield units, else "" (unknown: treated like MR).
-
-    For volumes that carry no Modality (NIfTI, MHA): air or lung (0.1th percentile <= -500), or fat
-    well below zero together with tissue above it (1st percentile <= -50, 99th >= 50), which raw MR
-    magnitudes (>= 0) and z-scored MR (|values| of a few units) never show.
-    """
-    image = np.asarray(image)
-    sample = image[tuple(slice(None, None, max(1, n // 64)) for n in image.shape)]  # <= ~64 per axis
-    if sample.size == 0:
-        return ""
-    p01, p1, p99 = np.percentile(sample.astype(np.float32), [0.1, 1.0, 99.0])
-    return "CT" if p01 <= -500.0 or (p1 <= -50.0 and p99 >= 50.0) else ""
 
 
 def normalise(image: np.ndarray, modality: str, level: float = 40.0, width: float = 400.0,

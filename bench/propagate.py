@@ -115,7 +115,8 @@ def work_sam2(args: dict) -> dict:
 
 def work_cine(args: dict) -> dict:
     from config.schema import PropagationConfig
-    from converters.cine import CineLabelWriter, MhaCine, SyntheticCine
+    from converters.cine import CineLabelWriter, MhaCine
+    from phantoms import SyntheticCine
     from models.tracking import track
 
     settings = PropagationConfig(backend="classic")
@@ -144,7 +145,7 @@ def work_write_mha(args: dict) -> dict:
     """Write a TrackRAD-layout frames .mha (time on the ITK x axis) of the phantom, plus its first label."""
     import SimpleITK as sitk
 
-    from converters.cine import SyntheticCine
+    from phantoms import SyntheticCine
 
     size = args.get("size", 128)
     source = SyntheticCine(n_frames=args["frames"], shape=(size, size), spacing_mm=2.0 * 128 / size, amplitude_mm=15.0)
@@ -240,4 +241,5 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))
     raise SystemExit(main())

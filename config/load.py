@@ -13,12 +13,13 @@ from typing import Any, Mapping
 import yaml
 from pydantic import ValidationError
 
+from config.errors import UserError
 from config.schema import Config
 
 ENV_PREFIX = "RTPROP__"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """The configuration file or an override is invalid; the message names the key."""
 
 
@@ -31,8 +32,8 @@ def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The nested mapping spelled by RTPROP__* environment variables."""
+def env_overrides(environ: Mapping[str, str], names: dict[str, str] | None = None) -> dict[str, Any]:
+    """The nested mapping spelled by RTPROP__* environment variables (`names`: dotted key -> variable)."""
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX:
@@ -43,6 +44,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"environment override {name}: not a valid value ({exc})") from exc
         _set_path(tree, keys, value)
+        if names is not None:
+            names[".".join(keys)] = name
     return tree
 
 
@@ -56,22 +59,42 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _describe(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+def _describe(exc: ValidationError, source: str, env_names: dict[str, str], flags: set[str]) -> str:
+    """One line per bad key, saying where the value came from: the file, a variable or a flag."""
+    lines = ["invalid configuration:"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        keys = (key, *_parents(key))
+        if any(k in flags for k in keys) or any(f.startswith(key + ".") for f in flags):
+            origin = "a command-line flag"
+        else:
+            origin = next((f"environment variable {env_names[k]}" for k in keys if k in env_names), None) or next(
+                (f"environment variable {v}" for k, v in env_names.items() if k.startswith(key + ".")), source)
+        lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r}; from {origin})")
     return "\n".join(lines)
+
+
+def _parents(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        out |= _leaves(value, dotted + ".") if isinstance(value, Mapping) and value else {dotted}
+    return out
 
 
 def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """Read `path` (optional), then RTPROP__* variables, then `overrides` (CLI flags); validate."""
     data: dict[str, Any] = {}
-    source = "defaults"
+    source = "the defaults"
     if path is not None:
         path = Path(path)
-        source = str(path)
+        source = f"configuration file {path}"
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
@@ -81,13 +104,14 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"configuration file {path} must hold a mapping at the top level")
         data = loaded or {}
-    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    env_names: dict[str, str] = {}
+    data = _merge(data, env_overrides(os.environ if environ is None else environ, env_names))
     if overrides:
         data = _merge(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from exc
+        raise ConfigError(_describe(exc, source, env_names, _leaves(overrides or {}))) from exc
 
 
 def resolve_storage(config: Config) -> Config:

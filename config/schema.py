@@ -69,6 +69,18 @@ class NodeConfig(Section):
     poll_interval_s: float = Field(1.0, gt=0, description="how often the completion checker and the sender "
                                    "look for work in the database")
 
+    @model_validator(mode="after")
+    def _routes_name_destinations(self) -> "NodeConfig":
+        """A route or default to a destination that is not configured is refused at start-up."""
+        for i, rule in enumerate(self.routes):
+            if rule.destination not in self.destinations and not rule.dry_run:
+                raise ValueError(f"node.routes[{i}] (calling_ae {rule.calling_ae!r}) names destination "
+                                 f"{rule.destination!r}, which is not in node.destinations {sorted(self.destinations)}")
+        if self.default_destination and self.default_destination not in self.destinations:
+            raise ValueError(f"node.default_destination {self.default_destination!r} is not in node.destinations "
+                             f"{sorted(self.destinations)}")
+        return self
+
 
 class Sam2Config(Section):
     """The SAM2 backend (models/sam2_backend.py)."""
@@ -202,6 +214,9 @@ class PipelineConfig(Section):
                                   "dead-lettered")
     series_wait_s: float = Field(3600.0, ge=0, description="a prompt RTSTRUCT whose image series has not arrived "
                                  "(complete) this long after it fails")
+    job_retry_backoff_s: float = Field(30.0, ge=0, description="a job hit by a transient fault (full disk, busy "
+                                       "database, archive share away) is retried after this, doubling each time")
+    job_retry_backoff_max_s: float = Field(900.0, ge=0, description="the longest wait between such retries")
     isolate_jobs: bool = Field(True, description="run each job's computation in a child process, killed after "
                                "job_timeout_s (off: in the worker's own process, no hard timeout)")
 

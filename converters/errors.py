@@ -1,7 +1,8 @@
 """Errors the converters raise; each message names the file, UID or position at fault."""
+from config.errors import UserError
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """Base class: input that cannot be converted faithfully."""
 
 
@@ -10,7 +11,14 @@ class SeriesError(ConversionError):
 
 
 class SeriesIncompleteError(SeriesError):
-    """Slices missing or unevenly spaced along the slice normal."""
+    """Slices missing, duplicated or unevenly spaced along the slice normal (converters/contiguity.py).
+
+    `missing_mm`: the missing positions along the normal, when slices are missing.
+    """
+
+    def __init__(self, message: str, missing_mm: list[float] | None = None) -> None:
+        super().__init__(message)
+        self.missing_mm = list(missing_mm or [])
 
 
 class RTStructError(ConversionError):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,14 +29,15 @@ from pydicom.valuerep import MAX_VALUE_LEN
 from config.schema import RTStructConfig
 from converters.contours import mask_to_polygons
 from converters.errors import RTStructError
+from converters.files import atomic_path
 from converters.geometry import Volume
+from converters.tps import MAX_ROI_NAME, roi_name_for_tps, unique_names
 
 log = logging.getLogger(__name__)
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # RTReferencedStudySequence > ReferencedSOPClassUID: what Eclipse, RayStation and MIM write.
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
-MAX_ROI_NAME = 16  # Eclipse structure ID limit
 MAX_DS = 16  # DICOM DS value length
 MANUFACTURER = "rtprop"
 SOFTWARE_VERSION = "0.1.0"
@@ -89,33 +88,6 @@ def format_ds(value: float) -> str:
     if len(text) > MAX_DS:
         raise RTStructError(f"value {value} cannot be written as a 16-character DS")
     return text
-
-
-def roi_name_for_tps(name: str, suffix: str = "", max_len: int = MAX_ROI_NAME) -> str:
-    """`name` + `suffix` (unless already there) cut to `max_len`, cutting the name, not the suffix."""
-    name = name.strip()
-    if suffix and name.endswith(suffix):
-        name = name[: -len(suffix)]
-    if len(suffix) >= max_len:
-        suffix = suffix[:max_len - 1]
-    return name[: max_len - len(suffix)].rstrip() + suffix
-
-
-def _unique_names(names: list[str], suffix: str = "") -> list[str]:
-    """Make names unique (case-insensitive, as TPSs compare them) by a ~N tag before the suffix."""
-    seen: set[str] = set()
-    out = []
-    for name in names:
-        candidate, n = name, 1
-        base = name[: len(name) - len(suffix)] if suffix and name.endswith(suffix) else name
-        tail = suffix if base != name else ""
-        while candidate.lower() in seen:
-            n += 1
-            tag = f"~{n}"
-            candidate = base[: MAX_ROI_NAME - len(tag) - len(tail)] + tag + tail
-        seen.add(candidate.lower())
-        out.append(candidate)
-    return out
 
 
 def _derived_uid(volume: Volume, what: str) -> str:
@@ -270,7 +242,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
     ref_for.RTReferencedStudySequence = DicomSequence([ref_study])
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([ref_for])
 
-    names = _unique_names([roi_name_for_tps(r.name, settings.roi_suffix) for r in rois], settings.roi_suffix)
+    names = unique_names([roi_name_for_tps(r.name, settings.roi_suffix) for r in rois], settings.roi_suffix)
     ss_rois, roi_contours, observations = [], [], []
     for number, (roi, mask, name) in enumerate(zip(rois, masks, names), start=1):
         if name != roi.name:
@@ -390,17 +362,8 @@ def write_rtstruct(volume: Volume, rois: Sequence[RoiMask], path: str | Path,
     path = Path(path)
     if path.is_dir():
         path = path / f"RS_{ds.SOPInstanceUID}.dcm"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".rtstruct-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            ds.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
     log.info("wrote RTSTRUCT %s (%d ROIs) for series %s to %s", ds.SOPInstanceUID, len(rois),
              volume.series_instance_uid, path)
     return path

@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from converters.contiguity import POSITION_TOL_MM, Contiguity, check_contiguity
 from converters.errors import SeriesError, SeriesIncompleteError
 from converters.geometry import Geometry, Volume
 
@@ -34,8 +35,6 @@ SKIPPED_SUFFIXES = frozenset({".txt", ".md", ".json", ".xml", ".csv", ".nii", ".
 SKIPPED_NAMES = frozenset({"DICOMDIR", "LICENSE", "README"})
 
 ORIENTATION_TOL = 1e-4  # max difference between direction cosines of two slices
-POSITION_TOL_MM = 0.01  # absolute floor for position comparisons
-SPACING_REL_TOL = 0.01  # slice gaps may differ from the series' spacing by 1 % (scanner rounding)
 
 
 @dataclass(frozen=True)
@@ -151,13 +150,79 @@ def read_series(folder: str | Path, series_instance_uid: str | None = None) -> V
         described = "; ".join(f"{uid or '<no SeriesInstanceUID>'} ({len(h)} files, {h[0].modality}, e.g. {h[0].path.name})"
                               for uid, h in sorted(headers.items()))
         raise SeriesError(f"{folder} holds {len(headers)} image series: {described}; "
-                          "give one folder per series or pick one by SeriesInstanceUID")
+                          "give one folder per series or pick one by SeriesInstanceUID (rtprop propagate "
+                          "--series-uid UID)")
     else:
         slices = next(iter(headers.values()))
     return _assemble(folder, slices)
 
 
+@dataclass
+class _Stack:
+    """The checked geometry of a series' slices, in order along the normal (no pixel data)."""
+
+    slices: list[SliceHeader]
+    positions: np.ndarray
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    normal: np.ndarray
+    rows: int
+    cols: int
+    pixel_spacing: np.ndarray  # (row spacing, column spacing)
+    slice_spacing: float
+
+
+def check_series_files(paths: list[Path] | list[str]) -> Contiguity:
+    """Would `read_series` take these files as one complete series? Headers only, no pixel data.
+
+    The node's completion asks this (dicom_node/completion.py): the same checks, so a series it calls
+    complete is never refused when its job reads it. `final` problems (tilt, mixed grids) cannot be
+    fixed by more slices arriving.
+    """
+    slices = [h for h in (read_header(Path(p)) for p in paths) if h.is_image]
+    if not slices:
+        return Contiguity(True, "no image slices (non-image series)")
+    try:
+        stack = _stack(Path(slices[0].path).parent, slices)
+    except SeriesIncompleteError as exc:
+        return Contiguity(False, str(exc), slices=len(slices), missing_mm=exc.missing_mm)
+    except SeriesError as exc:
+        return Contiguity(False, str(exc), slices=len(slices), final=True)
+    return Contiguity(True, f"{len(stack.slices)} slices, spacing {stack.slice_spacing:.3f} mm",
+                      slices=len(stack.slices), spacing_mm=stack.slice_spacing)
+
+
 def _assemble(folder: Path, slices: list[SliceHeader]) -> Volume:
+    stack = _stack(folder, slices)
+    slices, positions, rows, cols = stack.slices, stack.positions, stack.rows, stack.cols
+    array = np.empty((len(slices), rows, cols), dtype=np.float32)
+    for k, header in enumerate(slices):
+        array[k] = _read_pixels(header, rows, cols)
+
+    direction = np.column_stack([stack.row_dir, stack.col_dir, stack.normal])
+    geometry = Geometry(origin_mm=tuple(float(v) for v in positions[0]),
+                        spacing_mm=(float(stack.pixel_spacing[1]), float(stack.pixel_spacing[0]),
+                                    float(stack.slice_spacing)),
+                        direction=tuple(float(v) for v in direction.ravel()),
+                        shape_zyx=(len(slices), rows, cols))
+    ds0 = slices[0].dataset
+    volume = Volume(array=array, geometry=geometry, modality=slices[0].modality,
+                    series_instance_uid=slices[0].series_instance_uid,
+                    study_instance_uid=str(ds0.get("StudyInstanceUID", "") or ""),
+                    frame_of_reference_uid=str(ds0.get("FrameOfReferenceUID", "") or ""),
+                    sop_class_uid=slices[0].sop_class_uid,
+                    sop_instance_uids=[h.sop_instance_uid for h in slices],
+                    files=[h.path for h in slices], header=ds0)
+    for uid_name in ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid"):
+        if not getattr(volume, uid_name):
+            log.warning("series in %s has no %s (anonymised?)", folder, uid_name)
+    log.info("read series %s: %d slices %dx%d, spacing_zyx %s mm, modality %s", volume.series_instance_uid,
+             len(slices), rows, cols, geometry.spacing_zyx, volume.modality)
+    return volume
+
+
+def _stack(folder: Path, slices: list[SliceHeader]) -> _Stack:
+    """Check one series' headers (single frame, one orientation and grid, no tilt, contiguous); order them."""
     for header in slices:
         _check_single_frame(header)
     first = slices[0]
@@ -193,30 +258,7 @@ def _assemble(folder: Path, slices: list[SliceHeader]) -> Volume:
     slices = [slices[i] for i in order]
     positions, along = positions[order], along[order]
     slice_spacing = _check_positions(folder, slices, positions, along, normal, first.dataset)
-
-    array = np.empty((len(slices), rows, cols), dtype=np.float32)
-    for k, header in enumerate(slices):
-        array[k] = _read_pixels(header, rows, cols)
-
-    direction = np.column_stack([row_dir, col_dir, normal])
-    geometry = Geometry(origin_mm=tuple(float(v) for v in positions[0]),
-                        spacing_mm=(float(pixel_spacing[1]), float(pixel_spacing[0]), float(slice_spacing)),
-                        direction=tuple(float(v) for v in direction.ravel()),
-                        shape_zyx=(len(slices), rows, cols))
-    ds0 = slices[0].dataset
-    volume = Volume(array=array, geometry=geometry, modality=slices[0].modality,
-                    series_instance_uid=slices[0].series_instance_uid,
-                    study_instance_uid=str(ds0.get("StudyInstanceUID", "") or ""),
-                    frame_of_reference_uid=str(ds0.get("FrameOfReferenceUID", "") or ""),
-                    sop_class_uid=slices[0].sop_class_uid,
-                    sop_instance_uids=[h.sop_instance_uid for h in slices],
-                    files=[h.path for h in slices], header=ds0)
-    for uid_name in ("series_instance_uid", "study_instance_uid", "frame_of_reference_uid"):
-        if not getattr(volume, uid_name):
-            log.warning("series in %s has no %s (anonymised?)", folder, uid_name)
-    log.info("read series %s: %d slices %dx%d, spacing %s mm, modality %s",
-             volume.series_instance_uid, len(slices), rows, cols, geometry.spacing_mm, volume.modality)
-    return volume
+    return _Stack(slices, positions, row_dir, col_dir, normal, rows, cols, pixel_spacing, slice_spacing)
 
 
 def _check_positions(folder: Path, slices: list[SliceHeader], positions: np.ndarray, along: np.ndarray,
@@ -238,30 +280,19 @@ def _check_positions(folder: Path, slices: list[SliceHeader], positions: np.ndar
             if value not in (None, "") and float(value) > 0:
                 return float(value)
         return 1.0
-    gaps = np.diff(along)
-    dup = np.flatnonzero(gaps < POSITION_TOL_MM)
-    if dup.size:
-        i = int(dup[0])
-        raise SeriesIncompleteError(f"series {uid}: {slices[i].path.name} and {slices[i + 1].path.name} are both at "
-                                    f"{along[i]:.3f} mm along the normal (duplicate slice position)")
-    spacing = float(np.min(gaps))
-    tol = max(POSITION_TOL_MM, SPACING_REL_TOL * spacing)
-    steps = gaps / spacing
-    whole = np.round(steps)
-    if np.all(np.abs(gaps - whole * spacing) <= tol * np.maximum(whole, 1)) and np.any(whole > 1):
-        missing = []
-        for i in np.flatnonzero(whole > 1):
-            for m in range(1, int(whole[i])):
-                missing.append(positions[i] + normal * spacing * m)
-        listed = ", ".join("(" + ", ".join(f"{v:.2f}" for v in p) + ")" for p in missing[:10])
-        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise SeriesIncompleteError(f"series {uid}: {len(missing)} slice(s) missing at ImagePositionPatient "
-                                    f"{listed}{more} (spacing {spacing:.3f} mm, {len(slices)} slices present)")
-    if np.max(np.abs(gaps - spacing)) > tol:
-        i = int(np.argmax(np.abs(gaps - spacing)))
-        raise SeriesIncompleteError(f"series {uid}: non-uniform slice spacing: {gaps[i]:.3f} mm between "
-                                    f"{slices[i].path.name} and {slices[i + 1].path.name}, {spacing:.3f} mm elsewhere")
-    return float(np.mean(gaps))
+    result = check_contiguity(along, thickness_mm=_number(ds0, "SliceThickness"),
+                              instance_numbers=[_number(h.dataset, "InstanceNumber") for h in slices])
+    if not result.ok:
+        raise SeriesIncompleteError(f"series {uid}: {result.reason}", result.missing_mm)
+    return float(np.mean(np.diff(along)))
+
+
+def _number(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _read_pixels(header: SliceHeader, rows: int, cols: int) -> np.ndarray:

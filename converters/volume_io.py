@@ -15,14 +15,13 @@ back to DICOM); saved without pickled objects, so `np.load(path, allow_pickle=Fa
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from converters.errors import ConversionError
+from converters.files import atomic_path
 from converters.geometry import Geometry, Volume
 
 log = logging.getLogger(__name__)
@@ -40,16 +39,9 @@ def _suffix(path: Path) -> str:
 
 
 def _atomic_target(path: Path, write) -> Path:
-    """Run write(tmp_path) then rename onto `path`; the temporary keeps the real suffix (SimpleITK needs it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_suffix(path), dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Run write(tmp_path) then rename onto `path` (converters/files.py; the temporary keeps the suffix)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
     return path
 
 
@@ -185,15 +177,18 @@ def infer_modality(image: np.ndarray) -> str:
 
 
 # ------------------------------------------------------------------ dispatchers
-def read_volume(path: str | Path) -> Volume:
-    """A DICOM series folder, .nii/.nii.gz/.mha/.mhd/.nrrd or .npz file as a `Volume`."""
+def read_volume(path: str | Path, series_instance_uid: str | None = None) -> Volume:
+    """A DICOM series folder, .nii/.nii.gz/.mha/.mhd/.nrrd or .npz file as a `Volume`.
+
+    `series_instance_uid` picks one series of a DICOM folder that holds several.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         from converters.series import read_series
 
-        return read_series(path)
+        return read_series(path, series_instance_uid)
     suffix = _suffix(path)
     if suffix == ".npz":
         return read_npz(path)

@@ -1,20 +1,43 @@
-"""SQLite engine and sessions: WAL, a busy timeout, and write-locking transactions.
+"""The database: engine, migrations, and the two kinds of session every process uses.
 
-Every transaction starts with BEGIN IMMEDIATE (SQLAlchemy's documented pysqlite recipe), so two
-processes can never both read "the latest audit row" or "the next pending job" and both act on it.
+- `transaction(factory)`: one unit of work that writes. On SQLite it starts with BEGIN IMMEDIATE
+  (SQLAlchemy's documented pysqlite recipe), so two processes can never both read "the latest
+  audit row" or "the next queued job" and both act on it. A thread holds at most one: opening a
+  second one inside the first raises `NestedTransactionError` at once instead of waiting on itself
+  for the busy timeout (issue 10: a job failing at discovery once stalled the whole node that way).
+- `with factory() as session:` a read. It takes no write lock (WAL readers never block writers)
+  and cannot write: the connection is `query_only`, so a write slipped into a read fails loudly.
+
+Each process opens the database once (`open_database`): migrations run, the audit head anchor
+(db/audit.py) is attached, and a small disk reserve is kept so that refusals can still be audited
+on a full disk (`write_with_reserve`).
 """
 from __future__ import annotations
 
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+LOG = logging.getLogger("rtprop.db")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+WRITE = "rtprop_write"  # execution option that marks a connection of `transaction()`
+RESERVE_MB = 8  # room kept back on the database's disk for the audit rows of refusals
+T = TypeVar("T")
+
+
+class NestedTransactionError(RuntimeError):
+    """A write transaction was opened while this thread already holds one (it would wait on itself)."""
 
 
 def make_engine(path: Path | str) -> Engine:
@@ -35,9 +58,20 @@ def make_engine(path: Path | str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get(WRITE):
+            conn.exec_driver_sql("PRAGMA query_only=0")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("PRAGMA query_only=1")
+            conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The Alembic revision the database is at (None: a new, empty database)."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
 
 
 def migrate(engine: Engine) -> None:
@@ -45,21 +79,85 @@ def migrate(engine: Engine) -> None:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", str(engine.url))
-    with engine.connect() as connection:
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger("rtprop").getEffectiveLevel()))
+    with engine.connect().execution_options(**{WRITE: True}) as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
 
 
-def open_database(path: Path | str) -> sessionmaker[Session]:
-    """Engine + migrations + a session factory: what every process calls once at start."""
+def open_database(path: Path | str, *, head_path: Path | str | None = None) -> sessionmaker[Session]:
+    """Engine + migrations + the audit head anchor + the disk reserve: what every process calls once.
+
+    `head_path`: the audit chain's head anchor (default: beside the database, `<name>.audit-head`).
+    """
+    from db import audit
+
+    path = Path(path)
     engine = make_engine(path)
+    before = schema_revision(engine)
     migrate(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+    head = Path(head_path) if head_path is not None else path.with_name(path.name + ".audit-head")
+    factory = sessionmaker(engine, expire_on_commit=False,
+                           info={"audit_head": head, "reserve": path.with_name(path.name + ".reserve")})
+    audit.attach_head(factory)
+    with transaction(factory) as session:
+        audit.anchor_upgraded(session, before)
+    ensure_reserve(factory)
+    return factory
+
+
+_local = threading.local()
 
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One write-locked unit of work: committed on success, rolled back on any exception."""
-    with factory() as session:
-        with session.begin():
+    if getattr(_local, "open", False):
+        raise NestedTransactionError("a database transaction is already open in this thread: finish one unit "
+                                     "of work before starting the next (a nested one would wait on itself)")
+    _local.open = True
+    try:
+        with factory() as session, session.begin():
+            session.connection(execution_options={WRITE: True})
             yield session
+    finally:
+        _local.open = False
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """SQLite's 'database or disk is full' (SQLITE_FULL), or the OS's ENOSPC/EDQUOT."""
+    if isinstance(exc, OperationalError):
+        return "disk is full" in str(exc).lower()
+    return isinstance(exc, OSError) and exc.errno in (28, 122)
+
+
+def ensure_reserve(factory: sessionmaker[Session], size_mb: int = RESERVE_MB) -> bool:
+    """Keep `size_mb` of disk beside the database (a preallocated file); False if there is no room yet."""
+    reserve = Path(factory.kw["info"]["reserve"])
+    try:
+        if reserve.exists() and reserve.stat().st_size >= size_mb << 20:
+            return True
+        with open(reserve, "wb") as fh:
+            os.posix_fallocate(fh.fileno(), 0, size_mb << 20)
+        return True
+    except OSError:
+        reserve.unlink(missing_ok=True)
+        return False
+
+
+def write_with_reserve(factory: sessionmaker[Session], work: Callable[[Session], T]) -> T:
+    """Run `work(session)` in a transaction; on a full disk, give the reserve back and try once more.
+
+    For the few writes that must land even then: the audit of a refused or quarantined instance.
+    """
+    try:
+        with transaction(factory) as session:
+            return work(session)
+    except Exception as exc:
+        reserve = Path(factory.kw["info"]["reserve"])
+        if not is_disk_full(exc) or not reserve.exists():
+            raise
+        LOG.critical("disk full: releasing the %d MB database reserve to record what happened", RESERVE_MB)
+        reserve.unlink(missing_ok=True)
+        with transaction(factory) as session:
+            return work(session)

@@ -61,6 +61,7 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")
+    patient_id_hash: Mapped[str] = mapped_column(String(64), default="")
 
 
 class Job(Base):
@@ -89,6 +90,11 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    patient_id_hash: Mapped[str] = mapped_column(String(64), default="", index=True)
+    dropin_case: Mapped[str] = mapped_column(Text, default="")  # the drop-in case the prompt came in, if any
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # retry backoff
+    waiting_for: Mapped[str] = mapped_column(Text, default="")  # what a received job waits for (shown, audited)
+    waiting_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Send(Base):
@@ -112,6 +118,8 @@ class Send(Base):
     claimed_by: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    patient_id_hash: Mapped[str] = mapped_column(String(64), default="")
+    outcome: Mapped[str] = mapped_column(Text, default="")  # "sent", "sent with warning 0x0107 ...", "failed ..."
 
 
 class AuditEntry(Base):

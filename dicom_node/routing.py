@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from config.errors import UserError
 from config.schema import Config, Destination
 
 
-class RoutingError(LookupError):
+class RoutingError(UserError):
     """No destination for a calling AE, or a rule names a destination that is not configured."""
 
 
@@ -39,13 +40,3 @@ def resolve_destination(config: Config, calling_ae: str) -> Route:
                                f"node.destinations ({sorted(node.destinations)})")
         return Route(node.default_destination, dest, False)
     raise RoutingError(f"no route for calling AE {ae!r} and no node.default_destination")
-
-
-def check_routes(config: Config) -> list[str]:
-    """Configuration problems (unknown destination names), for start-up validation."""
-    node = config.node
-    problems = [f"route {r.calling_ae!r} -> unknown destination {r.destination!r}"
-                for r in node.routes if r.destination not in node.destinations and not r.dry_run]
-    if node.default_destination and node.default_destination not in node.destinations:
-        problems.append(f"default_destination {node.default_destination!r} is not in node.destinations")
-    return problems

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from typing import Callable
 
@@ -189,15 +190,60 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
+class AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved off the accepting thread.
+
+    pynetdicom shakes hands inside `accept`, with no timeout and no trace: one client that connects
+    and says nothing stops every other association, and a failed handshake leaves nothing in the log
+    or audit. Here the handshake runs in the association's own thread, bounded by the ACSE timeout,
+    and a failure is logged and audited (`association.tls_failed`) with the peer address and reason.
+    """
+
+    on_tls_failure: Callable[[str, str], None] = staticmethod(lambda peer, reason: None)  # type: ignore[assignment]
+    handshake_timeout_s: float = 30.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()  # type: ignore[union-attr]
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(request, ssl.SSLSocket):
+            peer = f"{client_address[0]}:{client_address[1]}"
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError, timeouts, resets
+                reason = f"{type(exc).__name__}: {exc}"
+                LOG.warning("TLS handshake with %s failed: %s", peer, reason)
+                self.on_tls_failure(peer, reason)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
 def start_scp(config: Config, store: Store,
               on_release: Callable[[set[str]], None] | None = None) -> tuple[AE, ThreadedAssociationServer]:
     """Start listening on config.node.host:port (non-blocking); returns (ae, server)."""
     ae = build_ae(config)
     handlers = build_handlers(config, store, on_release)
     ssl_ctx = server_context(config.node.tls)
-    server = ae.start_server((config.node.host, config.node.port), block=False, evt_handlers=handlers,
-                             ssl_context=ssl_ctx)
-    assert server is not None
+    server = ae.make_server((config.node.host, config.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,
+                            server_class=AssociationServer)
+
+    def tls_failed(peer: str, reason: str) -> None:
+        try:
+            with transaction(store.factory) as session:
+                record(session, "association.tls_failed", component="dicom_node", peer_address=peer, reason=reason)
+        except Exception:  # noqa: BLE001 - the log line above is the record of last resort
+            LOG.exception("audit of a failed TLS handshake failed")
+
+    server.on_tls_failure = tls_failed  # type: ignore[attr-defined]
+    server.handshake_timeout_s = float(ae.acse_timeout or 30)  # type: ignore[attr-defined]
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() and ae.shutdown() expect it
+    threading.Thread(target=server.serve_forever, name="rtprop-scp-accept", daemon=True).start()
     # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux; the CONN_OPEN handler
     # sets it again per connection for other platforms.
     tune_socket(server.socket)

@@ -4,11 +4,12 @@ States: pending -> sending -> sent | dead-letter (and sending -> pending on a re
 
 * A row is claimed atomically (UPDATE ... WHERE state='pending', in a write-locked transaction)
   before any byte goes out: two senders can never send the same row.
-* `sent` only when the peer answered 0x0000 to that C-STORE. Warnings (0xB000, 0xB006, 0xB007)
-  mean the peer stored something other than what we sent (coerced or discarded elements): the row
-  goes to `dead-letter` at once (re-sending would only repeat the warning) with the status kept,
-  so a person checks the TPS. Failures, refusals, aborts, timeouts and no response -> retry with
-  exponential backoff; dead-letter after node.send_max_attempts.
+* Statuses are read by their category (pynetdicom.status.code_to_category, PS3.7 C): Success
+  (0x0000) -> `sent`. Warning (0x0107, 0x0116, 0xB000, 0xB006, 0xB007, any other 0xBxxx ...) means
+  the peer STORED it (perhaps coerced or with elements discarded): the send is done, `sent`, with
+  outcome "sent with warning 0x....", never retried (re-sending would duplicate it at the TPS).
+  Failures, refusals, aborts, timeouts and no response -> retry with exponential backoff;
+  dead-letter after node.send_max_attempts, or at once when retrying cannot help (the file is gone).
 * Restart: a row left `sending` by a process that is gone has an unknown outcome (the peer may
   have stored it and we died before writing `sent`). We re-send it: the same file, the same SOP
   Instance UID, which a conforming receiver stores once (DCMTK storescp and Orthanc overwrite by
@@ -30,23 +31,50 @@ import psutil
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.status import code_to_category
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.errors import UserError
 from config.schema import Config, Destination
-from db.audit import record
+from db.audit import hash_patient_id, record
 from db.engine import transaction
 from db.schema import Send, utcnow
 from dicom_node.tls import client_context
 
 LOG = logging.getLogger("rtprop.node.scu")
 
-WARNING_STATUSES = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
-                    0xB007: "data set does not match SOP class"}
 
 
-class SendError(Exception):
+class SendError(UserError):
     """A send could not be queued (file unreadable, no SOP Instance UID); the message names the file."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one C-STORE attempt came to: the peer's status (None: no answer) and why it failed.
+
+    `permanent`: retrying cannot help (the file is gone or changed): dead-letter at once.
+    """
+
+    status: int | None
+    error: str = ""
+    permanent: bool = False
+
+    @property
+    def category(self) -> str:
+        return code_to_category(self.status) if self.status is not None else "No response"
+
+    @property
+    def stored(self) -> bool:
+        """The peer has it: success, or a warning (stored, perhaps coerced)."""
+        return self.category in ("Success", "Warning")
+
+    def describe(self) -> str:
+        if self.status is None:
+            return f"failed: {self.error}"
+        text = f"0x{self.status:04X}" + (f" {self.error}" if self.error else "")
+        return {"Success": "sent", "Warning": f"sent with warning {text}"}.get(self.category, f"failed {text}")
 
 
 @dataclass
@@ -75,7 +103,8 @@ def owner_alive(claimed_by: str) -> bool:
         return False
 
 
-def enqueue(session: Session, path: Path | str, destination: Destination, job_id: int | None = None) -> Send:
+def enqueue(session: Session, path: Path | str, destination: Destination, job_id: int | None = None,
+            patient_id_hash: str = "") -> Send:
     """Queue `path` for C-STORE to `destination` inside the caller's transaction; returns the row.
 
     The file must stay where it is until the row is `sent` (results live under storage.outbox).
@@ -83,18 +112,21 @@ def enqueue(session: Session, path: Path | str, destination: Destination, job_id
     path = Path(path).resolve()
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "SOPClassUID",
-                                                                    "StudyInstanceUID", "SeriesInstanceUID"])
+                                                                    "StudyInstanceUID", "SeriesInstanceUID",
+                                                                    "PatientID"])
         sop_uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+        patient_id_hash = patient_id_hash or hash_patient_id(str(ds.get("PatientID", "") or ""))
     except Exception as exc:
         raise SendError(f"cannot queue {path}: not a readable DICOM file with SOP UIDs ({exc})") from exc
     row = Send(path=str(path), sop_instance_uid=sop_uid, sop_class_uid=sop_class, job_id=job_id,
                destination_ae=destination.ae_title, destination_host=destination.host,
-               destination_port=destination.port, state="pending", attempts=0, next_attempt_at=utcnow())
+               destination_port=destination.port, state="pending", attempts=0, next_attempt_at=utcnow(),
+               patient_id_hash=patient_id_hash)
     session.add(row)
     session.flush()
     record(session, "send.queued", component="dicom_node", job_id=job_id, sop_instance_uid=sop_uid,
            study_instance_uid=str(ds.get("StudyInstanceUID", "")), series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-           calling_ae=destination.ae_title, send_id=row.id, destination=f"{destination.ae_title}@{destination.host}:{destination.port}",
+           calling_ae=destination.ae_title, patient_id_hash=patient_id_hash, send_id=row.id, destination=f"{destination.ae_title}@{destination.host}:{destination.port}",
            path=str(path))
     return row
 
@@ -147,11 +179,11 @@ def _claim_next(factory: sessionmaker[Session], me: str, dest: tuple[str, str, i
         return row
 
 
-def _finish(factory: sessionmaker[Session], config: Config, row: Send, me: str, status: int | None,
-            error: str) -> Outcome:
-    """Record the result of one attempt: sent (0x0000 only), dead-letter, or pending with backoff."""
+def _finish(factory: sessionmaker[Session], config: Config, row: Send, me: str, attempt: Attempt) -> Outcome:
+    """Record the result of one attempt: sent (the peer stored it), dead-letter, or pending with backoff."""
     now = utcnow()
     dest = f"{row.destination_ae}@{row.destination_host}:{row.destination_port}"
+    status = attempt.status
     status_txt = f"0x{status:04X}" if status is not None else "none"
     with transaction(factory) as session:
         current = session.get(Send, row.id)
@@ -159,26 +191,23 @@ def _finish(factory: sessionmaker[Session], config: Config, row: Send, me: str, 
             LOG.error("send %s no longer claimed by us; leaving it", row.id)
             return Outcome(row.id, current.state if current else "missing", status, "lost claim")
         current.last_status = status
+        current.outcome = attempt.describe()[:2000]
         common = dict(component="dicom_node", job_id=row.job_id, sop_instance_uid=row.sop_instance_uid,
-                      calling_ae=row.destination_ae, send_id=row.id, attempt=current.attempts, destination=dest,
-                      status=status_txt)
-        if status == 0x0000:
-            current.state, current.sent_at, current.last_error = "sent", now, ""
-            record(session, "send.sent", **common)
-            LOG.info("send %s: %s delivered to %s (0x0000)", row.id, row.sop_instance_uid, dest)
+                      calling_ae=row.destination_ae, patient_id_hash=row.patient_id_hash, send_id=row.id,
+                      attempt=current.attempts, destination=dest, status=status_txt, category=attempt.category)
+        if attempt.stored:
+            current.state, current.sent_at, current.last_error, current.claimed_by = "sent", now, "", ""
+            record(session, "send.sent", **common, outcome=current.outcome)
+            log = LOG.info if attempt.category == "Success" else LOG.warning
+            log("send %s: %s delivered to %s (%s)", row.id, row.sop_instance_uid, dest, current.outcome)
             return Outcome(row.id, "sent", status)
-        if status in WARNING_STATUSES:
-            error = f"peer stored it with warning {status_txt} ({WARNING_STATUSES[status]}): check the TPS"
-            permanent = True
-        else:
-            permanent = error.startswith("permanent:")
+        error = attempt.error or current.outcome
         current.last_error = error[:2000]
-        if permanent or current.attempts >= config.node.send_max_attempts:
+        if attempt.permanent or current.attempts >= config.node.send_max_attempts:
             current.state = "dead-letter"
             record(session, "send.failed", **common, error=error)
             record(session, "send.dead_letter", **common, error=error,
-                   reason="warning status" if status in WARNING_STATUSES else
-                   ("permanent failure" if permanent else f"{current.attempts} attempts"))
+                   reason="retrying cannot help" if attempt.permanent else f"{current.attempts} attempts")
             LOG.error("send %s dead-lettered after %d attempt(s): %s", row.id, current.attempts, error)
             return Outcome(row.id, "dead-letter", status, error)
         delay = _backoff_s(config, current.attempts)
@@ -242,7 +271,7 @@ def _deliver_to(factory: sessionmaker[Session], config: Config, me: str, dest: t
     if assoc is None or not assoc.is_established:
         # the claim + failed attempt is recorded for every due row, so retries and backoff are visible
         while (row := _claim_next(factory, me, dest, now)) is not None:
-            outcomes.append(_finish(factory, config, row, me, None, assoc_error))
+            outcomes.append(_finish(factory, config, row, me, Attempt(None, assoc_error)))
         return outcomes
     try:
         while (stop is None or not stop.is_set()) and assoc.is_established:
@@ -257,29 +286,32 @@ def _deliver_to(factory: sessionmaker[Session], config: Config, me: str, dest: t
 
 
 def _send_one(factory: sessionmaker[Session], config: Config, me: str, assoc, row: Send) -> Outcome:  # type: ignore[no-untyped-def]
+    return _finish(factory, config, row, me, _store(assoc, row))
+
+
+def _store(assoc, row: Send) -> Attempt:  # type: ignore[no-untyped-def]
+    """One C-STORE of the row's file on an established association."""
     path = Path(row.path)
     try:
         ds = dcmread(path)
     except FileNotFoundError:
-        return _finish(factory, config, row, me, None, f"permanent: file missing: {path}")
+        return Attempt(None, f"file missing: {path}", permanent=True)
     except Exception as exc:
-        return _finish(factory, config, row, me, None, f"permanent: file unreadable: {path}: {exc}")
+        return Attempt(None, f"file unreadable: {path}: {exc}", permanent=True)
     if str(ds.get("SOPInstanceUID", "")) != row.sop_instance_uid:
-        return _finish(factory, config, row, me, None,
-                       f"permanent: {path} now holds SOP Instance UID {ds.get('SOPInstanceUID')}, "
-                       f"queued as {row.sop_instance_uid}")
+        return Attempt(None, f"{path} now holds SOP Instance UID {ds.get('SOPInstanceUID')}, queued as "
+                             f"{row.sop_instance_uid}", permanent=True)
     try:
         rsp = assoc.send_c_store(ds)
     except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
-        return _finish(factory, config, row, me, None, f"no accepted presentation context: {exc}")
+        return Attempt(None, f"no accepted presentation context: {exc}")
     except Exception as exc:
-        return _finish(factory, config, row, me, None, f"C-STORE failed: {type(exc).__name__}: {exc}")
+        return Attempt(None, f"C-STORE failed: {type(exc).__name__}: {exc}")
     if rsp is None or "Status" not in rsp:
         # no response (timeout/abort): the peer may or may not have it -> retry the same SOP UID
-        return _finish(factory, config, row, me, None, "no C-STORE response (timeout, abort or invalid response)")
-    status = int(rsp.Status)
-    error = "" if status == 0 else f"peer answered 0x{status:04X} {str(rsp.get('ErrorComment', '') or '')}".strip()
-    return _finish(factory, config, row, me, status, error)
+        return Attempt(None, "no C-STORE response (timeout, abort or invalid response)")
+    comment = str(rsp.get("ErrorComment", "") or "").strip()
+    return Attempt(int(rsp.Status), comment)
 
 
 class Sender:

@@ -5,6 +5,7 @@ Started by `rtprop serve` (pipeline/cli.py), which also runs the pipeline's work
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -15,7 +16,6 @@ from config.schema import Config
 from db.audit import record
 from db.engine import open_database, transaction
 from dicom_node.completion import CompletionChecker
-from dicom_node.routing import check_routes
 from dicom_node.scp import start_scp
 from dicom_node.scu import Sender
 from dicom_node.storage import Store, recover
@@ -32,8 +32,6 @@ def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
     factory = open_database(st.database)
     removed = recover(st)
-    for problem in check_routes(config):
-        LOG.error("configuration: %s", problem)
 
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -55,9 +53,15 @@ def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
     for t in threads:
         t.start()
     port = server.server_address[1]
+    free_mb = shutil.disk_usage(st.archive).free // (1 << 20)
     with transaction(factory) as session:
         record(session, "node.started", component="dicom_node", calling_ae=config.node.ae_title,
-               host=config.node.host, port=port, temp_files_removed=removed, worker=sender.me)
+               host=config.node.host, port=port, temp_files_removed=removed, worker=sender.me, free_mb=free_mb)
+        if free_mb < st.min_free_mb:
+            record(session, "node.low_disk", component="dicom_node", free_mb=free_mb, min_free_mb=st.min_free_mb)
+    if free_mb < st.min_free_mb:
+        LOG.warning("only %d MB free on %s, below storage.min_free_mb=%d: every C-STORE will be refused (0xA700) "
+                    "until space is freed", free_mb, st.archive, st.min_free_mb)
     LOG.info("%s: %s on %s:%d (storage %s)", READY_LINE, config.node.ae_title, config.node.host, port, st.root)
     print(f"{READY_LINE} {config.node.ae_title} {config.node.host}:{port}", file=sys.stderr, flush=True)
     try:

@@ -20,10 +20,8 @@ import logging
 import os
 import re
 import shutil
-import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 
@@ -31,8 +29,11 @@ from pydicom import dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import StorageConfig
-from db.audit import CHAINED_FIELDS, GENESIS, hash_patient_id, new_row, record
-from db.engine import transaction
+from converters.files import TEMP_PREFIX, fsync_dir, write_atomic
+from db.audit import hash_patient_id, record
+from db.engine import ensure_reserve, transaction, write_with_reserve
+from db.instances import NewInstance, record_instance
+from db.schema import utcnow
 
 LOG = logging.getLogger("rtprop.node.storage")
 
@@ -43,10 +44,8 @@ DATASET_MISMATCH = 0xA900        # required attribute missing/invalid or not mat
 CANNOT_UNDERSTAND = 0xC000       # the data set cannot be parsed
 PROCESSING_FAILURE = 0x0110      # our own fault (database unavailable ...): the peer should retry
 
-TEMP_PREFIX = ".rtprop-tmp-"
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 
 
 @dataclass
@@ -83,36 +82,6 @@ class IngestError(Exception):
         self.reason = reason
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write `data` to `path` so that `path` is either absent or complete (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        _fsync_dir(path.parent)
-
-
 def archive_path(archive: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
     """archive/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm (UIDs only, no names)."""
     return archive / study_uid / series_uid / f"{sop_uid}.dcm"
@@ -136,29 +105,6 @@ class _Parsed:
     modality: str
     patient_id_hash: str
     transfer_syntax_uid: str
-
-
-_DB_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy's SQLite DateTime stores values (UTC here)
-
-
-@dataclass
-class _Existing:
-    sha256: str
-    path: str
-
-
-def _audit_fast(cur, event: str, *, study_instance_uid: str = "", series_instance_uid: str = "",  # type: ignore[no-untyped-def]
-                sop_instance_uid: str = "", calling_ae: str = "", patient_id_hash: str = "",
-                details: dict | None = None) -> None:
-    """db.audit.record on a raw cursor inside the caller's BEGIN IMMEDIATE: same fields, same hash chain."""
-    last = cur.execute("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-    values = new_row(last[0] if last else GENESIS, event, component="dicom_node",
-                     study_instance_uid=study_instance_uid, series_instance_uid=series_instance_uid,
-                     sop_instance_uid=sop_instance_uid, calling_ae=calling_ae, patient_id_hash=patient_id_hash,
-                     details=details)
-    cols = list(CHAINED_FIELDS) + ["hash"]
-    cur.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                [values[c] for c in cols])
 
 
 IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}  # CT, MR Image Storage
@@ -240,8 +186,6 @@ class Store:
         self.archive.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
-        self._lock = threading.Lock()
-        self._engine = factory.kw["bind"]
 
     # ------------------------------------------------------------------ space
     def has_space(self, needed: int) -> bool:
@@ -275,15 +219,15 @@ class Store:
             path = None  # type: ignore[assignment]
         if audit:
             try:
-                with transaction(self.factory) as session:
-                    record(session, "instance.quarantined", component="dicom_node",
-                           sop_instance_uid=ids.get("sop_instance_uid", received.affected_sop_instance_uid),
-                           series_instance_uid=ids.get("series_instance_uid", ""),
-                           study_instance_uid=ids.get("study_instance_uid", ""),
-                           calling_ae=received.calling_ae, status=f"0x{status:04X}", reason=reason,
-                           quarantine_path=str(path) if path else "", peer_address=received.peer_address)
+                write_with_reserve(self.factory, lambda session: record(
+                    session, "instance.quarantined", component="dicom_node",
+                    sop_instance_uid=ids.get("sop_instance_uid", received.affected_sop_instance_uid),
+                    series_instance_uid=ids.get("series_instance_uid", ""),
+                    study_instance_uid=ids.get("study_instance_uid", ""), calling_ae=received.calling_ae,
+                    status=f"0x{status:04X}", reason=reason, quarantine_path=str(path) if path else "",
+                    peer_address=received.peer_address))
             except Exception as exc:  # the reason file is the record of last resort
-                LOG.error("audit of quarantined instance failed: %s", exc)
+                LOG.error("audit of quarantined instance %s failed: %s", received.affected_sop_instance_uid, exc)
         LOG.warning("quarantined %s from %s: 0x%04X %s", received.affected_sop_instance_uid,
                     received.calling_ae, status, reason)
         return path
@@ -311,15 +255,9 @@ class Store:
         if not self.has_space(len(raw)):
             reason = f"free space below storage.min_free_mb={self.storage.min_free_mb}"
             LOG.error("refusing %s: %s", received.affected_sop_instance_uid, reason)
-            try:
-                with transaction(self.factory) as session:
-                    record(session, "instance.refused", component="dicom_node",
-                           sop_instance_uid=received.affected_sop_instance_uid, calling_ae=received.calling_ae,
-                           status=f"0x{OUT_OF_RESOURCES:04X}", reason=reason)
-            except Exception:
-                LOG.exception("audit failed")
+            self._audit_refusal(received, OUT_OF_RESOURCES, reason)
             return IngestResult(OUT_OF_RESOURCES, reason, sop_instance_uid=received.affected_sop_instance_uid)
-
+        ensure_reserve(self.factory)  # one stat when it is there; rebuilt once the disk has room again
         p = parse_identifiers(raw, received)
         start = _split_meta(raw)
         digest = hashlib.sha256(memoryview(raw)[start:]).hexdigest()
@@ -328,104 +266,74 @@ class Store:
         if folder not in self._known_dirs:
             folder.mkdir(parents=True, exist_ok=True)
             if self.fsync:
-                _fsync_dir(folder.parent)
-                _fsync_dir(folder.parent.parent)
+                fsync_dir(folder.parent)
+                fsync_dir(folder.parent.parent)
             self._known_dirs.add(folder)
         # 1. bytes on disk under a temp name (outside the DB lock: associations write in parallel)
         tmp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+
+        def place() -> None:  # under the DB lock: the file appears with its row
+            os.replace(tmp, final)
+            if self.fsync:
+                fsync_dir(folder)
+
         try:
             with open(tmp, "wb") as fh:
                 fh.write(raw)
                 if self.fsync:
                     fh.flush()
                     os.fsync(fh.fileno())
-            # 2. one write-locked transaction: duplicate check, rename, rows, audit; commit = success.
-            #    Plain DBAPI on the engine's pooled connection (same PRAGMAs): the ORM cost ~3 ms here.
-            now = utcnow()
-            conn = self._engine.raw_connection()
-            try:
-                cur = conn.cursor()
-                cur.execute("BEGIN IMMEDIATE")
-                try:
-                    existing = cur.execute("SELECT sha256, path FROM instances WHERE sop_instance_uid = ?",
-                                           (p.sop_instance_uid,)).fetchone()
-                    if existing is not None:
-                        cur.execute("ROLLBACK")
-                        tmp.unlink(missing_ok=True)
-                        return self._duplicate_tx(raw, received, p, digest, existing[0], existing[1])
-                    os.replace(tmp, final)
-                    if self.fsync:
-                        _fsync_dir(folder)
-                    reopened = self._record_fast(cur, p, received, str(final), digest, now)
-                    cur.execute("COMMIT")
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
-            finally:
-                conn.close()  # back to the pool
-            if reopened:
-                with transaction(self.factory) as session:
-                    record(session, "series.reopened", component="dicom_node",
-                           study_instance_uid=p.study_instance_uid, series_instance_uid=p.series_instance_uid,
-                           calling_ae=received.calling_ae, previous_state=reopened,
-                           reason="instance arrived after the series was closed")
+            # 2. one write transaction: duplicate check, rename, rows, audit; commit = success
+            done = record_instance(self.factory, NewInstance(
+                sop_instance_uid=p.sop_instance_uid, sop_class_uid=p.sop_class_uid,
+                series_instance_uid=p.series_instance_uid, study_instance_uid=p.study_instance_uid,
+                modality=p.modality, patient_id_hash=p.patient_id_hash, path=str(final), sha256=digest,
+                transfer_syntax_uid=p.transfer_syntax_uid, calling_ae=received.calling_ae[:16],
+                peer_address=received.peer_address[:64], source=received.source, received_at=utcnow()), place)
         finally:
             if tmp.exists():
                 tmp.unlink(missing_ok=True)
+        if done.duplicate:
+            return self._duplicate_tx(raw, received, p, digest, done.existing_sha256, done.existing_path)
+        if done.reopened_from:
+            with transaction(self.factory) as session:
+                record(session, "series.reopened", component="dicom_node", study_instance_uid=p.study_instance_uid,
+                       series_instance_uid=p.series_instance_uid, calling_ae=received.calling_ae,
+                       patient_id_hash=p.patient_id_hash, previous_state=done.reopened_from,
+                       reason="instance arrived after the series was closed")
         return IngestResult(SUCCESS, sop_instance_uid=p.sop_instance_uid, series_instance_uid=p.series_instance_uid,
                             study_instance_uid=p.study_instance_uid, path=final)
 
-    def _record_fast(self, cur, p: _Parsed, received: Received, path: str, digest: str,  # type: ignore[no-untyped-def]
-                     now: datetime) -> str:
-        """Instance row, Series upsert, `instance.received` audit row; returns the old state if reopened."""
-        ts = now.strftime(_DB_TIME)
-        ae, peer = received.calling_ae[:16], received.peer_address[:64]
-        cur.execute(
-            "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_instance_uid, study_instance_uid, "
-            "modality, patient_id_hash, path, sha256, transfer_syntax_uid, calling_ae, peer_address, source, "
-            "received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (p.sop_instance_uid, p.sop_class_uid, p.series_instance_uid, p.study_instance_uid, p.modality,
-             p.patient_id_hash, path, digest, p.transfer_syntax_uid, ae, peer, received.source, ts))
-        row = cur.execute("SELECT state FROM series WHERE series_instance_uid = ?", (p.series_instance_uid,)).fetchone()
-        if row is None:
-            cur.execute(
-                "INSERT INTO series (series_instance_uid, study_instance_uid, modality, calling_ae, peer_address, "
-                "state, instance_count, first_received_at, last_received_at, completed_at, reason) "
-                "VALUES (?,?,?,?,?,'receiving',1,?,?,NULL,'')",
-                (p.series_instance_uid, p.study_instance_uid, p.modality, ae, peer, ts, ts))
-            prev = ""
-        else:
-            prev = row[0] if row[0] != "receiving" else ""
-            cur.execute(
-                "UPDATE series SET instance_count = instance_count + 1, last_received_at = ?, state = 'receiving', "
-                "completed_at = CASE WHEN state = 'receiving' THEN completed_at ELSE NULL END "
-                "WHERE series_instance_uid = ?", (ts, p.series_instance_uid))
-        _audit_fast(cur, "instance.received", study_instance_uid=p.study_instance_uid,
-                    series_instance_uid=p.series_instance_uid, sop_instance_uid=p.sop_instance_uid,
-                    calling_ae=received.calling_ae, patient_id_hash=p.patient_id_hash,
-                    details={"sop_class_uid": p.sop_class_uid, "sha256": digest, "peer_address": received.peer_address})
-        return prev
+    def _audit_refusal(self, received: Received, status: int, reason: str) -> None:
+        """`instance.refused`, even on a full disk (the database reserve is given back for it)."""
+        try:
+            write_with_reserve(self.factory, lambda session: record(
+                session, "instance.refused", component="dicom_node", sop_instance_uid=received.affected_sop_instance_uid,
+                calling_ae=received.calling_ae, status=f"0x{status:04X}", reason=reason,
+                peer_address=received.peer_address))
+        except Exception as exc:  # noqa: BLE001 - the peer still gets its failure status
+            LOG.error("audit of refused instance %s failed: %s", received.affected_sop_instance_uid, exc)
 
     def _duplicate_tx(self, raw: bytes, received: Received, p: _Parsed, digest: str, kept_sha: str,
                       kept_path: str) -> IngestResult:
         with transaction(self.factory) as session:
-            return self._duplicate(session, raw, received, p, digest, _Existing(kept_sha, kept_path))
+            return self._duplicate(session, raw, received, p, digest, kept_sha, kept_path)
 
     def _duplicate(self, session: Session, raw: bytes, received: Received, p: _Parsed, digest: str,
-                   existing) -> IngestResult:  # type: ignore[no-untyped-def]
+                   kept_sha: str, kept_path: str) -> IngestResult:
         ids = dict(sop_instance_uid=p.sop_instance_uid, series_instance_uid=p.series_instance_uid,
                    study_instance_uid=p.study_instance_uid)
-        if existing.sha256 == digest:
+        if kept_sha == digest:
             record(session, "instance.duplicate", component="dicom_node", calling_ae=received.calling_ae,
                    patient_id_hash=p.patient_id_hash, sha256=digest, identical=True, **ids)
-            return IngestResult(SUCCESS, "duplicate (identical)", path=Path(existing.path), duplicate=True, **ids)
+            return IngestResult(SUCCESS, "duplicate (identical)", path=Path(kept_path), duplicate=True, **ids)
         reason = (f"conflict: SOP Instance UID already stored with different content "
-                  f"(kept first sha256={existing.sha256}, this sha256={digest})")
+                  f"(kept first sha256={kept_sha}, this sha256={digest})")
         q = self.quarantine(raw, received, SUCCESS, reason, audit=False, **ids)
         record(session, "instance.conflict", component="dicom_node", calling_ae=received.calling_ae,
-               patient_id_hash=p.patient_id_hash, kept_sha256=existing.sha256, new_sha256=digest,
+               patient_id_hash=p.patient_id_hash, kept_sha256=kept_sha, new_sha256=digest,
                quarantine_path=str(q) if q else "", **ids)
-        return IngestResult(SUCCESS, reason, path=Path(existing.path), duplicate=True, quarantined=q, **ids)
+        return IngestResult(SUCCESS, reason, path=Path(kept_path), duplicate=True, quarantined=q, **ids)
 
 
 def recover(storage: StorageConfig) -> int:

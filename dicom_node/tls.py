@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import ssl
 
+from config.errors import UserError
 from config.schema import TLSConfig
 
 
-class TLSConfigError(ValueError):
+class TLSConfigError(UserError):
     """TLS is enabled but a certificate, key or CA file is missing; the message names it."""
 
 

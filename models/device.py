@@ -11,8 +11,10 @@ from collections.abc import Iterator
 
 import torch
 
+from config.errors import UserError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(UserError):
     """A device was asked for by name (`propagation.device`) and is not available on this node."""
 
 

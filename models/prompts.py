@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from config.errors import UserError
+
 import numpy as np
 
 
@@ -42,7 +44,7 @@ class MaskPrompt:
 Prompt = BoxPrompt | PointPrompt | MaskPrompt
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt that cannot be used: outside the image, empty, on a slice that does not exist..."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from config.errors import UserError
 from models.device import choose_device
 
 VIDEO_PREDICTOR_TARGET = "sam2.sam2_video_predictor.SAM2VideoPredictor"
@@ -46,7 +47,7 @@ KEY_PREFIXES = ("sam2_model.", "module.", "model.")
 STATE_DICT_KEYS = ("model", "model_state_dict", "state_dict", "module")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint or model config that cannot be used; the message names the file and its folder."""
 
 

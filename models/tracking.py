@@ -30,13 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from config.schema import PropagationConfig
-from converters.cine import (
-    CineLabelWriter,
-    CineSource,
-    DicomCine,
-    open_trackrad_case,
-    read_stack_frames,
-)
+from converters.cine import CineSource
 from models.prompts import PromptError
 
 Sink = Callable[[int, np.ndarray, float, float], Any]  # (frame, mask, confidence, latency_ms)
@@ -248,44 +242,3 @@ def track(source: CineSource, first_mask: np.ndarray, settings: PropagationConfi
         checkpoint_sha256=info.pop("checkpoint_sha256", None),
         details={**info, "total_s": time.perf_counter() - t_start, "frame_rate_hz": source.frame_rate_hz},
     )
-
-
-def read_mask_file(path: str | Path) -> np.ndarray:
-    """A first-frame mask from .mha/.nii(.gz)/.nrrd (2D, or a one-frame TrackRAD stack), .npy or .npz."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptError(f"first-frame mask {path.name} not found in {path.parent}")
-    if path.suffix == ".npy":
-        return np.load(path).astype(bool)
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            return data[data.files[0]].astype(bool)
-    frames = read_stack_frames(path)
-    return np.squeeze(frames[0] if frames.shape[0] == 1 else frames) > 0
-
-
-def track_case(case: str | Path, out_dir: str | Path, settings: PropagationConfig | None = None,
-               first_label: str | Path | None = None) -> TrackingSummary:
-    """Track a TrackRAD2025 case folder, or a DICOM cine folder (then `first_label` is required).
-
-    Writes `<out_dir>/targets/<case>_labels.mha` and `<out_dir>/<case>_tracking.csv`.
-    """
-    case = Path(case)
-    if (case / "images").is_dir():
-        opened = open_trackrad_case(case)
-        source, mask0 = opened.source, opened.first_label
-        if first_label is not None:
-            mask0 = read_mask_file(first_label)
-    else:
-        if first_label is None:
-            raise PromptError(f"{case}: a DICOM cine series needs a first-frame mask file (first_label)")
-        source, mask0 = DicomCine(case), read_mask_file(first_label)
-    with source:
-        writer = CineLabelWriter(out_dir, source, case=source.name)
-        try:
-            summary = track(source, mask0, settings,
-                            sink=lambda t, m, c, ms: writer.add(m, confidence=c, latency_ms=ms))
-        finally:
-            writer.close()
-    summary.labels_path, summary.csv_path = writer.labels_path, writer.csv_path
-    return summary

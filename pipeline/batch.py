@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.uid import RTStructureSetStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +28,6 @@ from db.engine import transaction
 from db.schema import Instance
 
 LOG = logging.getLogger("rtprop.pipeline.batch")
-RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 
 
 @dataclass
@@ -42,22 +42,17 @@ class BatchItem:
     rois: list[str]
 
 
-def _parse_when(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    value = datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
 def select_items(factory: sessionmaker[Session], config: Config, *, since: datetime | None, until: datetime | None,
-                 roi_regex: str) -> list[BatchItem]:
-    """Archived RTSTRUCTs (not our own results) with a complete image series and ROIs to re-contour."""
-    from pipeline.discovery import OWN_MANUFACTURER, match_series, series_folder
+                 roi_regex: str) -> tuple[list[BatchItem], list[dict[str, Any]]]:
+    """Archived RTSTRUCTs (not our own results) with a complete image series and ROIs to re-contour,
+    and the ones that cannot be re-contoured (as drift.csv rows with the error: an RTSTRUCT whose
+    series is ambiguous is reported, never guessed)."""
+    from pipeline.discovery import is_own_result, match_series, series_folder
 
     regex = re.compile(roi_regex, re.IGNORECASE)
-    items = []
+    items, skipped = [], []
     with factory() as session:
-        stmt = select(Instance).where(Instance.sop_class_uid == RTSTRUCT_CLASS).order_by(Instance.id)
+        stmt = select(Instance).where(Instance.sop_class_uid == RTStructureSetStorage).order_by(Instance.id)
         if since is not None:
             stmt = stmt.where(Instance.received_at >= since)
         if until is not None:
@@ -68,7 +63,7 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
             except Exception as exc:  # noqa: BLE001
                 LOG.warning("batch: cannot read %s: %s", inst.path, exc)
                 continue
-            if str(ds.get("Manufacturer", "")).strip().lower() == OWN_MANUFACTURER:
+            if is_own_result(ds):
                 continue
             names = [str(r.get("ROIName", "")) for r in ds.get("StructureSetROISequence", [])]
             contoured = _contoured_roi_numbers(ds)
@@ -76,16 +71,20 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
             rois = [n for n, num in zip(names, numbers) if num in contoured and regex.fullmatch(n.strip())]
             if not rois:
                 continue
-            match = match_series(session, ds, inst.study_instance_uid, arrived_at=inst.received_at)
+            match = match_series(session, ds, inst.study_instance_uid)
             if match.series is None or match.series.state != "complete":
-                LOG.info("batch: RTSTRUCT %s skipped: %s", inst.sop_instance_uid,
-                         match.reason or f"series {match.series.series_instance_uid} is {match.series.state}")
+                why = (f"series {match.series.series_instance_uid} is {match.series.state}" if match.series
+                       else ("" if match.ambiguous else "no ") + match.reason)
+                LOG.warning("batch: RTSTRUCT %s skipped: %s", inst.sop_instance_uid, why)
+                skipped.extend({"study_instance_uid": inst.study_instance_uid, "series_instance_uid": "",
+                                "modality": "", "rtstruct_sop_instance_uid": inst.sop_instance_uid, "roi": roi,
+                                "sent": False, "error": f"not re-contoured: {why}"} for roi in rois)
                 continue
             items.append(BatchItem(Path(inst.path), inst.sop_instance_uid,
                                    series_folder(session, match.series.series_instance_uid),
                                    match.series.series_instance_uid, inst.study_instance_uid, inst.calling_ae,
                                    match.series.modality, rois))
-    return items
+    return items, skipped
 
 
 def _contoured_roi_numbers(ds: pydicom.Dataset) -> set[int]:
@@ -104,7 +103,8 @@ def _contoured_roi_numbers(ds: pydicom.Dataset) -> set[int]:
     return out
 
 
-def run_batch(factory: sessionmaker[Session], config: Config, *, since: str | None = None, until: str | None = None,
+def run_batch(factory: sessionmaker[Session], config: Config, *, since: datetime | None = None,
+              until: datetime | None = None,
               roi_regex: str | None = None, send: bool | None = None, out: Path | None = None,
               progress: bool = True, trigger: str = "cli") -> dict[str, Any]:
     """Run one batch; returns the summary (also audited). See the module doc."""
@@ -117,13 +117,18 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: str | No
     out_root = Path(out) if out is not None else config.batch.out
     run_dir = out_root / started.strftime("%Y%m%dT%H%M%SZ")
     run_dir.mkdir(parents=True, exist_ok=True)
-    items = select_items(factory, config, since=_parse_when(since), until=_parse_when(until), roi_regex=roi_regex)
+    since, until = (w.astimezone(timezone.utc) if w is not None and w.tzinfo else w for w in (since, until))
+    items, skipped = select_items(factory, config, since=since, until=until, roi_regex=roi_regex)
     total = sum(len(i.rois) for i in items)
     with transaction(factory) as session:
         record(session, "batch.started", component="batch", trigger=trigger, since=since, until=until,
                roi_regex=roi_regex, send=send, rtstructs=len(items), rois=total, out=str(run_dir),
                local_date=datetime.now().strftime("%Y-%m-%d"))
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = list(skipped)
+    with transaction(factory) as session:
+        for row in skipped:
+            record(session, "batch.skipped", component="batch", study_instance_uid=row["study_instance_uid"],
+                   sop_instance_uid=row["rtstruct_sop_instance_uid"], roi=row["roi"], error=row["error"])
     bar = None
     if progress:
         from tqdm import tqdm

@@ -1,23 +1,31 @@
 """`rtprop`: one command line over the converters, the propagators, the node and the pipeline.
 
-Every subcommand is a thin shell over library functions. Errors a user can fix print one clear
-line and exit 2; anything unexpected exits 1 (set RTPROP_DEBUG=1 for the traceback).
+Every subcommand is a thin shell over library functions. Errors a user can fix (`UserError`,
+config/errors.py) print one clear line and exit 2; anything unexpected exits 1 (set RTPROP_DEBUG=1
+for the traceback). Long-running commands (serve, worker, dropin) log one line per job state change
+at INFO without -v.
 """
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
 
-from config.load import ConfigError, load_config, resolve_storage
-from config.schema import Config
+from config.errors import UserError
+from config.load import load_config, resolve_storage
+from config.schema import Config, Destination
+from pipeline.compute import LOG_FORMAT
 
 log = logging.getLogger("rtprop")
 
@@ -38,118 +46,128 @@ def _config(config_path: Path | None, storage: Path | None = None, **overrides: 
     return resolve_storage(load_config(config_path, overrides=tree))
 
 
+def _open_existing_database(config: Config):  # type: ignore[no-untyped-def]
+    """The node's database for commands that read an existing node (audit, batch, jobs): never created here."""
+    from db.engine import open_database
+
+    if not config.storage.database.exists():
+        raise UserError(f"no rtprop database at {config.storage.database} (--storage names the node's storage "
+                        "root, the folder `rtprop serve` was started with)")
+    return open_database(config.storage.database)
+
+
 def _emit(summary: dict[str, Any]) -> None:
     click.echo(json.dumps(summary, sort_keys=True, default=str))
 
 
+def _service_logging() -> None:
+    """serve / worker / dropin: job state changes at INFO unless -v/-vv asked for more already."""
+    rtprop = logging.getLogger("rtprop")
+    if rtprop.getEffectiveLevel() > logging.INFO:
+        rtprop.setLevel(logging.INFO)
+
+
+def run_until_signal(stop: threading.Event, threads: list[threading.Thread], join_s: float = 10.0) -> None:
+    """Wait for SIGTERM/SIGINT (or `stop`), then stop and join `threads`: the loop every service command shares."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    for t in threads:
+        t.join(timeout=join_s)
+
+
+class IsoDateTime(click.ParamType):
+    """An ISO 8601 date or date-time (2026-11-30, 2026-11-30T18:00, 2026-11-30T18:00+01:00); UTC unless an
+    offset is given."""
+
+    name = "ISO-DATE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            when = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 date or date-time (e.g. 2026-11-30 or 2026-11-30T18:00; UTC "
+                      "unless an offset such as +01:00 is given)", param, ctx)
+        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+ISO_DATE = IsoDateTime()
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                              help="YAML configuration file (see config/example.yaml).")
 storage_option = click.option("--storage", type=click.Path(file_okay=False, path_type=Path),
                               help="Storage root: archive, quarantine and database live under it.")
+backend_option = click.option("--backend", type=click.Choice(["auto", "sam2", "classic"]),
+                              help="Propagator (default: propagation.backend, auto = sam2 if a checkpoint is set).")
+checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path),
+                                 help="SAM2 checkpoint file on this node (never downloaded).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.version_option(package_name="rtprop")
 def cli(verbose: int) -> None:
-    """rtprop: propagate a one-slice prompt through a CT/MR volume and return an RTSTRUCT."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """rtprop: propagate a prompt drawn on a few slices through a CT/MR volume and return an RTSTRUCT."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    if verbose:
+        logging.getLogger("rtprop").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
 
 
 # ---------------------------------------------------------------- propagate
-def parse_box(text: str) -> tuple[int, int, int, int, int]:
-    """`Z,X0,Y0,X1,Y1` -> (z, x0, y0, x1, y1)."""
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError as exc:
-        raise click.BadParameter(f"box {text!r}: indices must be integers") from exc
-    if len(values) != 5:
-        raise click.BadParameter(f"box {text!r}: expected Z,X0,Y0,X1,Y1")
-    return values  # type: ignore[return-value]
-
-
-def parse_point(text: str) -> tuple[int, int, int, bool]:
-    """`Z,X,Y[,+|-]` -> (z, x, y, positive)."""
-    parts = [p.strip() for p in text.split(",")]
-    sign = True
-    if len(parts) == 4:
-        if parts[3] not in ("+", "-"):
-            raise click.BadParameter(f"point {text!r}: the fourth field must be + or -")
-        sign = parts[3] == "+"
-        parts = parts[:3]
-    if len(parts) != 3:
-        raise click.BadParameter(f"point {text!r}: expected Z,X,Y or Z,X,Y,+|-")
-    try:
-        z, x, y = (int(p) for p in parts)
-    except ValueError as exc:
-        raise click.BadParameter(f"point {text!r}: indices must be integers") from exc
-    return z, x, y, sign
-
-
-def build_prompt(box: str | None, points: tuple[str, ...], mask_file: Path | None, slice_index: int | None,
-                 shape_zyx: tuple[int, ...]):
-    """The prompt the flags describe; exactly one of --box, --point, --mask."""
-    from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, PromptError
-
-    given = sum(bool(x) for x in (box, points, mask_file))
-    if given != 1:
-        raise click.UsageError("give exactly one prompt: --box, --point (repeatable) or --mask with --slice")
-    if box:
-        z, x0, y0, x1, y1 = parse_box(box)
-        return BoxPrompt(z, x0, y0, x1, y1)
-    if points:
-        parsed = [parse_point(p) for p in points]
-        slices = {p[0] for p in parsed}
-        if len(slices) != 1:
-            raise PromptError(f"all points must be on one slice; got slices {sorted(slices)}")
-        return PointPrompt(parsed[0][0], tuple((x, y, s) for _, x, y, s in parsed))
-    if slice_index is None:
-        raise click.UsageError("--mask needs --slice Z")
-    from converters.volume_io import read_mask
-
-    mask = read_mask(mask_file)
-    if mask.ndim == 3:
-        if mask.shape != tuple(shape_zyx):
-            raise PromptError(f"mask {mask_file} has shape {mask.shape}, the volume {tuple(shape_zyx)}")
-        if not 0 <= slice_index < mask.shape[0]:
-            raise PromptError(f"--slice {slice_index} is outside the mask's 0..{mask.shape[0] - 1}")
-        mask = mask[slice_index]
-    return MaskPrompt(slice_index, mask.astype(bool))
-
-
 @cli.command()
 @click.argument("volume", type=click.Path(exists=True, path_type=Path))
-@click.option("--box", help="Z,X0,Y0,X1,Y1: a rectangle on slice Z (X along columns, Y along rows).")
-@click.option("--point", "points", multiple=True, help="Z,X,Y[,+|-]: a click on slice Z; repeat for more.")
+@click.option("--box", "boxes", multiple=True,
+              help="Z,X0,Y0,X1,Y1: a rectangle on slice Z (X along columns, Y along rows); repeat for other slices.")
+@click.option("--point", "points", multiple=True,
+              help="Z,X,Y[,+|-]: a click on slice Z (+ structure, - not the structure); repeat, any slices.")
 @click.option("--mask", "mask_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A mask file on VOLUME's grid (or a 2D mask); its slice --slice is the prompt.")
-@click.option("--slice", "slice_index", type=int, help="The slice of --mask to use.")
+              help="A binary mask on VOLUME's grid: every slice it is drawn on is a prompt (or only --slice Z).")
+@click.option("--slice", "slice_index", type=int, help="Use only this slice of --mask (needed for a 2D mask).")
+@click.option("--series-uid", help="SeriesInstanceUID to read when VOLUME is a DICOM folder holding several series.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output mask on VOLUME's grid: .nii.gz, .mha or .npz.")
-@click.option("--backend", type=click.Choice(["auto", "sam2", "classic"]), help="Default: config (auto).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="SAM2 checkpoint file (never downloaded).")
+              help="Output mask on VOLUME's grid: .nii.gz, .mha or .npz (its folder must exist).")
+@backend_option
+@checkpoint_option
 @config_option
-def propagate(volume: Path, box: str | None, points: tuple[str, ...], mask_file: Path | None,
-              slice_index: int | None, out: Path, backend: str | None, checkpoint: Path | None,
-              config_path: Path | None) -> None:
-    """Propagate a prompt on one slice of VOLUME through the whole volume."""
-    from converters.volume_io import read_volume, write_mask
-    from models.propagate import propagate as run
+def propagate(volume: Path, boxes: tuple[str, ...], points: tuple[str, ...], mask_file: Path | None,
+              slice_index: int | None, series_uid: str | None, out: Path, backend: str | None,
+              checkpoint: Path | None, config_path: Path | None) -> None:
+    """Propagate prompts drawn on one or more slices of VOLUME through the whole volume.
 
+    Indices are voxel indices in (z, y, x) array order. Prompts on several slices (e.g. the first,
+    middle and last slice of the target) are all honoured; clicks add to a box or outline on their slice.
+    """
+    from converters.volume_io import read_mask, read_volume, write_mask
+    from models.propagate import propagate as run
+    from pipeline.prompts import prompts_from_args
+
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
     config = _config(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
     started = time.perf_counter()
-    vol = read_volume(volume)
-    prompt = build_prompt(box, points, mask_file, slice_index, vol.array.shape)
-    result = run(vol.array, vol.geometry.spacing_zyx, prompt, vol.modality, config.propagation)
+    vol = read_volume(volume, series_uid)
+    mask = _binary_mask(mask_file, read_mask) if mask_file is not None else None
+    prompts = prompts_from_args(boxes, points, mask, slice_index, vol.array.shape)
+    result = run(vol.array, vol.geometry.spacing_zyx, prompts, vol.modality, config.propagation)
     write_mask(out, result.mask, vol.geometry)
     _emit(_mask_summary(result, vol, out, time.perf_counter() - started))
 
 
-def _mask_summary(result, vol, out: Path, seconds: float) -> dict[str, Any]:
+def _binary_mask(path: Path, read_mask) -> Any:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    mask = np.asarray(read_mask(path))
+    values = np.unique(mask)
+    if values.size > 2 or (values.size == 2 and values.min() != 0):
+        raise UserError(f"--mask {path}: holds {values.size} different values, not a binary mask (0 and one label)")
+    return mask > 0
+
+
+def _mask_summary(result, vol, out: Path, seconds: float) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     slices = [int(z) for z in result.mask.any(axis=(1, 2)).nonzero()[0]]
-    voxel_ml = float(abs(vol.geometry.spacing_mm[0] * vol.geometry.spacing_mm[1] * vol.geometry.spacing_mm[2])) / 1000.0
+    dz, dy, dx = vol.geometry.spacing_zyx
     return {
         "out": str(out),
         "backend": result.backend,
@@ -157,7 +175,8 @@ def _mask_summary(result, vol, out: Path, seconds: float) -> dict[str, Any]:
         "checkpoint_sha256": result.checkpoint_sha256,
         "slices": [slices[0], slices[-1]] if slices else [],
         "voxels": int(result.mask.sum()),
-        "volume_ml": round(float(result.mask.sum()) * voxel_ml, 3),
+        "volume_ml": round(float(result.mask.sum()) * abs(dz * dy * dx) / 1000.0, 3),
+        "warnings": list(result.warnings),
         "seconds": round(seconds, 3),
     }
 
@@ -167,10 +186,12 @@ def _mask_summary(result, vol, out: Path, seconds: float) -> dict[str, Any]:
 @click.argument("series_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("rtstruct", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--roi", required=True, help="Name of the contoured ROI to re-propagate (case-insensitive).")
-@click.option("--prompt", "prompt_kind", type=click.Choice(["box", "point", "mask"]), default="box", show_default=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--backend", type=click.Choice(["auto", "sam2", "classic"]))
-@click.option("--checkpoint", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompt_kind", type=click.Choice(["box", "point", "mask"]), default="box", show_default=True,
+              help="What to take from the ROI's middle slice: its bounding box, one click, or its outline.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the new RTSTRUCT and metrics.json.")
+@backend_option
+@checkpoint_option
 @config_option
 def recontour(series_dir: Path, rtstruct: Path, roi: str, prompt_kind: str, out_dir: Path,
               backend: str | None, checkpoint: Path | None, config_path: Path | None) -> None:
@@ -186,15 +207,15 @@ DEMO_CASE = Path(__file__).resolve().parents[1] / "demo" / "sts-001-ct"
 
 @cli.command()
 @click.option("--out", "out_dir", default=Path("demo-out"), show_default=True,
-              type=click.Path(file_okay=False, path_type=Path))
-@click.option("--backend", type=click.Choice(["auto", "sam2", "classic"]))
+              type=click.Path(file_okay=False, path_type=Path), help="Folder for the demo's RTSTRUCT and metrics.")
+@backend_option
 @config_option
 def demo(out_dir: Path, backend: str | None, config_path: Path | None) -> None:
     """Run the main job on the bundled real CT: GTV box prompt in, RTSTRUCT out, Dice printed."""
     from pipeline.recontour import recontour as run
 
     if not DEMO_CASE.is_dir():
-        raise click.ClickException(f"bundled demo case not found at {DEMO_CASE}")
+        raise UserError(f"bundled demo case not found at {DEMO_CASE}")
     config = _config(config_path, **{"propagation.backend": backend})
     summary = run(DEMO_CASE / "image", DEMO_CASE / "rtstruct" / "RS.dcm", "GTV_Mass_CT", "box", out_dir, config)
     _emit(summary)
@@ -245,30 +266,31 @@ def convert(source: Path, dest: Path, series_dir: Path | None, roi_name: str | N
 # ---------------------------------------------------------------- track
 @cli.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for targets/<case>_labels.mha and <case>_tracking.csv.")
 @click.option("--first-label", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="First-frame mask (default: SOURCE/targets/*_first_label.mha).")
-@click.option("--backend", type=click.Choice(["auto", "sam2", "classic"]))
-@click.option("--checkpoint", type=click.Path(path_type=Path))
+@backend_option
+@checkpoint_option
 @config_option
 def track(source: Path, out_dir: Path, first_label: Path | None, backend: str | None, checkpoint: Path | None,
           config_path: Path | None) -> None:
     """Track a first-frame mask through a cine-MR sequence (TrackRAD2025 layout or DICOM time series)."""
-    from models.tracking import track_case
+    from pipeline.track import track_case
 
     config = _config(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
     summary = track_case(source, out_dir, first_label=first_label, settings=config.propagation)
     _emit(dataclasses.asdict(summary))
 
 
-# ---------------------------------------------------------------- serve
+# ---------------------------------------------------------------- the node and its services
 @cli.command()
 @config_option
 @storage_option
 @click.option("--port", type=int, help="DICOM port to listen on.")
 @click.option("--ae-title", help="The node's AE title.")
 @click.option("--allow-ae", "allow_aes", multiple=True, help="Calling AE allowed to associate (repeatable).")
-@click.option("--destination", help="AE@HOST:PORT where results go by default.")
+@click.option("--destination", help="AE@HOST:PORT where every result goes (replaces the file's routes).")
 @click.option("--workers", type=click.IntRange(min=0),
               help="Worker threads running jobs (default: pipeline.workers; 0 = node only, run `rtprop worker` apart).")
 @click.option("--dropin/--no-dropin", "dropin_on", default=None,
@@ -279,20 +301,21 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
           allow_aes: tuple[str, ...], destination: str | None, workers: int | None, dropin_on: bool | None,
           scheduler_on: bool | None) -> None:
     """Run the node: Storage SCP, series completion, outbound queue, workers, drop-in watcher, nightly batch."""
-    import threading
-
     from db.engine import open_database
     from dicom_node.service import serve_forever
     from pipeline.dropin import start_dropin
     from pipeline.scheduler import start_scheduler
     from pipeline.worker import start_workers
 
+    _service_logging()
     overrides: dict[str, Any] = {"node.port": port, "node.ae_title": ae_title,
                                  "node.allowed_calling_aes": list(allow_aes) or None}
-    if destination:
-        overrides["node.destinations"] = {"default": parse_destination(destination)}
-        overrides["node.default_destination"] = "default"
     config = _config(config_path, storage, **overrides)
+    if destination:  # the flag beats the file: every result goes there, whatever the file's routes say
+        config.node = config.node.model_copy(update={
+            "destinations": {**config.node.destinations, "cli": Destination(**parse_destination(destination))},
+            "default_destination": "cli", "routes": [r for r in config.node.routes if r.dry_run]})
+        log.info("--destination %s: results go there (routes of the configuration file ignored)", destination)
     stop = threading.Event()
     factory = open_database(config.storage.database)
     threads = start_workers(factory, config, stop, workers)
@@ -313,15 +336,14 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
 @config_option
 @storage_option
 @click.option("--workers", type=click.IntRange(min=1), help="Worker threads (default: pipeline.workers).")
-@click.option("--once", is_flag=True, help="Run until no job is pending, then exit (else run until SIGTERM).")
+@click.option("--once", is_flag=True, help="Run every job that can run now, then exit (else run until SIGTERM); "
+              "jobs still waiting for their images are counted as received.")
 def worker(config_path: Path | None, storage: Path | None, workers: int | None, once: bool) -> None:
     """Run job workers alone (more cores or machines on one storage): discover, claim, propagate, hand on."""
-    import signal
-    import threading
-
     from db.engine import open_database
     from pipeline.worker import Worker, start_workers
 
+    _service_logging()
     config = _config(config_path, storage)
     factory = open_database(config.storage.database)
     if once:
@@ -329,14 +351,9 @@ def worker(config_path: Path | None, storage: Path | None, workers: int | None, 
         _emit(_job_counts(factory))
         return
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     threads = start_workers(factory, config, stop, workers)
     click.echo(f"rtprop worker ready ({len(threads)} worker(s), storage {config.storage.root})", err=True)
-    while not stop.wait(0.5):
-        pass
-    for t in threads:
-        t.join(timeout=config.pipeline.job_timeout_s)
+    run_until_signal(stop, threads, config.pipeline.job_timeout_s)
 
 
 def _job_counts(factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -349,60 +366,50 @@ def _job_counts(factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
 @cli.command()
 @config_option
 @storage_option
-@click.option("--once", is_flag=True, help="Take in what is stable now, then exit.")
+@click.option("--once", is_flag=True, help="Take in every entry of the inbox (waiting until each is stable for "
+              "dropin.stable_s), then exit.")
 def dropin(config_path: Path | None, storage: Path | None, once: bool) -> None:
     """Watch the drop-in inbox (and close series) without the DICOM listener; `rtprop worker` runs the jobs."""
-    import signal
-    import threading
-
     from db.engine import open_database
-    from dicom_node.completion import CompletionChecker
     from pipeline.dropin import DropIn
 
+    _service_logging()
     config = _config(config_path, storage)
     factory = open_database(config.storage.database)
     watcher = DropIn(factory, config)
-    checker = CompletionChecker(factory, config)
     if once:
-        outcomes = watcher.scan(now=float("inf"))
-        checker.check()
-        _emit({"taken": [o.name for o in outcomes if o.ok], "quarantined": [o.name for o in outcomes if not o.ok]})
+        outcomes = watcher.take_all()
+        _emit({"taken": [o.name for o in outcomes if o.ok], "quarantined": [o.name for o in outcomes if not o.ok],
+               "left_in_inbox": sorted(watcher.pending())})
         return
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     threads = [threading.Thread(target=watcher.run, args=(stop,), daemon=True),
-               threading.Thread(target=checker.run, args=(stop, config.node.poll_interval_s), daemon=True)]
+               threading.Thread(target=watcher.completion.run, args=(stop, config.node.poll_interval_s), daemon=True)]
     for t in threads:
         t.start()
     click.echo(f"rtprop dropin watching {watcher.paths.inbox}", err=True)
-    while not stop.wait(0.5):
-        pass
-    for t in threads:
-        t.join(timeout=10)
+    run_until_signal(stop, threads)
 
 
 @cli.command()
 @config_option
 @storage_option
-@click.option("--since", help="Only RTSTRUCTs received from this ISO date/time (UTC unless an offset is given).")
-@click.option("--until", help="... and before this ISO date/time.")
+@click.option("--since", type=ISO_DATE, help="Only RTSTRUCTs received from this ISO 8601 date or date-time "
+              "(e.g. 2026-11-30; UTC unless an offset is given).")
+@click.option("--until", type=ISO_DATE, help="... and before this ISO 8601 date or date-time.")
 @click.option("--roi-regex", help="ROIs to re-contour: case-insensitive full match (default: batch.roi_regex).")
 @click.option("--send/--no-send", default=None, help="Queue the new RTSTRUCTs to the case's destination "
               "(default: batch.send_results; delivered by `rtprop serve`).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Report folder (default: batch.out under the storage root); each run in a time-stamped subfolder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (cron, logs).")
-def batch(config_path: Path | None, storage: Path | None, since: str | None, until: str | None,
+def batch(config_path: Path | None, storage: Path | None, since: datetime | None, until: datetime | None,
           roi_regex: str | None, send: bool | None, out_dir: Path | None, no_progress: bool) -> None:
     """Re-contour archived ROIs from their middle slice with the current model; write a drift report."""
-    from db.engine import open_database
     from pipeline.batch import run_batch
 
     config = _config(config_path, storage)
-    if not config.storage.database.exists():
-        raise click.ClickException(f"no database at {config.storage.database}")
-    factory = open_database(config.storage.database)
+    factory = _open_existing_database(config)
     _emit(run_batch(factory, config, since=since, until=until, roi_regex=roi_regex, send=send, out=out_dir,
                     progress=not no_progress))
 
@@ -414,7 +421,76 @@ def parse_destination(text: str) -> dict[str, Any]:
         host, port = rest.rsplit(":", 1)
         return {"ae_title": ae, "host": host, "port": int(port)}
     except ValueError as exc:
-        raise click.BadParameter(f"destination {text!r} must be AE@HOST:PORT") from exc
+        raise click.BadParameter(f"destination {text!r} must be AE@HOST:PORT", param_hint="--destination") from exc
+
+
+# ---------------------------------------------------------------- jobs
+@cli.group()
+def jobs() -> None:
+    """List, show and retry jobs."""
+
+
+@jobs.command("list")
+@config_option
+@storage_option
+@click.option("--state", type=click.Choice(["received", "queued", "running", "validated", "sending", "sent", "failed",
+                                            "dead-letter", "ignored"]), help="Only jobs in this state.")
+def jobs_list(config_path: Path | None, storage: Path | None, state: str | None) -> None:
+    """One JSON line per job: id, state, calling AE, when, what it waits for or why it failed."""
+    from sqlalchemy import select
+
+    from db.schema import Job
+
+    factory = _open_existing_database(_config(config_path, storage))
+    with factory() as session:
+        stmt = select(Job).order_by(Job.id)
+        if state:
+            stmt = stmt.where(Job.state == state)
+        for job in session.execute(stmt).scalars():
+            _emit({"id": job.id, "state": job.state, "calling_ae": job.calling_ae, "created_at": job.created_at,
+                   "updated_at": job.updated_at, "study_instance_uid": job.study_instance_uid,
+                   "waiting_for": job.waiting_for, "error": job.error[:300], "attempts": job.attempts})
+
+
+@jobs.command("show")
+@click.argument("job_id", type=int)
+@config_option
+@storage_option
+def jobs_show(job_id: int, config_path: Path | None, storage: Path | None) -> None:
+    """Everything about one job: its row, its sends (every attempt's outcome) and its audit timeline."""
+    from sqlalchemy import select
+
+    from db.audit import query
+    from db.schema import Job, Send
+
+    factory = _open_existing_database(_config(config_path, storage))
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise UserError(f"no job {job_id}")
+        row = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+        sends = [{c.name: getattr(s, c.name) for c in Send.__table__.columns}
+                 for s in session.execute(select(Send).where(Send.job_id == job_id)).scalars()]
+        timeline = [{"at": e.at, "event": e.event, "details": json.loads(e.details)}
+                    for e in query(session, job_id=job_id)]
+    _emit({"job": row, "sends": sends, "audit": timeline})
+
+
+@jobs.command("retry")
+@click.argument("job_id", type=int)
+@click.option("--reason", default="", help="Why (written to the audit with your user name).")
+@config_option
+@storage_option
+def jobs_retry(job_id: int, reason: str, config_path: Path | None, storage: Path | None) -> None:
+    """Run a failed or dead-lettered job again (audited with the user's name)."""
+    from pipeline.jobs import JobStateError, retry
+
+    factory = _open_existing_database(_config(config_path, storage))
+    try:
+        job = retry(factory, job_id, getpass.getuser(), reason)
+    except JobStateError as exc:
+        raise UserError(str(exc)) from exc
+    _emit({"id": job.id, "state": job.state, "retried_by": getpass.getuser()})
 
 
 # ---------------------------------------------------------------- audit
@@ -423,47 +499,57 @@ def audit() -> None:
     """Check, query and export the hash-chained audit log."""
 
 
-def _audit_session(config_path: Path | None, storage: Path | None):
-    from db.engine import open_database, transaction
-
-    config = _config(config_path, storage)
-    if not config.storage.database.exists():
-        raise click.ClickException(f"no database at {config.storage.database}")
-    return transaction(open_database(config.storage.database))
-
-
 @audit.command("verify")
 @config_option
 @storage_option
 def audit_verify(config_path: Path | None, storage: Path | None) -> None:
-    """Walk the chain; exit 3 and name the rows if any row was altered, removed or inserted."""
+    """Walk the chain and compare its end with the head anchor; exit 3 naming the rows if any row was
+    altered, removed or inserted."""
     from db import audit as audit_log
+    from db.engine import transaction
 
-    with _audit_session(config_path, storage) as session:
+    factory = _open_existing_database(_config(config_path, storage))
+    with transaction(factory) as session:
         count, problems = audit_log.verify(session)
-    _emit({"rows": count, "ok": not problems, "problems": [p.__dict__ for p in problems]})
+    head = audit_log.head_of(factory)
+    _emit({"rows": count, "ok": not problems, "problems": [p.__dict__ for p in problems],
+           "head": dataclasses.asdict(head) if head else None})
     if problems:
         sys.exit(3)
+
+
+@audit.command("head")
+@config_option
+@storage_option
+def audit_head(config_path: Path | None, storage: Path | None) -> None:
+    """Print the chain's head (last row id and hash) on one line: send it to an external witness (syslog)."""
+    from db import audit as audit_log
+
+    head = audit_log.head_of(_open_existing_database(_config(config_path, storage)))
+    _emit({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           **(dataclasses.asdict(head) if head else {"row_id": 0, "hash": audit_log.GENESIS})})
 
 
 @audit.command("export")
 @config_option
 @storage_option
-@click.option("--since", help="ISO date/time (UTC), inclusive.")
-@click.option("--until", help="ISO date/time (UTC), exclusive.")
-@click.option("--event")
-@click.option("--job", "job_id", type=int)
-@click.option("--study", "study_uid")
-@click.option("--ae", "calling_ae")
-@click.option("--patient-id", help="Matched by its hash; the ID itself is never stored.")
+@click.option("--since", type=ISO_DATE, help="ISO 8601 date or date-time, inclusive (UTC unless an offset is given).")
+@click.option("--until", type=ISO_DATE, help="ISO 8601 date or date-time, exclusive.")
+@click.option("--event", help="Only this event, e.g. job.sent.")
+@click.option("--job", "job_id", type=int, help="Only this job.")
+@click.option("--study", "study_uid", help="Only this StudyInstanceUID.")
+@click.option("--ae", "calling_ae", help="Only this AE title.")
+@click.option("--patient-id", help="Every row of this patient (receive, jobs, sends), matched by its hash; the ID "
+              "itself is never stored.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV instead of JSON lines.")
-def audit_export(config_path: Path | None, storage: Path | None, since: str | None, until: str | None,
+def audit_export(config_path: Path | None, storage: Path | None, since: datetime | None, until: datetime | None,
                  event: str | None, job_id: int | None, study_uid: str | None, calling_ae: str | None,
                  patient_id: str | None, as_csv: bool) -> None:
     """Print audit rows matching the filters (JSON lines, or CSV with --csv)."""
     from db import audit as audit_log
 
-    with _audit_session(config_path, storage) as session:
+    factory = _open_existing_database(_config(config_path, storage))
+    with factory() as session:
         rows = audit_log.query(session, since=since, until=until, event=event, job_id=job_id,
                                study_instance_uid=study_uid, calling_ae=calling_ae, patient_id=patient_id)
         if as_csv:
@@ -476,9 +562,6 @@ def audit_export(config_path: Path | None, storage: Path | None, since: str | No
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors -> one line + exit 2; the unexpected -> exit 1."""
-    from converters.errors import ConversionError
-    from models.prompts import PromptError
-
     try:
         cli.main(args=argv, prog_name="rtprop", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -489,16 +572,15 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (ConfigError, ConversionError, PromptError, FileNotFoundError, PermissionError) as exc:
+    except (UserError, FileNotFoundError, PermissionError, NotADirectoryError) as exc:
         click.echo(f"rtprop: error: {exc}", err=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no crash trace for users
         if os.environ.get("RTPROP_DEBUG"):
             raise
-        known = type(exc).__name__.endswith("Error") and type(exc).__module__.split(".")[0] in (
-            "models", "converters", "pipeline", "dicom_node", "db", "config")
-        click.echo(f"rtprop: {'error' if known else 'internal error'}: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(2 if known else 1)
+        click.echo(f"rtprop: internal error: {type(exc).__name__}: {exc} (RTPROP_DEBUG=1 shows the traceback)",
+                   err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

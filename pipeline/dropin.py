@@ -10,8 +10,10 @@ instances received over the network, once they are stable.
   with `<entry>.reason.json` naming each file and why; nothing of it enters the archive.
 - Otherwise every file goes through the node's `Store.ingest` (the same archive write + DB rows +
   audit as a C-STORE, source "dropin", calling AE `dropin.calling_ae`) and the entry is MOVED to
-  `dropin.done`. Prompt RTSTRUCTs found are audited (`dropin.rtstruct`) with the case name, which
-  names the output `<case>__RS_<uid>.dcm` in `dropin.outbox` (written by the worker).
+  `dropin.done`. A stable case holds all its files, so its series are completed at once (no quiet
+  period). Each prompt RTSTRUCT gets its job right away, with the case name on the job
+  (`dropin_case`), which names the output `<case>__RS_<uid>.dcm` in `dropin.outbox` (written by
+  the worker); `dropin.rtstruct` is audited.
 - Inputs are never deleted, whatever happens (peers such as STARDUST delete them even on error).
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import RTStructureSetStorage
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config
@@ -33,7 +36,6 @@ from db.audit import record
 from db.engine import transaction
 
 LOG = logging.getLogger("rtprop.pipeline.dropin")
-RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
@@ -98,12 +100,14 @@ class DropIn:
     """The inbox watcher: scan, wait for stability, take in, move. `scan()` is one pass."""
 
     def __init__(self, factory: sessionmaker[Session], config: Config) -> None:
+        from dicom_node.completion import CompletionChecker
         from dicom_node.storage import Store
 
         self.factory = factory
         self.config = config
         self.paths = DropinPaths.from_config(config)
         self.store = Store(config.storage, factory, fsync=config.storage.fsync)
+        self.completion = CompletionChecker(factory, config)
         self.seen: dict[str, tuple[tuple[int, int, float], float]] = {}  # name -> (signature, since)
         self.wake = threading.Event()
 
@@ -153,25 +157,57 @@ class DropIn:
             problems.append("no files")
         if problems:
             return self._quarantine(entry, problems, len(files))
-        rtstructs = []
+        rtstructs, series = [], set()
         for path, raw, parsed in payloads:
             result = self.store.ingest(raw, received)
             if result.status != 0x0000:
                 problems.append(f"{path.relative_to(entry.parent)}: 0x{result.status:04X} {result.reason}")
-            elif parsed.sop_class_uid == RTSTRUCT_CLASS:
+                continue
+            series.add(parsed.series_instance_uid)
+            if parsed.sop_class_uid == RTStructureSetStorage:
                 rtstructs.append(parsed.sop_instance_uid)
-                with transaction(self.factory) as session:
-                    record(session, "dropin.rtstruct", component="dropin", sop_instance_uid=parsed.sop_instance_uid,
-                           study_instance_uid=parsed.study_instance_uid, series_instance_uid=parsed.series_instance_uid,
-                           calling_ae=received.calling_ae, case=name)
+                self._job_for(parsed, name)
         if problems:
             return self._quarantine(entry, problems, len(files))
+        self.completion.notify_release(series)
+        self.completion.check()
         moved = _move(entry, self.paths.done)
         with transaction(self.factory) as session:
             record(session, "dropin.done", component="dropin", calling_ae=received.calling_ae, case=name,
                    files=len(files), rtstructs=rtstructs, moved_to=str(moved))
         LOG.info("drop-in %s: %d file(s) taken in, moved to %s", name, len(files), moved)
         return CaseOutcome(name, True, moved, len(files), [], rtstructs)
+
+    def _job_for(self, parsed: Any, case: str) -> None:
+        """The prompt RTSTRUCT's job, created now with the case it came in (names the output)."""
+        from pipeline.discovery import is_dry_run
+        from pipeline.jobs import create_job
+
+        ae = self.config.dropin.calling_ae
+        with transaction(self.factory) as session:
+            record(session, "dropin.rtstruct", component="dropin", sop_instance_uid=parsed.sop_instance_uid,
+                   study_instance_uid=parsed.study_instance_uid, series_instance_uid=parsed.series_instance_uid,
+                   calling_ae=ae, patient_id_hash=parsed.patient_id_hash, case=case)
+            create_job(session, rtstruct_uid=parsed.sop_instance_uid, study_uid=parsed.study_instance_uid,
+                       calling_ae=ae, dry_run=is_dry_run(self.config, ae), patient_id_hash=parsed.patient_id_hash,
+                       dropin_case=case)
+
+    def take_all(self, timeout_s: float = 600.0) -> list[CaseOutcome]:
+        """Take in every inbox entry, waiting until each has been stable for dropin.stable_s (`--once`)."""
+        deadline = time.monotonic() + timeout_s
+        outcomes = self.scan()
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.05, self.config.dropin.stable_s / 4)))
+            outcomes += self.scan()
+        if self.pending():
+            LOG.warning("drop-in: %s still changing after %.0f s: left in the inbox", sorted(self.pending()),
+                        timeout_s)
+        return outcomes
+
+    def pending(self) -> set[str]:
+        """Inbox entries not taken in yet."""
+        return {e.name for e in self.paths.inbox.iterdir()
+                if not e.name.startswith(".") and e.name not in IGNORED_NAMES and signature(e)[0] > 0}
 
     def _quarantine(self, entry: Path, problems: list[str], count: int) -> CaseOutcome:
         moved = _move(entry, self.paths.quarantine)

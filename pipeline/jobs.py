@@ -3,22 +3,30 @@
 States and the only transitions allowed (anything else raises `JobStateError`):
 
     received  -> queued        the image series is complete and prompts were found
-    received  -> failed        no prompt in the RTSTRUCT, no usable series, series incomplete
+    received  -> failed        no prompt in the RTSTRUCT, no usable or an ambiguous series, series
+                               incomplete, or none arrived within pipeline.series_wait_s
+    received  -> ignored       an RTSTRUCT rtprop wrote itself, sent back to the node: never a prompt
     queued    -> running       a worker claimed it (attempts + 1)
     running   -> validated     propagated, RTSTRUCT written, self-check passed
-    running   -> queued        the worker died or timed out; attempts < pipeline.job_max_attempts
+    running   -> queued        the worker died or timed out, or a transient fault (full disk, busy
+                               database); attempts < pipeline.job_max_attempts (with backoff)
     running   -> failed        an error in the input (bad prompt, unreadable series) or the self-check
                                failed (the RTSTRUCT is then held in quarantine with the reason)
-    running   -> dead-letter   it died or timed out pipeline.job_max_attempts times
+    running   -> dead-letter   it died, timed out or hit transient faults pipeline.job_max_attempts times
     validated -> sending       queued for C-STORE (a row in `sends`)
     validated -> sent          delivered by file (drop-in outbox)
     validated -> failed        no destination for the calling AE (the RTSTRUCT stays in the outbox)
-    sending   -> sent          the peer answered 0x0000
+    sending   -> sent          the peer stored it (0x0000, or a warning status: "sent with warning")
     sending   -> dead-letter   the send gave up (dead-lettered by the sender)
 
+By a person only (`rtprop jobs retry ID`, audited with their name; `PERSON_TRANSITIONS`):
+
+    failed, dead-letter -> queued    the job had prompts: run it again (attempts start again)
+    failed              -> received  it failed before its prompts were found: look again
+
 A dry-run job ends in `validated` with `dry_run` set: processed and audited, never sent.
-`sent`, `failed` and `dead-letter` are final. Every transition writes an audit row in the same
-transaction (`job.<event>`), with UIDs and AE titles only.
+`sent`, `failed`, `dead-letter` and `ignored` are final for the machine. Every transition writes
+an audit row in the same transaction (`job.<event>`), with UIDs, AE titles and the patient key only.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import record
@@ -35,10 +43,10 @@ from db.schema import Job, aware, utcnow
 
 LOG = logging.getLogger("rtprop.pipeline.jobs")
 
-STATES = ("received", "queued", "running", "validated", "sending", "sent", "failed", "dead-letter")
-FINAL_STATES = frozenset({"sent", "failed", "dead-letter"})
+STATES = ("received", "queued", "running", "validated", "sending", "sent", "failed", "dead-letter", "ignored")
+FINAL_STATES = frozenset({"sent", "failed", "dead-letter", "ignored"})
 TRANSITIONS: dict[str, frozenset[str]] = {
-    "received": frozenset({"queued", "failed"}),
+    "received": frozenset({"queued", "failed", "ignored"}),
     "queued": frozenset({"running"}),
     "running": frozenset({"validated", "queued", "failed", "dead-letter"}),
     "validated": frozenset({"sending", "sent", "failed"}),
@@ -46,39 +54,48 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "sent": frozenset(),
     "failed": frozenset(),
     "dead-letter": frozenset(),
+    "ignored": frozenset(),
+}
+PERSON_TRANSITIONS: dict[str, frozenset[str]] = {
+    "failed": frozenset({"queued", "received"}),
+    "dead-letter": frozenset({"queued"}),
 }
 # Audit event written for each target state (job.claimed for running, ...).
 EVENTS = {"queued": "job.queued", "running": "job.claimed", "validated": "job.validated", "sending": "job.sending",
-          "sent": "job.sent", "failed": "job.failed", "dead-letter": "job.dead_letter"}
+          "sent": "job.sent", "failed": "job.failed", "dead-letter": "job.dead_letter", "ignored": "job.ignored",
+          "received": "job.received"}
 
 
 class JobStateError(RuntimeError):
     """A transition the state machine does not allow (names the job, its state and the target)."""
 
 
-def check_transition(job_id: int | None, current: str, target: str) -> None:
-    if target not in TRANSITIONS.get(current, frozenset()):
-        allowed = ", ".join(sorted(TRANSITIONS.get(current, ()))) or "none (final state)"
-        raise JobStateError(f"job {job_id}: {current} -> {target} is not allowed (from {current}: {allowed})")
+def check_transition(job_id: int | None, current: str, target: str, *, by_person: bool = False) -> None:
+    table = PERSON_TRANSITIONS if by_person else TRANSITIONS
+    if target not in table.get(current, frozenset()):
+        allowed = ", ".join(sorted(table.get(current, ()))) or "none (final state)"
+        who = "by a person " if by_person else ""
+        raise JobStateError(f"job {job_id}: {current} -> {target} is not allowed {who}(from {current}: {allowed})")
 
 
 def audit_job(session: Session, job: Job, event: str, **details: Any) -> None:
     record(session, event, component="pipeline", job_id=job.id, study_instance_uid=job.study_instance_uid,
            series_instance_uid=job.series_instance_uid, sop_instance_uid=job.rtstruct_sop_instance_uid,
-           calling_ae=job.calling_ae, **details)
+           calling_ae=job.calling_ae, patient_id_hash=job.patient_id_hash, **details)
 
 
 def transition(session: Session, job: Job, target: str, *, event: str | None = None,
-               expect_owner: str | None = None, details: dict[str, Any] | None = None, **fields: Any) -> Job:
+               expect_owner: str | None = None, details: dict[str, Any] | None = None, by_person: bool = False,
+               **fields: Any) -> Job:
     """Move `job` to `target` inside the caller's transaction; set the columns `fields`; audit (with
-    `details`). Refuses illegal moves.
+    `details`). Refuses illegal moves (`by_person`: the moves only a person may make).
 
     The UPDATE is conditional on the state the row had (compare-and-set), so two processes acting
     on one stale object cannot both move it; `expect_owner` also requires `claimed_by` to match.
     """
     session.refresh(job)
     current = job.state
-    check_transition(job.id, current, target)
+    check_transition(job.id, current, target, by_person=by_person)
     if expect_owner is not None and job.claimed_by != expect_owner:
         raise JobStateError(f"job {job.id}: claimed by {job.claimed_by!r}, not {expect_owner!r}")
     values = {"state": target, "updated_at": utcnow(), **fields}
@@ -88,7 +105,7 @@ def transition(session: Session, job: Job, target: str, *, event: str | None = N
         raise JobStateError(f"job {job.id}: state changed under us (was {current})")
     session.refresh(job)
     logged = {k: v for k, v in fields.items() if k in ("error", "attempts", "result_sha256", "self_check_dice",
-                                                        "claimed_by", "backend", "result_path")}
+                                                        "claimed_by", "backend", "result_path", "not_before")}
     audit_job(session, job, event or EVENTS[target], previous_state=current, **logged, **(details or {}))
     LOG.info("job %s: %s -> %s", job.id, current, target)
     return job
@@ -100,7 +117,8 @@ def find_job_for_rtstruct(session: Session, rtstruct_uid: str, kind: str = "prom
 
 
 def create_job(session: Session, *, rtstruct_uid: str, study_uid: str, calling_ae: str, series_uid: str = "",
-               kind: str = "prompt", dry_run: bool = False) -> tuple[Job, bool]:
+               kind: str = "prompt", dry_run: bool = False, patient_id_hash: str = "",
+               dropin_case: str = "") -> tuple[Job, bool]:
     """The job of one prompt RTSTRUCT, created once: returns (job, created).
 
     Called inside a write-locked transaction (BEGIN IMMEDIATE), so the look-up and the insert are
@@ -109,9 +127,11 @@ def create_job(session: Session, *, rtstruct_uid: str, study_uid: str, calling_a
     existing = find_job_for_rtstruct(session, rtstruct_uid, kind)
     if existing is not None:
         return existing, False
+    now = utcnow()
     job = Job(state="received", kind=kind, series_instance_uid=series_uid, study_instance_uid=study_uid,
               rtstruct_sop_instance_uid=rtstruct_uid, calling_ae=calling_ae[:16], dry_run=dry_run, attempts=0,
-              created_at=utcnow(), updated_at=utcnow())
+              patient_id_hash=patient_id_hash, dropin_case=dropin_case, created_at=now, updated_at=now,
+              waiting_since=now)
     session.add(job)
     session.flush()
     audit_job(session, job, "job.created", kind=kind, dry_run=dry_run)
@@ -121,10 +141,12 @@ def create_job(session: Session, *, rtstruct_uid: str, study_uid: str, calling_a
 def claim_next(factory: sessionmaker[Session], worker: str) -> Job | None:
     """Claim the oldest queued job for `worker`: one conditional UPDATE inside BEGIN IMMEDIATE."""
     with transaction(factory) as session:
-        job_id = session.execute(select(Job.id).where(Job.state == "queued").order_by(Job.id).limit(1)).scalar()
+        now = utcnow()
+        job_id = session.execute(select(Job.id).where(
+            Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now)).order_by(Job.id)
+            .limit(1)).scalar()
         if job_id is None:
             return None
-        now = utcnow()
         done = session.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
             state="running", claimed_by=worker, heartbeat_at=now, updated_at=now, attempts=Job.attempts + 1)
             .execution_options(synchronize_session=False)).rowcount
@@ -172,6 +194,21 @@ def recover_stale(factory: sessionmaker[Session], *, heartbeat_timeout_s: float,
     if moved:
         LOG.warning("recovered %d job(s) left running by a lost worker: %s", len(moved), moved)
     return moved
+
+
+def retry(factory: sessionmaker[Session], job_id: int, user: str, reason: str = "") -> Job:
+    """A person's retry of a failed or dead-lettered job (audited with `user`): queued again if it had
+    prompts, else back to received so that discovery looks at its series again."""
+    with transaction(factory) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobStateError(f"no job {job_id}")
+        target = "queued" if job.prompts else "received"
+        now = utcnow()
+        transition(session, job, target, event="job.retried", by_person=True, details={
+            "user": user, "reason": reason, "previous_error": job.error[:500]},
+            attempts=0, claimed_by="", not_before=None, error="", waiting_for="", waiting_since=now)
+        return job
 
 
 def counts(session: Session) -> dict[str, int]:

@@ -43,7 +43,7 @@ def window_date(now: datetime, batch: BatchConfig) -> date | None:
 def already_ran(factory: sessionmaker[Session], night: date) -> bool:
     with factory() as session:
         for row in query(session, event="batch.scheduled",
-                         since=(datetime.combine(night, dtime(0, 0)) - timedelta(days=1)).isoformat()):
+                         since=datetime.combine(night, dtime(0, 0)) - timedelta(days=1)):
             details = json.loads(row.details)
             if details.get("window_date") == night.isoformat():
                 return True
@@ -75,7 +75,7 @@ class Scheduler:
         if night is None:
             return None
         now = now or datetime.now()
-        since = (now - timedelta(days=self.config.batch.lookback_days)).astimezone().isoformat()
+        since = (now - timedelta(days=self.config.batch.lookback_days)).astimezone()
         LOG.info("nightly batch for %s starting (since %s)", night, since)
         with transaction(self.factory) as session:  # marks the night taken before the long run
             record(session, "batch.scheduled", component="scheduler", window_date=night.isoformat())

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from scipy import ndimage
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from converters.cine import CineSource
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -152,3 +155,63 @@ def l_shape(shape_zyx: tuple[int, int, int], z_range: tuple[int, int] = (2, 5)) 
     mask[z0:z1, 4:8, 6:26] = True  # horizontal bar, rows 4-7, columns 6-25
     mask[z0:z1, 8:16, 6:10] = True  # vertical bar going down from its left end
     return mask
+
+
+class SyntheticCine(CineSource):
+    """A respiratory-motion phantom generated frame by frame (nothing stored): tests and benchmarks.
+
+    A static body outline with textured fat/muscle, an organ (liver-like) and a textured elliptical
+    tumour inside it moving together: rows (superior-inferior) by `amplitude_mm` * sin(2 pi f t),
+    columns by 0.3 of that; Rician-like noise. `truth(t)` is the tumour mask of frame t.
+    """
+
+    def __init__(self, n_frames: int = 80, shape: tuple[int, int] = (160, 160), spacing_mm: float = 1.5,
+                 frame_rate_hz: float = 4.0, period_s: float = 4.0, amplitude_mm: float = 15.0,
+                 tumour_radii_mm: tuple[float, float] = (14.0, 10.0), noise: float = 0.04, seed: int = 0):
+        super().__init__("synthetic", n_frames, shape, (spacing_mm, spacing_mm), frame_rate_hz)
+        rng = np.random.default_rng(seed)
+        ny, nx = shape
+        self.period_s, self.amplitude_mm, self.noise, self.seed = period_s, amplitude_mm, noise, seed
+        self._yy, self._xx = np.mgrid[0:ny, 0:nx].astype(np.float32) * spacing_mm
+        self._cy, self._cx = ny * spacing_mm / 2, nx * spacing_mm / 2
+        self._radii = tumour_radii_mm
+        def texture(sigma: float, scale: float) -> np.ndarray:
+            return (ndimage.gaussian_filter(rng.normal(size=shape), sigma) * scale).astype(np.float32)
+
+        # Organ and tumour textures move with them (padded, shifted by the sub-pixel motion each
+        # frame); the body's texture is fixed.
+        pad = int(np.ceil(2 * amplitude_mm / spacing_mm)) + 4
+        self._pad = pad
+        big = (ny + 2 * pad, nx + 2 * pad)
+        self._organ_texture = (ndimage.gaussian_filter(rng.normal(size=big), 2.0) * 0.6).astype(np.float32)
+        self._tumour_texture = (ndimage.gaussian_filter(rng.normal(size=big), 1.2) * 0.8).astype(np.float32)
+        body = ((self._yy - self._cy) / (0.45 * ny * spacing_mm)) ** 2 + ((self._xx - self._cx) / (0.47 * nx * spacing_mm)) ** 2 < 1
+        self._static = np.where(body, 0.35 + texture(1.5, 0.05), 0.02).astype(np.float32)
+        self._body = body
+
+    def offset_mm(self, t: int) -> tuple[float, float]:
+        phase = 2 * np.pi * t / (self.frame_rate_hz * self.period_s)
+        return self.amplitude_mm * np.sin(phase), 0.3 * self.amplitude_mm * np.sin(phase)
+
+    def _tumour(self, dy: float, dx: float) -> np.ndarray:
+        ry, rx = self._radii
+        return ((self._yy - self._cy - dy) / ry) ** 2 + ((self._xx - self._cx + 8 - dx) / rx) ** 2 <= 1
+
+    def truth(self, t: int) -> np.ndarray:
+        return self._tumour(*self.offset_mm(t))
+
+    def frame(self, t: int) -> np.ndarray:
+        dy, dx = self.offset_mm(t)
+        sp = self.spacing_mm[0]
+        organ = (((self._yy - self._cy + 25 - dy) / 55) ** 2 + ((self._xx - self._cx - dx) / 60) ** 2 <= 1) & self._body
+        tumour = self._tumour(dy, dx)
+        # The moving textures: shift the padded texture by the (sub-pixel) motion.
+        shift = (-dy / sp, -dx / sp)
+        organ_tex = ndimage.shift(self._organ_texture, shift, order=1, mode="nearest")[self._pad:-self._pad, self._pad:-self._pad]
+        tumour_tex = ndimage.shift(self._tumour_texture, shift, order=1, mode="nearest")[self._pad:-self._pad, self._pad:-self._pad]
+        image = self._static.copy()
+        image[organ] = 0.55 + 0.1 * organ_tex[organ]
+        image[tumour] = 0.8 + 0.1 * tumour_tex[tumour]
+        rng = np.random.default_rng(self.seed * 100003 + t)
+        image = np.abs(image + rng.normal(0, self.noise, image.shape) + 1j * rng.normal(0, self.noise, image.shape))
+        return (image * 1000).astype(np.float32)

@@ -12,6 +12,7 @@ from sqlalchemy.exc import DatabaseError
 from db import audit
 from db.engine import open_database, transaction
 from db.schema import AuditEntry
+from sqlalchemy import select
 
 
 def _fill(path, n=5):
@@ -100,6 +101,78 @@ def test_concurrent_writers_keep_one_chain(tmp_path):
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path)]) for _ in range(3)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
-    with transaction(open_database(path)) as session:
+    factory = open_database(path)
+    with transaction(factory) as session:
         count, problems = audit.verify(session)
     assert count == 300 and problems == []
+    assert audit.head_of(factory).row_id == 300  # the anchor follows the last commit of any writer
+
+
+def _drop_last_rows(path, n):
+    raw = sqlite3.connect(path)
+    raw.execute("DROP TRIGGER audit_no_delete")
+    raw.execute("DELETE FROM audit WHERE id > (SELECT MAX(id) FROM audit) - ?", (n,))
+    raw.commit()
+    raw.close()
+
+
+def test_rows_deleted_from_the_end_are_detected_by_the_head_anchor(tmp_path):
+    path = tmp_path / "db.sqlite"
+    factory = _fill(path)
+    assert audit.head_of(factory) == audit.Head(5, _last_hash(path))
+    _drop_last_rows(path, 2)  # the chain that is left is consistent in itself
+    with transaction(factory) as session:
+        _, problems = audit.verify(session)
+        assert audit.verify(session, head=None) == (3, [])
+    assert len(problems) == 1 and problems[0].row_id == 5 and "deleted from the end" in problems[0].reason
+
+
+def test_a_missing_head_anchor_is_a_problem_not_a_pass(tmp_path):
+    path = tmp_path / "db.sqlite"
+    factory = _fill(path)
+    audit.head_of(factory)
+    (tmp_path / "db.sqlite.audit-head").unlink()
+    with transaction(factory) as session:
+        _, problems = audit.verify(session)
+    assert "missing" in problems[0].reason
+
+
+def test_cli_verify_fails_after_deleting_the_last_rows(tmp_path):
+    path = tmp_path / "rtprop.sqlite"
+    _fill(path)
+    _drop_last_rows(path, 1)
+    run = [sys.executable, "-m", "pipeline.cli", "audit", "verify", "--storage", str(tmp_path)]
+    bad = subprocess.run(run, capture_output=True, text=True)
+    assert bad.returncode == 3, bad.stdout + bad.stderr
+    assert json.loads(bad.stdout)["ok"] is False
+
+
+def test_a_database_made_before_anchors_is_anchored_once_on_upgrade(tmp_path):
+    path = tmp_path / "db.sqlite"
+    _fill(path)
+    (tmp_path / "db.sqlite.audit-head").unlink()
+    raw = sqlite3.connect(path)  # as the previous release left it: revision 0001, no anchor
+    raw.execute("DROP INDEX ix_jobs_patient_id_hash")
+    for table, column in (("jobs", "patient_id_hash"), ("jobs", "dropin_case"), ("jobs", "not_before"),
+                          ("jobs", "waiting_for"), ("jobs", "waiting_since"), ("series", "patient_id_hash"),
+                          ("sends", "patient_id_hash"), ("sends", "outcome")):
+        raw.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    raw.execute("UPDATE alembic_version SET version_num = '0001'")
+    raw.commit()
+    raw.close()
+    factory = open_database(path)
+    with transaction(factory) as session:
+        count, problems = audit.verify(session)
+        events = [e for (e,) in session.execute(select(AuditEntry.event).order_by(AuditEntry.id))]
+    assert problems == [] and count == 6 and events[-1] == "audit.anchored"
+    open_database(path)  # a second start does not anchor again
+    with factory() as session:
+        assert session.execute(select(AuditEntry.id)).all()[-1][0] == 6
+
+
+def _last_hash(path) -> str:
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()[0]
+    finally:
+        raw.close()

@@ -100,13 +100,14 @@ def test_propagate_points_and_mask_prompts(phantom, tmp_path):
     (["--box", "12,30,20,10,40"], "box"),                # x1 < x0
     (["--box", "12,a,b,c,d"], "integers"),
     (["--point", "12,40,30,*"], "+ or -"),
-    (["--box", "12,1,1,5,5", "--point", "12,3,3"], "exactly one prompt"),
-    (["--mask", "MISSINGSLICE"], "--slice"),
+    (["--box", "12,1,1,5,5", "--box", "12,2,2,9,9"], "at most one box"),  # two boxes on one slice
+    (["--point", "12,40,30,-"], "positive"),             # nothing says where the structure is
+    (["--mask", "THEVOLUME"], "binary"),                 # a CT is not a mask
+    ([], "no prompt"),
 ])
 def test_bad_prompts_exit_2_with_a_clear_message(phantom, tmp_path, args, needle):
     path, _ = phantom
-    if args == ["--mask", "MISSINGSLICE"]:
-        args = ["--mask", str(path)]
+    args = [str(path) if a == "THEVOLUME" else a for a in args]
     out = tmp_path / "x.nii.gz"
     res = run("propagate", path, *args, "--out", out, "--backend", "classic")
     assert res.returncode == 2, (res.returncode, res.stderr)
@@ -164,3 +165,11 @@ def test_unknown_roi_lists_the_names(shared_data, tmp_path):
     rs = shared_data / "sts-001" / "CT" / "rtstruct" / "RS.dcm"
     res = run("recontour", series, rs, "--roi", "PTV", "--out", tmp_path)
     assert res.returncode == 2 and "GTV_Mass_CT" in res.stderr
+
+
+def test_output_folder_must_exist(phantom, tmp_path):
+    path, _ = phantom
+    res = run("propagate", path, "--box", "12,30,20,50,40", "--out", tmp_path / "no" / "such" / "x.nii.gz",
+              "--backend", "classic")
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    assert not (tmp_path / "no").exists()  # nothing created on the user's behalf

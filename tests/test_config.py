@@ -25,7 +25,8 @@ def _leaf_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
 
 def test_example_file_validates_and_documents_every_key():
     config = load_config(EXAMPLE, environ={})
-    assert config.node.destinations["tps"].port == 104
+    # out of the box nothing is routed to a placeholder TPS (a trial once sent results to 127.0.0.1:104)
+    assert config.node.destinations == {} and config.node.routes == [] and config.node.default_destination is None
     text = EXAMPLE.read_text()
     missing = [k for k in _leaf_keys(Config) if f"{k.rsplit('.', 1)[-1]}:" not in text]
     assert not missing, f"keys not documented in config/example.yaml: {missing}"

@@ -1,5 +1,5 @@
 """Sending back: a DCMTK storescp plays the TPS. Delivered once, retried when it is down, dead-lettered
-when it never comes, warnings never counted as sent, routing rules."""
+when it never comes, a warning is stored (sent once, "sent with warning"), routing rules."""
 from __future__ import annotations
 
 import os
@@ -12,8 +12,12 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import RTStructureSetStorage
 
-from config.schema import Config
-from db.engine import open_database
+from sqlalchemy import select
+
+from config.load import load_config, resolve_storage
+from config.schema import Config, Destination
+from db.engine import open_database, transaction
+from db.schema import Send
 from dicom_node.routing import RoutingError, resolve_destination
 from dicom_node.scu import deliver_due, enqueue
 from node_helpers import NodeProcess, StoreSCP, enqueue_file, free_port, wait_for
@@ -89,14 +93,15 @@ def test_never_reachable_goes_to_dead_letter(tmp_path: Path, shared_data: Path) 
         assert node.query("select count(*) from audit where event='send.sent'")[0][0] == 0
 
 
-@pytest.mark.parametrize("status", [0xB000, 0xA700])
-def test_warning_never_sent_failure_retried(tmp_path: Path, shared_data: Path, status: int) -> None:
-    """A peer answering a warning stored something else than we sent: dead-letter, never 'sent'."""
+@pytest.mark.parametrize("status", [0x0107, 0x0116, 0xB000, 0xB006, 0xA700, 0xC000])
+def test_warning_means_stored_once_failure_retried(tmp_path: Path, shared_data: Path, status: int) -> None:
+    """A warning (0x0107 attribute list, 0x0116 value out of range, 0xBxxx coercion ...) means the TPS
+    stored it: sent once, recorded as "sent with warning", never re-sent; a failure is retried."""
     rs = _rs(shared_data, tmp_path)
-    calls: list[int] = []
+    calls: list[str] = []
 
     def handle(event: evt.Event) -> int:
-        calls.append(1)
+        calls.append(str(event.request.AffectedSOPInstanceUID))
         return status
 
     ae = AE("TPS")
@@ -104,23 +109,25 @@ def test_warning_never_sent_failure_retried(tmp_path: Path, shared_data: Path, s
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
     try:
-        from config.load import load_config, resolve_storage
         cfg = resolve_storage(load_config(None, overrides={"storage": {"root": str(tmp_path / "s")},
                               "node": {"send_max_attempts": 2, "send_backoff_s": 0}}))
         factory = open_database(cfg.storage.database)
-        from db.engine import transaction
-        from config.schema import Destination
         with transaction(factory) as s:
             enqueue(s, rs, Destination(ae_title="TPS", host="127.0.0.1", port=port))
         first = deliver_due(factory, cfg)
         second = deliver_due(factory, cfg)
+        third = deliver_due(factory, cfg)
+        with factory() as s:
+            row = s.execute(select(Send)).scalar_one()
     finally:
         server.shutdown()
-    if status == 0xB000:
-        assert [o.state for o in first] == ["dead-letter"] and second == [] and len(calls) == 1
+    if status in (0x0107, 0x0116, 0xB000, 0xB006):  # warnings (PS3.7 C.1.3: the peer stored it)
+        assert [o.state for o in first] == ["sent"] and second == [] == third and len(calls) == 1
+        assert (row.state, row.last_status, row.attempts) == ("sent", status, 1)
+        assert row.outcome.startswith(f"sent with warning 0x{status:04X}")
     else:
         assert [o.state for o in first] == ["pending"] and [o.state for o in second] == ["dead-letter"]
-        assert len(calls) == 2
+        assert len(calls) == 2 and row.state == "dead-letter" and row.outcome.startswith(f"failed 0x{status:04X}")
 
 
 def test_routing_rules() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from config.schema import PipelineConfig, RTStructConfig
-from pipeline.discovery import find_prompts, output_style
+from converters.tps import output_style
+from pipeline.prompt_rois import find_prompts
 from pipeline_helpers import sts_prompt_case
 
 

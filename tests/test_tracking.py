@@ -17,11 +17,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from config.schema import PropagationConfig
-from converters.cine import (ArrayCine, CineError, CineLabelWriter, DicomCine, MhaCine, SyntheticCine,
+from converters.cine import (ArrayCine, CineError, CineLabelWriter, DicomCine, MhaCine,
                              open_trackrad_case, read_stack_frames)
 from models.prompts import PromptError
-from models.tracking import track, track_case
+from models.tracking import track
+from phantoms import SyntheticCine
 from pipeline.metrics import dice
+from pipeline.track import track_case
 
 CLASSIC = PropagationConfig(backend="classic")
 
@@ -157,7 +159,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "A_001" / "images").mkdir(parents=True)
     with pytest.raises(CineError, match="A_001_frames.mha"):
         open_trackrad_case(tmp_path / "A_001")
-    with pytest.raises(PromptError, match="first-frame mask"):
+    with pytest.raises(CineError, match="first-frame mask"):
         track_case(tmp_path / "nowhere", tmp_path / "out", CLASSIC)
 
 

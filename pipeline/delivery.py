@@ -1,0 +1,96 @@
+"""Delivery: where a validated result goes, and how its job follows the send.
+
+- `deliver`: validated -> sending (a row in the durable outbound queue, dicom_node/scu.py, in the
+  same transaction), -> sent (a drop-in case: the file goes to the drop-in outbox), or stays
+  validated (dry run: processed and audited, never sent).
+- `reconcile_sends`: a `sending` job follows its send row: sent (with or without a warning),
+  or dead-letter when the sender gave up.
+- `report_dropin_failures`: a dropped case whose job failed gets `<case>.job<N>.failed.json` in
+  the drop-in outbox, once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.schema import Config
+from converters.files import copy_atomic
+from db.engine import transaction
+from db.schema import Job, Send
+from pipeline import jobs as J
+
+LOG = logging.getLogger("rtprop.pipeline.delivery")
+
+
+def deliver(session: Session, config: Config, job: Job, path: Path) -> str:
+    """Hand a validated job's RTSTRUCT on, inside the caller's transaction; returns the job's new state."""
+    from dicom_node.routing import RoutingError, resolve_destination
+    from dicom_node.scu import enqueue
+
+    if job.dry_run:
+        J.audit_job(session, job, "job.dry_run", result_path=str(path), decision="shadow mode: not sent")
+        return "validated"
+    if job.dropin_case:
+        target = dropin_output(config, job, path)
+        J.transition(session, job, "sent", details={"delivered_to": str(target), "via": "dropin-outbox"})
+        return "sent"
+    try:
+        route = resolve_destination(config, job.calling_ae)
+    except RoutingError as exc:
+        J.transition(session, job, "failed", error=f"no destination: {exc}; result kept at {path}")
+        return "failed"
+    if route.dry_run or route.destination is None:
+        J.audit_job(session, job, "job.dry_run", result_path=str(path), route=route.name,
+                    decision="route dry_run: not sent")
+        return "validated"
+    send = enqueue(session, path, route.destination, job_id=job.id, patient_id_hash=job.patient_id_hash)
+    J.transition(session, job, "sending", details={
+        "send_id": send.id, "destination": f"{route.destination.ae_title}@{route.destination.host}:"
+                                          f"{route.destination.port}"})
+    return "sending"
+
+
+def dropin_output(config: Config, job: Job, path: Path) -> Path:
+    """Copy the result into the drop-in outbox as `<case>__<file name>` (complete or absent, never half)."""
+    outbox = config.dropin.outbox
+    outbox.mkdir(parents=True, exist_ok=True)
+    return copy_atomic(path, outbox / f"{job.dropin_case or job.study_instance_uid}__{path.name}")
+
+
+def reconcile_sends(factory: sessionmaker[Session]) -> None:
+    """`sending` jobs follow their send rows: sent when the peer stored it, dead-letter when the sender gave up."""
+    with factory() as session:
+        ids = session.execute(select(Job.id).where(Job.state == "sending")).scalars().all()
+    for job_id in ids:
+        with transaction(factory) as session:
+            job = session.get(Job, job_id)
+            if job.state != "sending":
+                continue
+            sends = session.execute(select(Send).where(Send.job_id == job_id)).scalars().all()
+            done = next((s for s in sends if s.state == "sent"), None)
+            if done is not None:
+                J.transition(session, job, "sent", details={
+                    "send_id": done.id, "status": f"0x{done.last_status:04X}" if done.last_status is not None else "",
+                    "outcome": done.outcome, "destination_ae": done.destination_ae})
+            elif sends and all(s.state == "dead-letter" for s in sends):
+                J.transition(session, job, "dead-letter", error=f"send dead-lettered: {sends[-1].last_error}")
+
+
+def report_dropin_failures(factory: sessionmaker[Session], config: Config) -> None:
+    """A dropped case whose job failed gets <case>.job<N>.failed.json in the drop-in outbox (once)."""
+    outbox = config.dropin.outbox
+    with factory() as session:
+        rows = session.execute(select(Job).where(Job.dropin_case != "",
+                                                 Job.state.in_(("failed", "dead-letter")))).scalars().all()
+    for job in rows:
+        marker = outbox / f"{job.dropin_case}.job{job.id}.failed.json"
+        if marker.exists():
+            continue
+        outbox.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"job_id": job.id, "state": job.state, "error": job.error,
+                                      "rtstruct_sop_instance_uid": job.rtstruct_sop_instance_uid}, indent=1))
+        LOG.info("drop-in case %s: job %s %s, %s written", job.dropin_case, job.id, job.state, marker.name)

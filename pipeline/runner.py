@@ -1,0 +1,157 @@
+"""Running one claimed job to its next resting state: compute it, then record what came of it.
+
+  ok, self-check passed  -> validated, then handed to delivery (pipeline/delivery.py)
+  self-check failed      -> failed, the RTSTRUCT held in quarantine with the reasons (job.quarantined)
+  the input's fault      -> failed with the reason (never retried: the same input fails the same way)
+  a transient fault      -> queued again after a backoff (full disk, busy database, a share away);
+                            dead-letter after pipeline.job_max_attempts
+  our fault              -> failed with the error and its traceback in the log
+  lost (killed, timeout) -> queued again, or dead-letter after pipeline.job_max_attempts
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.schema import Config
+from db.engine import transaction
+from db.schema import Job, utcnow
+from pipeline import jobs as J
+from pipeline.compute import JobLost, outcome, run_child, versions
+from pipeline.delivery import deliver
+from pipeline.discovery import rtstruct_path, series_folder
+
+LOG = logging.getLogger("rtprop.pipeline.runner")
+
+
+def task_for(factory: sessionmaker[Session], config: Config, job: Job) -> dict[str, Any]:
+    """What the child needs: file paths, prompts, where to write, the configuration."""
+    with factory() as session:
+        folder = series_folder(session, job.series_instance_uid)
+        rs_path = rtstruct_path(session, job.rtstruct_sop_instance_uid)
+    out_dir = (Path(config.storage.outbox) / (job.study_instance_uid or "unknown-study")
+               / f"job{job.id}" / f"attempt{job.attempts}")
+    return {"job_id": job.id, "series_folder": str(folder), "series_uid": job.series_instance_uid,
+            "rtstruct_path": str(rs_path), "prompts": job.prompts or [], "out_dir": str(out_dir), "config": config}
+
+
+def retry_backoff_s(config: Config, attempts: int) -> float:
+    """Wait before attempt `attempts + 1` after a transient fault: doubling, capped."""
+    p = config.pipeline
+    return min(p.job_retry_backoff_max_s, p.job_retry_backoff_s * 2 ** max(0, attempts - 1))
+
+
+def run_job(factory: sessionmaker[Session], config: Config, job: Job, me: str,
+            stop: threading.Event | None = None) -> str:
+    """Run a job claimed by worker `me`; returns the state it rests in."""
+    p = config.pipeline
+    started = time.perf_counter()
+    try:
+        task = task_for(factory, config, job)
+    except Exception as exc:  # noqa: BLE001 - the archive lost its files: nothing to compute from
+        return _failed(factory, job, me, f"{type(exc).__name__}: {exc}")
+    last_beat = [time.monotonic()]
+
+    def tick() -> bool:
+        if time.monotonic() - last_beat[0] < p.heartbeat_interval_s:
+            return True
+        last_beat[0] = time.monotonic()
+        return J.heartbeat(factory, job.id, me)
+
+    try:
+        message = run_child(task, p.job_timeout_s, min(1.0, p.heartbeat_interval_s), tick, stop) \
+            if p.isolate_jobs else outcome(task)
+    except JobLost as exc:
+        return _lost(factory, config, job, me, exc)
+    if "ok" in message:
+        return _succeeded(factory, config, job, me, message["ok"], time.perf_counter() - started)
+    kind, error = message["kind"], message["error"]
+    LOG.warning("job %s: %s (%s)", job.id, error, kind)
+    if kind == "internal":
+        LOG.warning("job %s traceback:\n%s", job.id, message.get("traceback", ""))
+    if kind == "transient":
+        return _transient(factory, config, job, me, error)
+    return _failed(factory, job, me, error, event="job.quarantined" if kind == "held" else "job.failed")
+
+
+def _lost(factory: sessionmaker[Session], config: Config, job: Job, me: str, exc: JobLost) -> str:
+    if exc.claim_lost:
+        LOG.warning("job %s: %s", job.id, exc)
+        return "abandoned"
+    with transaction(factory) as session:
+        row = session.get(Job, job.id)
+        if exc.handed_back:  # a clean stop is not the job's fault: the attempt is not counted
+            J.transition(session, row, "queued", event="job.handed_back", expect_owner=me, claimed_by="",
+                         attempts=max(0, row.attempts - 1))
+            return "queued"
+        target = "dead-letter" if row.attempts >= config.pipeline.job_max_attempts else "queued"
+        event = "job.timeout" if exc.timeout else ("job.dead_letter" if target == "dead-letter" else "job.recovered")
+        J.transition(session, row, target, event=event, expect_owner=me, claimed_by="",
+                     error=f"attempt {row.attempts}: {exc}")
+    return target
+
+
+def _transient(factory: sessionmaker[Session], config: Config, job: Job, me: str, error: str) -> str:
+    with transaction(factory) as session:
+        row = session.get(Job, job.id)
+        if row.attempts >= config.pipeline.job_max_attempts:
+            J.transition(session, row, "dead-letter", expect_owner=me, claimed_by="",
+                         error=f"gave up after {row.attempts} attempts; last: {error}"[:4000])
+            return "dead-letter"
+        delay = retry_backoff_s(config, row.attempts)
+        J.transition(session, row, "queued", event="job.retry_later", expect_owner=me, claimed_by="",
+                     not_before=utcnow() + timedelta(seconds=delay), details={"retry_in_s": delay},
+                     error=f"attempt {row.attempts}: {error}"[:4000])
+    LOG.warning("job %s: transient fault, retry in %.0f s: %s", job.id, delay, error)
+    return "queued"
+
+
+def _failed(factory: sessionmaker[Session], job: Job, me: str, reason: str, *, event: str = "job.failed",
+            **fields: Any) -> str:
+    with transaction(factory) as session:
+        row = session.get(Job, job.id)
+        J.transition(session, row, "failed", event=event, expect_owner=me, error=reason[:4000], **fields)
+    return "failed"
+
+
+def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str, result: dict[str, Any],
+               seconds: float) -> str:
+    check = result["self_check"]
+    timings = {**result["timings_s"], "total_s": round(seconds, 3)}
+    common = dict(backend=result["backend"][:16], checkpoint_sha256=result["checkpoint_sha256"],
+                  versions=versions(), timings_s=timings, self_check_dice=check["min_dice"])
+    with transaction(factory) as session:
+        row = session.get(Job, job.id)
+        J.audit_job(session, row, "job.propagated", backend=result["backend"], structures=result["structures"],
+                    checkpoint_sha256=result["checkpoint_sha256"], timings_s=timings)
+    if not check["ok"]:
+        held = quarantine_result(config, job, Path(result["path"]), check["problems"])
+        return _failed(factory, job, me, "self-check failed: " + "; ".join(check["problems"])[:3000],
+                       event="job.quarantined", result_path=str(held), result_sha256=result["sha256"], **common)
+    with transaction(factory) as session:
+        row = session.get(Job, job.id)
+        J.transition(session, row, "validated", expect_owner=me, result_path=result["path"],
+                     result_sha256=result["sha256"], **common)
+        J.audit_job(session, row, "job.self_check", dice=check["dice"], ok=True)
+        return deliver(session, config, row, Path(result["path"]))
+
+
+def quarantine_result(config: Config, job: Job, path: Path, problems: list[str]) -> Path:
+    """Hold a result that failed its self-check: moved out of the outbox, with the reasons beside it."""
+    folder = Path(config.storage.quarantine) / "jobs" / f"job{job.id}-attempt{job.attempts}"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    shutil.move(str(path), target)
+    (folder / f"{path.name}.reason.json").write_text(json.dumps(
+        {"job_id": job.id, "reason": "self-check failed", "problems": problems,
+         "series_instance_uid": job.series_instance_uid, "rtstruct_sop_instance_uid": job.rtstruct_sop_instance_uid},
+        indent=1))
+    return target

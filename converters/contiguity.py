@@ -78,7 +78,7 @@ def check_contiguity(along_mm: Sequence[float], *, thickness_mm: float | None = 
     skipped = _every_mth_slice(spacing, tol, thickness_mm, instance_numbers, order)
     if skipped:
         missing = [round(float(a + spacing * j / skipped), 2) for a in along[:-1] for j in range(1, skipped)]
-        return Contiguity(False, f"only every {skipped}th slice is here: spacing {spacing:.3f} mm is {skipped} x "
+        return Contiguity(False, f"only one slice in {skipped} is here: spacing {spacing:.3f} mm is {skipped} x "
                                  f"SliceThickness {thickness_mm:g} mm and the InstanceNumbers jump by {skipped}; "
                                  f"missing at {_mm(missing)}", slices=int(along.size), spacing_mm=spacing,
                           missing_mm=missing)

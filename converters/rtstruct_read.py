@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.uid import RTStructureSetStorage
 
 from converters.contours import polygons_to_mask
 from converters.errors import RTStructError
@@ -27,7 +28,6 @@ from converters.geometry import Volume
 
 log = logging.getLogger(__name__)
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 PLANE_TOL_MM = 0.5  # a contour is on a slice if within min(this, PLANE_TOL_FRACTION * slice spacing)
 PLANE_TOL_FRACTION = 0.25
 
@@ -132,7 +132,7 @@ def _parse(path: Path, ds: pydicom.Dataset, volume: Volume | None) -> StructureS
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     modality = str(ds.get("Modality", "") or "")
-    if modality != "RTSTRUCT" and sop_class != RT_STRUCTURE_SET_STORAGE:
+    if modality != "RTSTRUCT" and sop_class != RTStructureSetStorage:
         raise RTStructError(f"{path} is not an RTSTRUCT (Modality {modality!r}, SOP Class {sop_class!r})")
     sop_uid = str(ds.get("SOPInstanceUID", "") or "")
     if "StructureSetROISequence" not in ds or "ROIContourSequence" not in ds:

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import warnings
 from collections.abc import Sequence
+from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 from pydicom.valuerep import MAX_VALUE_LEN
 
 from config.schema import RTStructConfig
@@ -35,17 +36,23 @@ from converters.tps import MAX_ROI_NAME, roi_name_for_tps, unique_names
 
 log = logging.getLogger(__name__)
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # RTReferencedStudySequence > ReferencedSOPClassUID: what Eclipse, RayStation and MIM write.
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 MAX_DS = 16  # DICOM DS value length
 MANUFACTURER = "rtprop"
-SOFTWARE_VERSION = "0.1.0"
 RT_ROI_INTERPRETED_TYPES = frozenset({"EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "OAR",
                                       "BOLUS", "AVOIDANCE", "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER",
                                       "CONTRAST_AGENT", "CAVITY", "BRACHY_CHANNEL", "BRACHY_ACCESSORY",
                                       "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "SUPPORT", "FIXATION",
                                       "DOSE_REGION", "CONTROL", "DOSE_MEASUREMENT", ""})
+
+def software_version() -> str:
+    """rtprop's version as installed (package metadata), written to SoftwareVersions."""
+    try:
+        return metadata.version("rtprop")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
 
 # Attributes copied from the images' header, by module.
 PATIENT_ATTRS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
@@ -195,7 +202,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
                                else "ISO_IR 100") or "ISO_IR 100"
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
-    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = generate_uid()
     # Patient and General Study modules: the images' own values (Type 2 present even when empty).
     for keyword in TYPE2_EMPTY_OK:
@@ -213,7 +220,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
     # General Equipment module
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = "rtprop"
-    ds.SoftwareVersions = SOFTWARE_VERSION
+    ds.SoftwareVersions = software_version()
     # Frame of Reference (the images')
     ds.FrameOfReferenceUID = volume.frame_of_reference_uid
     ds.PositionReferenceIndicator = (header.get("PositionReferenceIndicator", "") if header is not None else "") or ""
@@ -284,7 +291,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
     ds.ApprovalStatus = "UNAPPROVED"
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
+    meta.MediaStorageSOPClassUID = RTStructureSetStorage
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta

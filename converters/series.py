@@ -329,5 +329,5 @@ def slice_positions_mm(volume: Volume) -> np.ndarray:
 def describe(volume: Volume) -> dict[str, Any]:
     """A short, patient-name-free summary of a volume for logs and CLI output."""
     return {"series_instance_uid": volume.series_instance_uid, "modality": volume.modality,
-            "shape_zyx": list(volume.array.shape), "spacing_mm": list(volume.geometry.spacing_mm),
+            "shape_zyx": list(volume.array.shape), "spacing_zyx_mm": list(volume.geometry.spacing_zyx),
             "frame_of_reference_uid": volume.frame_of_reference_uid}

@@ -40,3 +40,23 @@ def resolve_destination(config: Config, calling_ae: str) -> Route:
                                f"node.destinations ({sorted(node.destinations)})")
         return Route(node.default_destination, dest, False)
     raise RoutingError(f"no route for calling AE {ae!r} and no node.default_destination")
+
+
+def parse_destination(text: str) -> Destination:
+    """`AE@HOST:PORT` -> a Destination (UserError naming the text otherwise)."""
+    try:
+        ae, rest = text.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        return Destination(ae_title=ae, host=host, port=int(port))
+    except ValueError as exc:
+        raise RoutingError(f"destination {text!r} must be AE@HOST:PORT (e.g. TPS@10.0.0.5:104)") from exc
+
+
+def with_destination(config: Config, text: str) -> Config:
+    """`--destination AE@HOST:PORT` beats the file: every result goes there; the file's sending routes are
+    dropped (its dry-run rules stay: shadow mode is a safety setting)."""
+    node = config.node
+    config.node = node.model_copy(update={
+        "destinations": {**node.destinations, "cli": parse_destination(text)}, "default_destination": "cli",
+        "routes": [r for r in node.routes if r.dry_run]})
+    return config

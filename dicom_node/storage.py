@@ -26,6 +26,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import CTImageStorage, MRImageStorage
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import StorageConfig
@@ -107,7 +108,7 @@ class _Parsed:
     transfer_syntax_uid: str
 
 
-IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}  # CT, MR Image Storage
+IMAGE_CLASSES = {CTImageStorage, MRImageStorage}
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
 
 

@@ -24,7 +24,7 @@ import click
 
 from config.errors import UserError
 from config.load import load_config, resolve_storage
-from config.schema import Config, Destination
+from config.schema import Config
 from pipeline.compute import LOG_FORMAT
 
 log = logging.getLogger("rtprop")
@@ -302,6 +302,7 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
           scheduler_on: bool | None) -> None:
     """Run the node: Storage SCP, series completion, outbound queue, workers, drop-in watcher, nightly batch."""
     from db.engine import open_database
+    from dicom_node.routing import with_destination
     from dicom_node.service import serve_forever
     from pipeline.dropin import start_dropin
     from pipeline.scheduler import start_scheduler
@@ -311,11 +312,10 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
     overrides: dict[str, Any] = {"node.port": port, "node.ae_title": ae_title,
                                  "node.allowed_calling_aes": list(allow_aes) or None}
     config = _config(config_path, storage, **overrides)
-    if destination:  # the flag beats the file: every result goes there, whatever the file's routes say
-        config.node = config.node.model_copy(update={
-            "destinations": {**config.node.destinations, "cli": Destination(**parse_destination(destination))},
-            "default_destination": "cli", "routes": [r for r in config.node.routes if r.dry_run]})
-        log.info("--destination %s: results go there (routes of the configuration file ignored)", destination)
+    if destination:
+        config = with_destination(config, destination)
+        log.info("--destination %s: every result goes there (the configuration file's routes are not used)",
+                 destination)
     stop = threading.Event()
     factory = open_database(config.storage.database)
     threads = start_workers(factory, config, stop, workers)
@@ -412,16 +412,6 @@ def batch(config_path: Path | None, storage: Path | None, since: datetime | None
     factory = _open_existing_database(config)
     _emit(run_batch(factory, config, since=since, until=until, roi_regex=roi_regex, send=send, out=out_dir,
                     progress=not no_progress))
-
-
-def parse_destination(text: str) -> dict[str, Any]:
-    """`AE@HOST:PORT` -> {"ae_title", "host", "port"}."""
-    try:
-        ae, rest = text.split("@", 1)
-        host, port = rest.rsplit(":", 1)
-        return {"ae_title": ae, "host": host, "port": int(port)}
-    except ValueError as exc:
-        raise click.BadParameter(f"destination {text!r} must be AE@HOST:PORT", param_hint="--destination") from exc
 
 
 # ---------------------------------------------------------------- jobs

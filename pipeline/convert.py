@@ -101,5 +101,5 @@ def convert_any(source: Path, dest: Path, *, series_dir: Path | None = None, roi
         options["normalised"] = normalise_intensity(volume.array, volume.modality, p.ct_window_level,
                                                     p.ct_window_width, tuple(p.mr_percentiles))
     out = write_volume(dest, volume, **options)
-    return {"kind": "volume", "shape_zyx": list(volume.array.shape), "spacing_mm": list(volume.geometry.spacing_mm),
+    return {"kind": "volume", "shape_zyx": list(volume.array.shape), "spacing_zyx_mm": list(volume.geometry.spacing_zyx),
             "modality": volume.modality, "written": [str(out)]}

@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 
 from converters.geometry import Volume
+from pipeline.metrics import dice
 
 
 @dataclass
@@ -27,12 +28,6 @@ class SelfCheck:
     @property
     def min_dice(self) -> float | None:
         return min(self.dice.values()) if self.dice else None
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def check_references(ds: pydicom.Dataset, volume: Volume) -> list[str]:

@@ -7,6 +7,7 @@ DCMTK storescu/echoscu as the sending TPS, and synthetic CT series.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -276,3 +277,38 @@ def enqueue_file(db_path: Path, path: Path, ae_title: str, host: str, port: int,
         send_id = row.id
     factory.kw["bind"].dispose()
     return send_id
+
+
+@contextmanager
+def small_disk(path: Path, size_mb: int = 64) -> Iterator[Path]:
+    """A real, small file system (tmpfs) at `path`, to be filled for real; the test is skipped where mounting is
+    not allowed (not root)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small file system needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write zeros under `folder` until the file system says ENOSPC; returns the folder of filler files
+    (remove it to free the space)."""
+    fill = folder / "fill"
+    fill.mkdir(exist_ok=True)
+    for n, size in enumerate((1 << 20, 4096, 512)):  # big blocks, then the last crumbs
+        try:
+            with open(fill / f"filler{n}.bin", "wb") as fh:
+                while True:
+                    fh.write(b"\0" * size)
+                    fh.flush()
+        except OSError:
+            pass
+    return fill

@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from scipy import ndimage
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from converters.cine import CineSource
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def rotation_iop(angle_z_deg: float = 0.0, angle_x_deg: float = 0.0) -> tuple[float, ...]:
@@ -69,7 +67,7 @@ def write_series(folder: str | Path, array_zyx: np.ndarray, spacing: Sequence[fl
         raise ValueError(f"array_zyx must be 3D, got shape {array_zyx.shape}")
     nz, ny, nx = array_zyx.shape
     modality = modality.upper()
-    sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
+    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
     if rescale_intercept is None:
         rescale_intercept = -1024.0 if modality == "CT" else 0.0
     series_uid = series_instance_uid or generate_uid()

@@ -13,11 +13,10 @@ from typing import Iterable
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from converters.geometry import Volume
 
-RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 STS_CT = SHARED / "sts-001" / "CT"
 STS_MR = SHARED / "sts-001" / "MR_T1"
@@ -30,8 +29,11 @@ def _fmt(v: float) -> str:
 def make_prompt_rtstruct(volume: Volume, path: Path, *, boxes: Iterable[tuple[str, int, tuple[int, int, int, int]]] = (),
                          points: Iterable[tuple[str, int, Iterable[tuple[float, float]]]] = (),
                          outlines: Iterable[tuple[str, int, np.ndarray]] = (),
-                         manufacturer: str = "TPS-SIM", label: str = "PROMPT") -> Path:
+                         manufacturer: str = "TPS-SIM", label: str = "PROMPT", reference_images: bool = True) -> Path:
     """Write a prompt RTSTRUCT for `volume` at `path`.
+
+    reference_images=False: the contours reference images of another (e.g. original, uncropped)
+    series with the same Frame of Reference, as the sts-001 RTSTRUCTs do: only the FoR is shared.
 
     boxes: (ROI name, slice, (x0, y0, x1, y1) voxel indices) -> a rectangle through those pixel centres.
     points: (ROI name, slice, [(x, y), ...]) -> a POINT ROI.
@@ -41,10 +43,10 @@ def make_prompt_rtstruct(volume: Volume, path: Path, *, boxes: Iterable[tuple[st
     geometry = volume.geometry
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_CLASS
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = RTSTRUCT_CLASS
+    ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                "ReferringPhysicianName", "AccessionNumber"):
@@ -63,14 +65,15 @@ def make_prompt_rtstruct(volume: Volume, path: Path, *, boxes: Iterable[tuple[st
     ds.InstanceNumber = 1
     ds.ApprovalStatus = "UNAPPROVED"
 
+    image_uids = list(volume.sop_instance_uids) if reference_images else [generate_uid() for _ in volume.sop_instance_uids]
     images = []
-    for uid in volume.sop_instance_uids:
+    for uid in image_uids:
         item = Dataset()
         item.ReferencedSOPClassUID = volume.sop_class_uid
         item.ReferencedSOPInstanceUID = uid
         images.append(item)
     series = Dataset()
-    series.SeriesInstanceUID = volume.series_instance_uid
+    series.SeriesInstanceUID = volume.series_instance_uid if reference_images else generate_uid()
     series.ContourImageSequence = Sequence(images)
     study = Dataset()
     study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
@@ -96,7 +99,7 @@ def make_prompt_rtstruct(volume: Volume, path: Path, *, boxes: Iterable[tuple[st
         c = Dataset()
         ref = Dataset()
         ref.ReferencedSOPClassUID = volume.sop_class_uid
-        ref.ReferencedSOPInstanceUID = volume.sop_instance_uids[z]
+        ref.ReferencedSOPInstanceUID = image_uids[z]
         c.ContourImageSequence = Sequence([ref])
         c.ContourGeometricType = gtype
         c.NumberOfContourPoints = len(xyz)

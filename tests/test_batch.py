@@ -6,7 +6,6 @@ import csv
 import json
 import sqlite3
 import subprocess
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -29,10 +28,13 @@ def archive(tmp_path_factory):
                                                           "node": {"series_quiet_period_s": 0}}))
     factory = open_database(config.storage.database)
     store = Store(config.storage, factory, fsync=False)
-    for series in (STS_CT, STS_MR):  # CT and MR share one Frame of Reference: each RTSTRUCT arrives with its series
-        time.sleep(1.0)
-        for path in sorted((series / "image").iterdir()) + sorted((series / "rtstruct").iterdir()):
-            assert store.ingest(path.read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
+    # CT and MR share one Frame of Reference and neither RTSTRUCT names a series that is here: the
+    # structure sets arrive after both image series, so only the instances their contours reference
+    # (CT Image Storage vs MR Image Storage) can tell which series each was drawn on.
+    paths = [p for series in (STS_CT, STS_MR) for p in sorted((series / "image").iterdir())]
+    paths += [p for series in (STS_MR, STS_CT) for p in sorted((series / "rtstruct").iterdir())]
+    for path in paths:
+        assert store.ingest(path.read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
     CompletionChecker(factory, config).check()
     factory.kw["bind"].dispose()
     return root
@@ -47,6 +49,8 @@ def test_batch_drift_report_on_sts001(tmp_path, archive):
     assert "rtprop batch" in r.stderr  # the tqdm progress bar
     rows = list(csv.DictReader(open(summary["csv"])))
     assert sorted(row["roi"] for row in rows) == ["GTV_Mass_CT", "GTV_Mass_MR_T1"]
+    # each structure is scored on the series it was drawn on (the MR GTV once went to the CT, unflagged)
+    assert {row["roi"]: row["modality"] for row in rows} == {"GTV_Mass_CT": "CT", "GTV_Mass_MR_T1": "MR"}
     for row in rows:
         assert row["error"] == ""
         assert 0.3 < float(row["dice"]) <= 1 and float(row["hd95_mm"]) > 0 and float(row["volume_ratio"]) > 0
@@ -101,3 +105,38 @@ def test_scheduler_window_and_once_per_night(tmp_path):
     assert due(factory, config, datetime(2026, 3, 2, 1, 0)) is None  # a restart in the window: not again
     config.batch.enabled = False
     assert due(factory, config, datetime(2026, 3, 2, 23, 0)) is None
+
+
+def test_an_ambiguous_series_is_reported_never_guessed(tmp_path):
+    """Two CT series in the RTSTRUCT's Frame of Reference, none holding the referenced images: the batch
+    names both candidates in drift.csv and re-contours nothing, rather than pick one."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from config.load import load_config, resolve_storage
+    from db.engine import open_database
+    from dicom_node.completion import CompletionChecker
+    from dicom_node.storage import Received, Store
+
+    config = resolve_storage(load_config(None, overrides={"storage": {"root": str(tmp_path / "s"), "fsync": False},
+                                                          "node": {"series_quiet_period_s": 0}}))
+    factory = open_database(config.storage.database)
+    store = Store(config.storage, factory, fsync=False)
+    copy_uid = generate_uid()
+    for path in sorted((STS_CT / "image").iterdir()):
+        assert store.ingest(path.read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
+        ds = pydicom.dcmread(path)  # a second reconstruction of the same scan: same frame, new UIDs
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = copy_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tmp_path / "copy.dcm")
+        assert store.ingest((tmp_path / "copy.dcm").read_bytes(), Received(calling_ae="ARCHIVE")).status == 0
+    rs = next((STS_CT / "rtstruct").iterdir())
+    assert store.ingest(rs.read_bytes(), Received(calling_ae="ARCHIVE")).status == 0
+    CompletionChecker(factory, config).check()
+    from pipeline.batch import run_batch
+
+    summary = run_batch(factory, config, roi_regex="GTV.*", out=tmp_path / "report", progress=False)
+    rows = list(csv.DictReader(open(summary["csv"])))
+    assert len(rows) == 1 and rows[0]["dice"] == ""
+    assert "ambiguous" in rows[0]["error"] and copy_uid in rows[0]["error"]
+    assert pydicom.dcmread(next((STS_CT / "image").iterdir())).SeriesInstanceUID in rows[0]["error"]

@@ -173,3 +173,125 @@ def test_output_folder_must_exist(phantom, tmp_path):
               "--backend", "classic")
     assert res.returncode == 2 and "does not exist" in res.stderr
     assert not (tmp_path / "no").exists()  # nothing created on the user's behalf
+
+
+# --------------------------------------------------------------------------- exit codes and dates (issue 10, defect 11)
+@pytest.mark.parametrize("args,option", [
+    (["batch", "--since", "yesterday"], "--since"),
+    (["batch", "--until", "2026-13-40"], "--until"),
+    (["audit", "export", "--since", "yesterday"], "--since"),
+    (["audit", "export", "--until", "garbage"], "--until"),
+])
+def test_bad_dates_are_user_errors_naming_the_option(tmp_path, args, option):
+    _tiny_database(tmp_path)
+    res = run(*args, "--storage", tmp_path)
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert option in res.stderr and "ISO 8601" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_iso_dates_select_rows_as_documented(tmp_path):
+    _tiny_database(tmp_path)
+    today = run("audit", "export", "--storage", tmp_path, "--since", "2000-01-01")
+    future = run("audit", "export", "--storage", tmp_path, "--since", "2999-01-01T00:00+01:00")
+    assert today.returncode == future.returncode == 0
+    assert len(today.stdout.splitlines()) == 1 and future.stdout == ""
+
+
+def test_a_missing_storage_is_a_user_error(tmp_path):
+    for args in (["audit", "verify"], ["audit", "export"], ["batch"], ["jobs", "list"]):
+        res = run(*args, "--storage", tmp_path / "missing")
+        assert res.returncode == 2 and "no rtprop database" in res.stderr, (args, res.stderr)
+
+
+def _tiny_database(root: Path) -> None:
+    from db import audit
+    from db.engine import open_database, transaction
+
+    factory = open_database(root / "rtprop.sqlite")
+    with transaction(factory) as session:
+        audit.record(session, "test.event")
+    factory.kw["bind"].dispose()
+
+
+# --------------------------------------------------------------------------- newcomer friction (issue 10, defect 14)
+def test_series_uid_picks_one_of_two_series_in_a_folder(tmp_path):
+    from phantoms import write_series
+
+    folder = tmp_path / "two"
+    image = np.zeros((6, 20, 20))
+    image[1:5, 5:15, 5:15] = 100
+    write_series(folder, image, series_instance_uid="1.2.3.4.100")
+    write_series(folder, image, series_instance_uid="1.2.3.4.200", seed=1)
+    out = tmp_path / "m.nii.gz"
+    refused = run("propagate", folder, "--box", "3,5,5,14,14", "--out", out, "--backend", "classic")
+    assert refused.returncode == 2 and "--series-uid" in refused.stderr
+    picked = run("propagate", folder, "--series-uid", "1.2.3.4.200", "--box", "3,5,5,14,14", "--out", out,
+                 "--backend", "classic")
+    assert picked.returncode == 0, picked.stderr
+
+
+def test_outputs_are_readable_like_the_archive(phantom, tmp_path):
+    """Results and masks were written 0600 (tempfile) while the archive is 0644: a TPS import share could
+    not read them. They follow the umask now."""
+    import os
+
+    path, truth = phantom
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "mask.nii.gz"
+        assert run("propagate", path, "--box", "12,30,20,50,40", "--out", out, "--backend", "classic").returncode == 0
+        demo = tmp_path / "demo"
+        assert run("demo", "--out", demo).returncode == 0
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o644)
+    assert [oct(p.stat().st_mode & 0o777) for p in demo.glob("*.dcm")] == [oct(0o644)]
+
+
+def test_verbose_start_is_not_flooded_by_migrations(tmp_path):
+    _tiny_database(tmp_path)
+    res = run("-v", "audit", "verify", "--storage", tmp_path)
+    assert res.returncode == 0 and "alembic" not in res.stderr.lower()
+
+
+def test_convert_names_the_axis_order_of_the_spacing(phantom, tmp_path):
+    path, _ = phantom
+    res = run("convert", path, tmp_path / "v.npz")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "spacing_mm" not in summary and summary["spacing_zyx_mm"] == pytest.approx([2.5, 0.8, 0.8])
+    assert summary["shape_zyx"] == [24, 64, 72]
+
+
+def test_readme_lists_every_option_of_every_command():
+    """The README's command table is where a newcomer looks: every long option `--help` shows is there."""
+    import re
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = []
+
+    def walk(command, path):
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                walk(sub, path + [name])
+            return
+        for param in command.params:
+            for opt in getattr(param, "opts", []) + getattr(param, "secondary_opts", []):
+                if opt.startswith("--") and opt not in ("--help", "--config", "--storage") and opt not in readme:
+                    missing.append(f"rtprop {' '.join(path)} {opt}")
+
+    walk(cli, [])
+    assert not missing, missing
+    assert re.search(r"rtprop jobs", readme) and CliRunner().invoke(cli, ["--help"]).exit_code == 0
+
+
+def test_docs_name_the_drop_in_folders_the_code_uses():
+    from config.schema import DropInConfig
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.md").read_text()
+    defaults = DropInConfig()
+    for name in ("inbox", "done", "outbox", "quarantine"):
+        assert f"`{getattr(defaults, name)}/`" in docs, name

@@ -80,3 +80,24 @@ def test_storage_paths_resolve_under_root(tmp_path):
     assert config.dropin.inbox == tmp_path / "inbox"
     assert config.dropin.quarantine == tmp_path / "dropin-quarantine"
     assert config.batch.out == tmp_path / "batch"
+
+
+def test_an_environment_variable_error_names_the_variable():
+    with pytest.raises(ConfigError, match="RTPROP__NODE__PORT") as err:
+        load_config(None, environ={"RTPROP__NODE__PORT": "eleven"})
+    assert "defaults" not in str(err.value)
+
+
+def test_old_flat_propagation_keys_still_work_with_a_warning_naming_the_new_key(tmp_path):
+    from config.schema import ConfigDeprecationWarning
+
+    old = tmp_path / "old.yaml"
+    old.write_text("propagation:\n  classic_method: intensity\n  image_size: 1024\n  cine_roi_margin_mm: 20\n")
+    with pytest.warns(ConfigDeprecationWarning, match=r"propagation\.classic\.method"):
+        config = load_config(old, environ={})
+    p = config.propagation
+    assert (p.classic.method, p.sam2.image_size, p.cine.roi_margin_mm) == ("intensity", 1024, 20)
+    both = tmp_path / "both.yaml"
+    both.write_text("propagation:\n  mode: video\n  sam2: {mode: image_chain}\n")
+    with pytest.raises(ConfigError, match=r"sam2\.mode"):
+        load_config(both, environ={})

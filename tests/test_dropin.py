@@ -109,3 +109,31 @@ def test_growing_file_waits_until_stable(tmp_path, cases):
     outcomes = watcher.scan(now=t0 + 5.0)
     assert [o.name for o in outcomes] == ["case00"] and outcomes[0].ok
     factory.kw["bind"].dispose()
+
+
+def test_once_takes_every_stable_case_in_one_call_and_the_worker_finds_its_job(tmp_path, cases):
+    """`rtprop dropin --once` with the default stable_s (5 s) waits for stability itself and takes
+    everything in one call; the series are complete at once, so one `rtprop worker --once` runs the job."""
+    import subprocess
+    import sys
+
+    storage = tmp_path / "storage"
+    inbox = storage / "inbox"
+    inbox.mkdir(parents=True)
+    shutil.copytree(cases / "case02", inbox / "case02")
+    shutil.copytree(cases / "case04", inbox / "case04")
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    cfg = tmp_path / "rtprop.yaml"
+    cfg.write_text("storage: {fsync: false}\npipeline: {isolate_jobs: false}\n")
+    t0 = time.monotonic()
+    taken = subprocess.run(cli + ["dropin", "--once", "--storage", str(storage), "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 0, taken.stderr
+    summary = json.loads(taken.stdout.strip().splitlines()[-1])
+    assert sorted(summary["taken"]) == ["case02", "case04"] and summary["left_in_inbox"] == []
+    assert time.monotonic() - t0 >= 5.0  # it waited the stable time rather than taking nothing
+    ran = subprocess.run(cli + ["worker", "--once", "--storage", str(storage), "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout.strip().splitlines()[-1])["jobs"]["sent"] == 2
+    assert sorted(p.name.split("__")[0] for p in (storage / "dropin-outbox").glob("*__RS_*.dcm")) == ["case02", "case04"]

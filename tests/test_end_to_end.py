@@ -52,7 +52,7 @@ def audit_events(node: NodeProcess) -> list[str]:
 
 def result_dice(path: Path, case) -> dict[str, float]:
     from converters.rtstruct_read import read_rtstruct
-    from pipeline.selfcheck import dice
+    from pipeline.metrics import dice
 
     ss = read_rtstruct(path, case["volume"])
     return {roi.name: round(dice(roi.mask, case["gtv"]), 4) for roi in ss.rois}

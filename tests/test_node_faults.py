@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import subprocess
@@ -239,5 +240,40 @@ def test_tls_receive_and_send(tmp_path: Path) -> None:
         outcomes = deliver_due(factory, cfg)
         assert [(o.state, o.status) for o in outcomes] == [("sent", 0)]
         assert node.query("select count(*) from instances")[0][0] == 1
+    finally:
+        node.stop()
+
+
+def test_failed_tls_handshakes_are_logged_and_audited_and_never_block_the_listener(tmp_path: Path) -> None:
+    """A plain-TCP client and a silent one against a TLS node: each failure is in the log and the audit
+    with the peer's address; the silent one (no bytes at all) does not stop another association."""
+    import socket
+    import ssl
+
+    key, cert = _self_signed(tmp_path)
+    tls = {"enabled": True, "certificate": str(cert), "private_key": str(key), "ca_certificates": str(cert)}
+    node = NodeProcess(tmp_path / "n", config={**CFG, "node": {**CFG["node"], "tls": tls}})
+    import os
+
+    from node_helpers import REPO, node_command
+    log = open(node.log_path, "ab")
+    node.proc = subprocess.Popen([*node_command(), *node.args], stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: "rtprop node ready" in node.log(), 60, what="TLS node ready")
+        silent = socket.create_connection(("127.0.0.1", node.port))  # connects, never speaks
+        plain = socket.create_connection(("127.0.0.1", node.port))
+        plain.sendall(b"\x01\x00" + b"\x00" * 200)  # an A-ASSOCIATE-RQ-looking PDU, not a TLS hello
+        plain.close()
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as good:  # handshakes while `silent` waits
+                assert good.version() is not None
+        wait_for(lambda: "TLS handshake with 127.0.0.1:" in node.log(), 20, what="the failure in the log")
+        wait_for(lambda: node.query("SELECT count(*) FROM audit WHERE event='association.tls_failed'")[0][0] >= 1,
+                 20, what="the failure in the audit")
+        peer = json.loads(node.query("SELECT details FROM audit WHERE event='association.tls_failed'")[0][0])
+        assert peer["peer_address"].startswith("127.0.0.1:") and peer["reason"]
+        silent.close()
     finally:
         node.stop()

@@ -91,3 +91,15 @@ def test_low_disk_space_refused_with_a700(tmp_path: Path) -> None:
         assert node.query("select count(*) from audit where event='instance.refused'")[0][0] >= 1
         assert echoscu(node.port)
     assert not [p for p in (node.storage / "archive").rglob("*") if p.is_file()]
+
+
+def test_the_node_warns_at_start_when_the_disk_is_below_the_watermark(tmp_path):
+    """It used to start "ready" and then refuse every instance without a word."""
+    import shutil
+
+    free_mb = shutil.disk_usage(tmp_path).free // (1 << 20)
+    with NodeProcess(tmp_path / "n", config={"storage": {"min_free_mb": free_mb + 10_000}}) as node:
+        wait_for(lambda: node.query("SELECT count(*) FROM audit WHERE event='node.low_disk'")[0][0] == 1, 10,
+                 what="the low-disk audit row")
+        log = node.log()
+    assert "below storage.min_free_mb" in log and "will be refused" in log

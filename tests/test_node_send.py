@@ -143,3 +143,34 @@ def test_routing_rules() -> None:
     assert resolve_destination(cfg, "ECLIPSE_X").name == "eclipse"
     with pytest.raises(RoutingError, match="no route"):
         resolve_destination(Config(), "ANY")
+
+
+def test_the_destination_flag_beats_the_files_routes() -> None:
+    """docker-compose's trial sent results to the example file's placeholder 127.0.0.1:104: the file's
+    route for the calling AE won over --destination. The flag wins now (dry-run rules stay)."""
+    from dicom_node.routing import with_destination
+
+    cfg = Config.model_validate({"node": {
+        "destinations": {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": 104}},
+        "routes": [{"calling_ae": "ORTHANC", "destination": "tps"},
+                   {"calling_ae": "SHADOW", "destination": "tps", "dry_run": True}],
+        "default_destination": "tps"}})
+    cfg = with_destination(cfg, "ORTHANC@orthanc:4242")
+    for ae in ("ORTHANC", "ECLIPSE", ""):
+        route = resolve_destination(cfg, ae)
+        assert (route.destination.ae_title, route.destination.host, route.destination.port) == ("ORTHANC", "orthanc",
+                                                                                               4242)
+    assert resolve_destination(cfg, "SHADOW").dry_run
+    with pytest.raises(RoutingError, match="AE@HOST:PORT"):
+        with_destination(cfg, "orthanc:4242")
+
+
+def test_a_route_to_an_unknown_destination_stops_the_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  routes:\n    - {calling_ae: ECLIPSE, destination: eclipse}\n")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", "--config", str(bad), "--storage",
+                          str(tmp_path / "s"), "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "node.routes[0]" in res.stderr and "'eclipse'" in res.stderr

@@ -50,3 +50,91 @@ def test_tps_profiles():
     generic = output_style("Liver", RTStructConfig())
     assert generic["interpreted_type"] == "ORGAN" and generic["color"] == (255, 128, 0)
     assert output_style("PTV_High", RTStructConfig(tps_profile="raystation"))["interpreted_type"] == "PTV"
+
+
+# --------------------------------------------------------------------------- what a received job waits for
+def _node_db(root, **pipeline):
+    from config.load import load_config, resolve_storage
+    from db.engine import open_database
+    from dicom_node.storage import Store
+
+    config = resolve_storage(load_config(None, environ={}, overrides={
+        "storage": {"root": str(root), "fsync": False}, "node": {"series_quiet_period_s": 0},
+        "pipeline": {"series_wait_s": 3600, **pipeline}}))
+    factory = open_database(config.storage.database)
+    return config, factory, Store(config.storage, factory, fsync=False)
+
+
+def _ingest(store, *paths):
+    from dicom_node.storage import Received
+
+    for path in paths:
+        assert store.ingest(path.read_bytes(), Received(calling_ae="TPS")).status == 0
+
+
+def test_a_prompt_without_its_images_says_what_it_waits_for_at_once_then_fails_cleanly(tmp_path, caplog):
+    """No silent hour in `received`: the first pass writes what the job waits for to the job, the log
+    and the audit (once, not on every pass); after pipeline.series_wait_s it fails with that reason."""
+    import logging
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from db.schema import AuditEntry, Job, utcnow
+    from dicom_node.completion import CompletionChecker
+    from pipeline.discovery import discover, resolve_received
+    from pipeline_helpers import synthetic_case
+
+    case = tmp_path / "case"
+    synthetic_case(case, seed=3)
+    config, factory, store = _node_db(tmp_path / "s")
+    _ingest(store, case / "RS_prompt.dcm")
+    CompletionChecker(factory, config).check()
+    with caplog.at_level(logging.INFO, logger="rtprop"):
+        discover(factory, config)
+        discover(factory, config)
+    with factory() as session:
+        job = session.execute(select(Job)).scalar_one()
+        waiting = session.execute(select(AuditEntry).where(AuditEntry.event == "job.waiting")).scalars().all()
+    assert job.state == "received" and job.waiting_for.startswith("waiting for image")
+    assert len(waiting) == 1 and job.study_instance_uid in waiting[0].study_instance_uid
+    assert any("waiting for image" in r.getMessage() for r in caplog.records)
+    changed = resolve_received(factory, config, now=utcnow() + timedelta(seconds=3601))
+    with factory() as session:
+        job = session.get(Job, job.id)
+    assert changed == {job.id: "failed"} and "no image series after" in job.error and job.waiting_for == ""
+
+
+def test_an_ambiguous_series_fails_at_once_naming_the_candidates(tmp_path):
+    """Two series of the study in the prompt's Frame of Reference, neither holding the images it
+    references: refused on the first pass, both named; never a guess."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    from sqlalchemy import select
+
+    from db.schema import Job
+    from dicom_node.completion import CompletionChecker
+    from pipeline.discovery import discover
+    from pipeline_helpers import make_prompt_rtstruct, synthetic_case
+
+    case = tmp_path / "case"
+    info = synthetic_case(case, seed=4)
+    images = sorted(case.glob("IMG*.dcm"))
+    twin_uid = generate_uid()
+    twins = []
+    for i, path in enumerate(images):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = twin_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tmp_path / f"T{i:02d}.dcm")
+        twins.append(tmp_path / f"T{i:02d}.dcm")
+    prompt = make_prompt_rtstruct(info["volume"], tmp_path / "RS.dcm", boxes=[("Tumour", 6, (8, 8, 16, 16))],
+                                  reference_images=False)
+    config, factory, store = _node_db(tmp_path / "s")
+    _ingest(store, *images, *twins, prompt)
+    CompletionChecker(factory, config).check()
+    discover(factory, config)
+    with factory() as session:
+        job = session.execute(select(Job)).scalar_one()
+    assert job.state == "failed" and "ambiguous" in job.error
+    assert twin_uid in job.error and info["volume"].series_instance_uid in job.error

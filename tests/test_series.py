@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -171,3 +172,66 @@ def test_non_image_objects_skipped(shared_data, tmp_path):
 def test_monaco_without_preamble(shared_data):
     vol = read_series(shared_data / "vendor-rtstruct" / "monaco" / "tiny-with-ct")
     assert vol.array.shape == (5, 5, 5)
+
+
+# --------------------------------------------------------------------------- one contiguity rule (issue 10, defect 5)
+def _stack(tmp_path, name: str, positions_mm, *, thickness_mm: float, numbers=None) -> list[Path]:
+    """A series of len(positions) slices at these z positions, SliceThickness and InstanceNumbers as given."""
+    files = write_series(tmp_path / name, np.zeros((len(positions_mm), 8, 8)), spacing=(1, 1, thickness_mm),
+                         shuffle_names=False)
+    for k, (path, z) in enumerate(zip(files, positions_mm)):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [0, 0, float(z)]
+        ds.SliceThickness = f"{thickness_mm:g}"
+        ds.InstanceNumber = int(numbers[k]) if numbers is not None else k + 1
+        ds.save_as(path)
+    return files
+
+
+def _both(files):
+    """(completion's verdict, the reader's verdict) on the same files: they must always agree."""
+    from converters.series import check_series_files
+
+    verdict = check_series_files(files)
+    try:
+        read_series(files[0].parent)
+        read = True, ""
+    except SeriesIncompleteError as exc:
+        read = False, str(exc)
+    return verdict, read
+
+
+def test_five_percent_uneven_is_refused_by_completion_and_reader_alike(tmp_path):
+    z = [0, 3.0, 6.0, 9.15, 12.15, 15.15]  # one step 5 % long: passed the old 10 % completion rule, then failed
+    verdict, (read_ok, _) = _both(_stack(tmp_path, "uneven", z, thickness_mm=3.0))
+    assert not verdict.ok and not read_ok and "non-uniform" in verdict.reason and "3.150 mm after 6.00" in verdict.reason
+
+
+def test_every_other_slice_missing_is_not_a_complete_series(tmp_path):
+    # the defect's case: spacing 6.54 mm, SliceThickness 3.27 mm, InstanceNumbers 1, 3, 5, ...
+    z = [6.54 * k for k in range(10)]
+    verdict, (read_ok, message) = _both(_stack(tmp_path, "half", z, thickness_mm=3.27,
+                                               numbers=[2 * k + 1 for k in range(10)]))
+    assert not verdict.ok and not read_ok
+    assert "one slice in 2" in verdict.reason and "3.27" in verdict.reason and len(verdict.missing_mm) == 9
+    assert "one slice in 2" in message
+
+
+def test_a_gapped_protocol_numbered_consecutively_is_complete(tmp_path):
+    # MR with a slice gap: 5 mm slices every 6.5 mm, numbered 1, 2, 3 ...; also 3 mm slices every 6 mm
+    for name, thickness, spacing in (("mr", 5.0, 6.5), ("ct", 3.0, 6.0)):
+        verdict, (read_ok, message) = _both(_stack(tmp_path, name, [spacing * k for k in range(8)],
+                                                   thickness_mm=thickness))
+        assert verdict.ok and read_ok, (name, verdict.reason, message)
+
+
+@pytest.mark.parametrize("z", [
+    [0, 2, 4, 6, 8, 10],             # even
+    [0, 2, 4, 8, 10, 12],            # one missing
+    [0, 2, 4, 6.02, 8, 10],          # 1 % jitter: scanner rounding, accepted
+    [0, 2, 4, 6.3, 8, 10],           # 15 % off
+    [0, 2, 4, 6, 11, 16, 21],        # 2 mm through the target, 5 mm elsewhere: not supported
+])
+def test_completion_and_reader_agree(tmp_path, z):
+    verdict, (read_ok, message) = _both(_stack(tmp_path, "s", z, thickness_mm=2.0))
+    assert verdict.ok == read_ok, (verdict.reason, message)

@@ -200,6 +200,8 @@ class PipelineConfig(Section):
         "(fills >= 95 % of its bounding rectangle), else mask")
     positive_point_marker: str = "+"
     negative_point_marker: str = "-"
+    multi_slice_max: int = Field(5, ge=1, description="an ROI drawn on 2..this many slices, none of them "
+                                 "neighbours, is one prompt on several slices (more, or neighbouring slices: a contour)")
     recontour_roi_regex: str | None = Field(
         None, description="re-contour mode: a fully contoured ROI whose name matches this regex (case-insensitive, "
         "full match, e.g. '(GTV|CTV).*') is re-propagated from its middle slice; null = off")

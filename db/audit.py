@@ -24,7 +24,7 @@ from typing import Any, Iterable, TextIO
 from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.schema import AuditEntry
+from db.schema import AuditEntry, utcnow
 
 LOG = logging.getLogger("rtprop.db.audit")
 HEAD_BYTES = 256  # the anchor is one fixed-size record, overwritten in place (no new blocks on a full disk)
@@ -52,7 +52,7 @@ def new_row(prev_hash: str, event: str, *, component: str = "", job_id: int | No
             calling_ae: str = "", patient_id_hash: str = "", details: dict[str, Any] | None = None) -> dict[str, Any]:
     """The column values of the next audit row after `prev_hash`, its own `hash` included."""
     values: dict[str, Any] = {
-        "at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "at": utcnow().isoformat(timespec="microseconds"),
         "event": event,
         "component": component,
         "job_id": job_id,

@@ -46,7 +46,8 @@ class Instance(Base):
 
 
 class Series(Base):
-    """A series as it arrives: receiving until quiet (or released), then complete or incomplete."""
+    """A series as it arrives: `receiving`, then `complete` (quiet and contiguous) or `failed` (a gap past
+    node.series_gap_timeout_s, or a stack the reader refuses); a late instance reopens it (dicom_node/completion.py)."""
 
     __tablename__ = "series"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -65,7 +66,8 @@ class Series(Base):
 
 
 class Job(Base):
-    """One propagation job: received -> queued -> running -> validated -> sending -> sent | failed | dead-letter."""
+    """One propagation job; its states and moves are in pipeline/jobs.py (received -> queued -> running ->
+    validated -> sending -> sent, or failed | dead-letter | ignored)."""
 
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.schema import Config
 from db.audit import record
 from db.engine import transaction
-from db.schema import Instance
+from db.schema import Instance, utcnow
 
 LOG = logging.getLogger("rtprop.pipeline.batch")
 
@@ -113,7 +113,7 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: datetime
 
     roi_regex = roi_regex or config.batch.roi_regex
     send = config.batch.send_results if send is None else send
-    started = datetime.now(timezone.utc)
+    started = utcnow()
     out_root = Path(out) if out is not None else config.batch.out
     run_dir = out_root / started.strftime("%Y%m%dT%H%M%SZ")
     run_dir.mkdir(parents=True, exist_ok=True)

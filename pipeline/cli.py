@@ -514,9 +514,10 @@ def audit_verify(config_path: Path | None, storage: Path | None) -> None:
 def audit_head(config_path: Path | None, storage: Path | None) -> None:
     """Print the chain's head (last row id and hash) on one line: send it to an external witness (syslog)."""
     from db import audit as audit_log
+    from db.schema import utcnow
 
     head = audit_log.head_of(_open_existing_database(_config(config_path, storage)))
-    _emit({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    _emit({"at": utcnow().isoformat(timespec="seconds"),
            **(dataclasses.asdict(head) if head else {"row_id": 0, "hash": audit_log.GENESIS})})
 
 

@@ -83,7 +83,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     from converters.series import read_series
     from converters.tps import output_style
     from models.propagate import propagate
-    from pipeline.prompt_rois import PromptSpec, prompt_object
+    from pipeline.prompt_rois import PromptSpec, prompt_objects
     from pipeline.selfcheck import self_check
 
     config: Config = task["config"]
@@ -98,20 +98,20 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     for raw in task["prompts"]:
         spec = PromptSpec.from_json(raw)
-        prompt = prompt_object(spec, structure_set)
+        prompts = prompt_objects(spec, structure_set)
         t1 = time.perf_counter()
-        result = propagate(volume.array, volume.geometry.spacing_zyx, prompt, volume.modality, config.propagation)
+        result = propagate(volume.array, volume.geometry.spacing_zyx, prompts, volume.modality, config.propagation)
         if not result.mask.any():
-            raise SelfCheckError(f"propagation of {spec.structure!r} ({spec.kind} on slice {spec.slice}) gave an "
-                                 "empty mask: nothing to send")
+            raise SelfCheckError(f"propagation of {spec.structure!r} ({spec.describe()}) gave an empty mask: "
+                                 "nothing to send")
         backend, checkpoint = result.backend, result.checkpoint_sha256 or checkpoint
         style = output_style(spec.structure, config.rtstruct)
         rois.append(RoiMask(style["name"], result.mask, color=style["color"],
                             interpreted_type=style["interpreted_type"],
-                            description=f"rtprop {result.backend} from {spec.kind} on slice {spec.slice}"))
+                            description=f"rtprop {result.backend} from {spec.describe()}"))
         masks.append(result.mask)
         slices = result.mask.any(axis=(1, 2)).nonzero()[0]
-        per_structure.append({"structure": spec.structure, "kind": spec.kind, "voxels": int(result.mask.sum()),
+        per_structure.append({"structure": spec.structure, "prompt": spec.describe(), "voxels": int(result.mask.sum()),
                               "slices": [int(slices[0]), int(slices[-1])],
                               "seconds": round(time.perf_counter() - t1, 3)})
     timings["propagate_s"] = time.perf_counter() - t

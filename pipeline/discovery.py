@@ -15,7 +15,6 @@ another transaction of the same thread waits for it (db/engine.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -209,6 +208,9 @@ def decide(factory: sessionmaker[Session], config: Config, job_id: int, now: dat
         try:
             path = rtstruct_path(session, job.rtstruct_sop_instance_uid)
             ds = _header(path)
+            if str(ds.get("SOPInstanceUID", "")) != job.rtstruct_sop_instance_uid:
+                raise DiscoveryError(f"{path} no longer holds SOP Instance {job.rtstruct_sop_instance_uid} "
+                                     "(damaged on disk?)")
         except Exception as exc:  # noqa: BLE001 - unreadable on disk: the job cannot be run
             return Decision("failed", f"prompt RTSTRUCT unreadable: {type(exc).__name__}: {exc}")
         if is_own_result(ds):
@@ -270,7 +272,7 @@ def apply(factory: sessionmaker[Session], job_id: int, decision: Decision) -> st
             if decision.state == "queued":
                 transition(session, job, "queued", prompts=[s.to_json() for s in decision.specs], **fields)
                 audit_job(session, job, "job.prompts", notes=decision.notes[:20], prompts=[
-                    {"structure": s.structure, "kind": s.kind, "slice": s.slice, "mode": s.mode}
+                    {"structure": s.structure, "prompt": s.describe(), "slices": s.slices, "mode": s.mode}
                     for s in decision.specs])
             else:
                 transition(session, job, decision.state, event=decision.event, error=decision.reason, **fields)
@@ -306,7 +308,3 @@ def discover(factory: sessionmaker[Session], config: Config) -> dict[str, Any]:
     created = create_jobs(factory, config)
     changed = resolve_received(factory, config)
     return {"created": created, "changed": changed}
-
-
-def prompts_summary(prompts: list[dict[str, Any]] | None) -> str:
-    return json.dumps([{k: p.get(k) for k in ("structure", "kind", "slice")} for p in prompts or []])

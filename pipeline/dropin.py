@@ -24,7 +24,6 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.schema import Config
 from db.audit import record
 from db.engine import transaction
+from db.schema import utcnow
 
 LOG = logging.getLogger("rtprop.pipeline.dropin")
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -86,7 +86,7 @@ def signature(entry: Path) -> tuple[int, int, float]:
 
 
 def _stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return utcnow().strftime("%Y%m%dT%H%M%S%fZ")
 
 
 def _move(entry: Path, folder: Path) -> Path:

@@ -10,7 +10,9 @@ write lock while `_fail()` waited for it: 48-57 s per C-STORE and no result at a
 """
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from node_helpers import NodeProcess, StoreSCP, storescu, wait_for
+from node_helpers import VENV_BIN, NodeProcess, StoreSCP, storescu, wait_for
 from pipeline_helpers import make_prompt_rtstruct, synthetic_case
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
@@ -102,6 +104,8 @@ def test_failing_jobs_in_every_path_leave_the_node_serving(tmp_path):
         wait_for(lambda: node.query("SELECT count(*) FROM jobs WHERE state IN ('received', 'queued', 'running', "
                                     "'validated', 'sending')")[0][0] == 0, 30, 0.3, what="every job to end")
         jobs = node.query("SELECT state, error FROM jobs ORDER BY id")
+        exported = subprocess.run([str(VENV_BIN / "rtprop"), "audit", "export", "--storage", str(node.storage),
+                                   "--patient-id", "SYN001"], capture_output=True, text=True, timeout=60)
         ends = node.query("SELECT job_id, count(*) FROM audit WHERE event IN ('job.failed', 'job.ignored') "
                           "GROUP BY job_id")
         t_stop = time.monotonic()
@@ -113,13 +117,17 @@ def test_failing_jobs_in_every_path_leave_the_node_serving(tmp_path):
     assert states.count("ignored") == 1, jobs  # our own result: never a prompt
     errors = " | ".join(e for s, e in jobs if s == "failed")
     assert states.count("failed") == 4, jobs
-    assert "incomplete" in errors or "missing" in errors  # the gap
-    assert "no image series" in errors  # the orphan, after series_wait_s
-    assert "unreadable" in errors  # the damaged prompt
-    assert "ambiguous" in errors and twin_uid in errors  # named, not guessed
+    assert "incomplete" in errors or "missing" in errors, errors  # the gap
+    assert "no image series" in errors, errors  # the orphan, after series_wait_s
+    assert "unreadable" in errors, errors  # the damaged prompt
+    assert "ambiguous" in errors and twin_uid in errors, errors  # named, not guessed
     assert all(n == 1 for _, n in ends), ends  # each failing job ended once, not on every pass
     # the node kept serving in normal time: the second case no slower than a few times the first
     # (the stall made every C-STORE of a 12-slice series take tens of seconds)
     assert store_second < max(3 * store_first, 5.0), (store_first, store_second)
     assert result_second < max(3 * result_first, 20.0), (result_first, result_second)
     assert stopped_s < 20
+    # every row of the first patient, not only its received instances: its job and its send too
+    events = {json.loads(line)["event"] for line in exported.stdout.splitlines()}
+    assert {"instance.received", "series.complete", "job.created", "job.sent", "send.queued", "send.sent"} <= events
+    assert "-> sent" in node.log()  # the admin sees job state changes without -v

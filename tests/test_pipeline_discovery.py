@@ -138,3 +138,27 @@ def test_an_ambiguous_series_fails_at_once_naming_the_candidates(tmp_path):
         job = session.execute(select(Job)).scalar_one()
     assert job.state == "failed" and "ambiguous" in job.error
     assert twin_uid in job.error and info["volume"].series_instance_uid in job.error
+
+
+def test_an_roi_drawn_on_a_few_separate_slices_is_one_prompt_on_each_of_them(case, tmp_path):
+    """The TPS convention for prompts on several slices: first, middle and last slice of the target,
+    none of them neighbours. Neighbouring slices are a contour, not a prompt; clicks add to a drawn prompt."""
+    from converters.rtstruct_read import read_rtstruct
+    from pipeline.prompt_rois import prompt_objects
+    from pipeline_helpers import make_prompt_rtstruct
+
+    z, (x0, y0, x1, y1) = case["slice"], case["box"]
+    path = make_prompt_rtstruct(case["volume"], tmp_path / "RS.dcm", boxes=[
+        ("GTV", z - 6, (x0 + 4, y0 + 4, x1 - 4, y1 - 4)), ("GTV", z, (x0, y0, x1, y1)), ("GTV", z + 6, (x0, y0, x1, y1)),
+        ("Near", z, (x0, y0, x1, y1)), ("Near", z + 1, (x0, y0, x1, y1))],
+        points=[("GTV-", z + 3, [(x0 + 2.0, y0 + 2.0)]), ("GTV+", z + 3, [case["inside"]])])
+    specs, notes = find_prompts(read_rtstruct(path, case["volume"]), case["volume"], PipelineConfig())
+    assert [s.structure for s in specs] == ["GTV"]
+    gtv = specs[0]
+    assert gtv.slices == [z - 6, z, z + 3, z + 6] and gtv.describe() == f"box + clicks on slices {z - 6}, {z}, {z + 3}, {z + 6}"
+    assert [p["box"] for p in gtv.parts if p["kind"] == "box"][0] == [x0 + 4, y0 + 4, x1 - 4, y1 - 4]
+    assert any("'Near'" in n and "neighbouring" in n for n in notes)
+    back = type(gtv).from_json(gtv.to_json())  # what the job row stores
+    prompts = prompt_objects(back)
+    assert [p.slice_index for p in prompts] == [z - 6, z, z + 3, z + 6]
+    assert sorted(pos for _, _, pos in prompts[2].points) == [False, True]

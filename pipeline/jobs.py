@@ -13,12 +13,26 @@ States and the only transitions allowed (anything else raises `JobStateError`):
     validated -> sending       queued for C-STORE (a row in `sends`)
     validated -> sent          delivered by file (drop-in outbox)
     validated -> failed        no destination for the calling AE (the RTSTRUCT stays in the outbox)
+    validated -> awaiting_review  review.before_send is on for the calling AE: a person decides
+    awaiting_review -> sending    accepted: queued for C-STORE exactly as `validated -> sending`
+    awaiting_review -> sent       accepted, drop-in case (delivered to the drop-in outbox)
+    awaiting_review -> failed     accepted, but no destination for the calling AE
+    awaiting_review -> rejected   rejected by the reviewer: nothing is sent, the job is closed
     sending   -> sent          the peer answered 0x0000
     sending   -> dead-letter   the send gave up (dead-lettered by the sender)
 
+Moves only a person makes (`transition(..., manual=True)`, from pipeline/actions.py, audited with
+the user's name):
+
+    failed | dead-letter            -> queued | received   retry (attempts reset)
+    dead-letter                     -> sending             re-send the validated result
+    received | queued | awaiting_review -> cancelled       cancel
+
 A dry-run job ends in `validated` with `dry_run` set: processed and audited, never sent.
-`sent`, `failed` and `dead-letter` are final. Every transition writes an audit row in the same
-transaction (`job.<event>`), with UIDs and AE titles only.
+`sent`, `failed`, `dead-letter`, `rejected` and `cancelled` are final: nothing moves them on its
+own (a reviewer's reject is final; only a person's retry leaves failed/dead-letter). Every
+transition writes an audit row in the same transaction (`job.<event>`), with UIDs and AE titles
+only (and the user's name for a person's move).
 """
 from __future__ import annotations
 
@@ -35,30 +49,46 @@ from db.schema import Job, aware, utcnow
 
 LOG = logging.getLogger("rtprop.pipeline.jobs")
 
-STATES = ("received", "queued", "running", "validated", "sending", "sent", "failed", "dead-letter")
-FINAL_STATES = frozenset({"sent", "failed", "dead-letter"})
+STATES = ("received", "queued", "running", "validated", "awaiting_review", "sending", "sent", "failed",
+          "dead-letter", "rejected", "cancelled")
+FINAL_STATES = frozenset({"sent", "failed", "dead-letter", "rejected", "cancelled"})
 TRANSITIONS: dict[str, frozenset[str]] = {
     "received": frozenset({"queued", "failed"}),
     "queued": frozenset({"running"}),
     "running": frozenset({"validated", "queued", "failed", "dead-letter"}),
-    "validated": frozenset({"sending", "sent", "failed"}),
+    "validated": frozenset({"sending", "sent", "failed", "awaiting_review"}),
+    "awaiting_review": frozenset({"sending", "sent", "failed", "rejected"}),
     "sending": frozenset({"sent", "dead-letter"}),
     "sent": frozenset(),
     "failed": frozenset(),
     "dead-letter": frozenset(),
+    "rejected": frozenset(),
+    "cancelled": frozenset(),
+}
+# Moves only a person makes (retry, re-send, cancel): allowed by transition(..., manual=True) alone.
+MANUAL_TRANSITIONS: dict[str, frozenset[str]] = {
+    "failed": frozenset({"queued", "received"}),
+    "dead-letter": frozenset({"queued", "received", "sending"}),
+    "received": frozenset({"cancelled"}),
+    "queued": frozenset({"cancelled"}),
+    "awaiting_review": frozenset({"cancelled"}),
 }
 # Audit event written for each target state (job.claimed for running, ...).
 EVENTS = {"queued": "job.queued", "running": "job.claimed", "validated": "job.validated", "sending": "job.sending",
-          "sent": "job.sent", "failed": "job.failed", "dead-letter": "job.dead_letter"}
+          "sent": "job.sent", "failed": "job.failed", "dead-letter": "job.dead_letter",
+          "awaiting_review": "job.awaiting_review", "rejected": "job.rejected", "cancelled": "job.cancelled",
+          "received": "job.received"}
 
 
 class JobStateError(RuntimeError):
     """A transition the state machine does not allow (names the job, its state and the target)."""
 
 
-def check_transition(job_id: int | None, current: str, target: str) -> None:
-    if target not in TRANSITIONS.get(current, frozenset()):
-        allowed = ", ".join(sorted(TRANSITIONS.get(current, ()))) or "none (final state)"
+def check_transition(job_id: int | None, current: str, target: str, manual: bool = False) -> None:
+    allowed_set = TRANSITIONS.get(current, frozenset()) | (MANUAL_TRANSITIONS.get(current, frozenset()) if manual
+                                                            else frozenset())
+    if target not in allowed_set:
+        allowed = ", ".join(sorted(allowed_set)) or "none (final state)"
         raise JobStateError(f"job {job_id}: {current} -> {target} is not allowed (from {current}: {allowed})")
 
 
@@ -69,16 +99,17 @@ def audit_job(session: Session, job: Job, event: str, **details: Any) -> None:
 
 
 def transition(session: Session, job: Job, target: str, *, event: str | None = None,
-               expect_owner: str | None = None, details: dict[str, Any] | None = None, **fields: Any) -> Job:
+               expect_owner: str | None = None, details: dict[str, Any] | None = None, manual: bool = False,
+               **fields: Any) -> Job:
     """Move `job` to `target` inside the caller's transaction; set the columns `fields`; audit (with
-    `details`). Refuses illegal moves.
+    `details`). Refuses illegal moves; `manual` also allows MANUAL_TRANSITIONS (a person's action).
 
     The UPDATE is conditional on the state the row had (compare-and-set), so two processes acting
     on one stale object cannot both move it; `expect_owner` also requires `claimed_by` to match.
     """
     session.refresh(job)
     current = job.state
-    check_transition(job.id, current, target)
+    check_transition(job.id, current, target, manual)
     if expect_owner is not None and job.claimed_by != expect_owner:
         raise JobStateError(f"job {job.id}: claimed by {job.claimed_by!r}, not {expect_owner!r}")
     values = {"state": target, "updated_at": utcnow(), **fields}

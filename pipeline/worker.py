@@ -99,7 +99,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     structure_set = read_rtstruct(task["rtstruct_path"], volume)
     timings["read_s"] = time.perf_counter() - t
 
-    rois, masks, per_structure = [], [], []
+    rois, masks, per_structure, review = [], [], [], []  # review: per-slice confidence for the web review page
     backend, checkpoint = "", ""
     t = time.perf_counter()
     for raw in task["prompts"]:
@@ -120,6 +120,8 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
         per_structure.append({"structure": spec.structure, "kind": spec.kind, "voxels": int(result.mask.sum()),
                               "slices": [int(slices[0]), int(slices[-1])],
                               "seconds": round(time.perf_counter() - t1, 3)})
+        review.append({"structure": spec.structure, "roi": style["name"], "slice": spec.slice, "warnings": result.warnings,
+                       "confidence": [round(float(c), 3) for c in result.confidence]})
     timings["propagate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -128,6 +130,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     path = write_rtstruct(volume, rois, out_dir, config.rtstruct,
                           series_description=f"rtprop job {task['job_id']}")
     timings["write_s"] = time.perf_counter() - t
+    (out_dir / "review.json").write_text(json.dumps({"rtstruct": path.name, "structures": review}))
     t = time.perf_counter()
     check = self_check(path, volume, masks, config.pipeline.self_check_min_dice)
     timings["self_check_s"] = time.perf_counter() - t
@@ -364,14 +367,18 @@ class Worker:
             Instance.sop_instance_uid == job.rtstruct_sop_instance_uid)).scalar()
         return source == "dropin"
 
-    def deliver(self, session: Session, job: Job, path: Path) -> str:
-        """validated -> sending (C-STORE queued), -> sent (drop-in outbox), or stays validated (dry run)."""
+    def deliver(self, session: Session, job: Job, path: Path, reviewed: bool = False) -> str:
+        """validated -> sending (C-STORE queued), -> sent (drop-in outbox), -> awaiting_review (review.before_send
+        for the calling AE), or stays validated (dry run). `reviewed`: a reviewer accepted it (pipeline.actions)."""
         from dicom_node.routing import RoutingError, resolve_destination
         from dicom_node.scu import enqueue
 
         if job.dry_run:
             J.audit_job(session, job, "job.dry_run", result_path=str(path), decision="shadow mode: not sent")
             return "validated"
+        if not reviewed and self.config.review.required_for(job.calling_ae):
+            J.transition(session, job, "awaiting_review", details={"result_path": str(path)})
+            return "awaiting_review"
         if self.is_dropin(session, job):
             target = self.dropin_output(session, job, path)
             J.transition(session, job, "sent", details={"delivered_to": str(target), "via": "dropin-outbox"})

@@ -4,9 +4,10 @@
 - API tokens: 32 random bytes shown once; only their SHA-256 is stored (a token is as strong as a key,
   so a fast hash is enough and lets a token be looked up).
 - Roles: viewer < reviewer < admin, enforced on the server for every route (web/app.py).
-- Login attempts: after `web.login_max_failures` failures for one user name or one client address
-  within `web.login_lockout_s`, further tries are refused (HTTP 429) until the window has passed,
-  whether or not the password is right.
+- Login attempts: after `web.login_max_failures` failures for one user name (4 times as many for one
+  client address, so one mistyping colleague does not lock out a shared workstation) within
+  `web.login_lockout_s`, further tries are refused (HTTP 429) until the window has passed, whether
+  or not the password is right.
 - CSRF: a random token per session, required on every state-changing request made with the session
   cookie (form field `csrf_token` or header `X-CSRF-Token`); Bearer-token API calls carry no cookie.
 """
@@ -31,6 +32,7 @@ ROLES = ("viewer", "reviewer", "admin")
 RANK = {role: i for i, role in enumerate(ROLES)}
 TOKEN_PREFIX = "rtp_"
 MIN_PASSWORD = 8
+ADDRESS_FACTOR = 4  # failures allowed per client address, in multiples of web.login_max_failures
 _HASHER = PasswordHasher()
 # Verified against when the user name is unknown, so a wrong name costs as long as a wrong password.
 _DUMMY_HASH = _HASHER.hash("rtprop-no-such-user")
@@ -152,11 +154,15 @@ class LoginLimiter:
             q.popleft()
         return q
 
+    def limit(self, key: str) -> int:
+        return self.max_failures * (ADDRESS_FACTOR if key.startswith("addr:") else 1)
+
     def retry_after_s(self, *keys: str) -> float:
         """0 if a try is allowed now, else the seconds until it is."""
         now = time.monotonic()
         with self._lock:
-            waits = [self.window_s - (now - q[0]) for k in keys if len(q := self._trim(k, now)) >= self.max_failures]
+            waits = [self.window_s - (now - q[-self.limit(k)]) for k in keys
+                     if len(q := self._trim(k, now)) >= self.limit(k)]
         return max(waits, default=0.0)
 
     def failed(self, *keys: str) -> None:

@@ -13,7 +13,7 @@ from starlette.routing import BaseRoute
 from db.schema import Job, Send
 from pipeline import actions
 from pipeline.jobs import STATES
-from web.app import Ctx, route
+from web.routing import Ctx, route
 
 JOB_FIELDS = ("id", "state", "kind", "calling_ae", "study_instance_uid", "series_instance_uid",
               "rtstruct_sop_instance_uid", "dry_run", "backend", "checkpoint_sha256", "timings_s", "self_check_dice",

@@ -18,7 +18,7 @@ from db.heartbeat import latest
 from db.schema import AuditEntry, Job, Send, aware, utcnow
 from pipeline import actions
 from pipeline.jobs import STATES
-from web.app import Ctx, route
+from web.routing import Ctx, route
 
 TIMELINE = ("job.created", "series.complete", "job.queued", "job.claimed", "job.propagated", "job.validated",
             "job.awaiting_review", "job.review", "job.accepted", "job.rejected", "job.sending", "send.queued",

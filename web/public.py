@@ -13,7 +13,7 @@ from starlette.routing import BaseRoute, Route
 from db.audit import record
 from db.engine import transaction
 from web import auth
-from web.app import WebState, _principal
+from web.routing import WebState, _principal
 
 LOG = logging.getLogger("rtprop.web.login")
 

@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute
 from db.schema import Job
 from pipeline import actions
 from pipeline.discovery import rtstruct_path, series_folder
-from web.app import Ctx, route
+from web.routing import Ctx, route
 from web.overlay import WINDOWS, Overlay, SeriesImage, load_series, render_slice, rtstruct_overlays
 
 

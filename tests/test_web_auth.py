@@ -240,3 +240,16 @@ def test_five_bad_passwords_then_the_sixth_try_is_refused(site):
     assert status == 429 and int(headers["retry-after"]) > 0 and b"Too many" in body
     failed = query(site, "SELECT count(*) FROM audit WHERE event='web.login_failed'")[0][0]
     assert failed >= 5
+
+
+def test_every_page_renders_for_a_logged_in_viewer(site):
+    viewer = logged_in(site, "vic")
+    job_id = query(site, "SELECT min(id) FROM jobs")[0][0]
+    for path in ("/", "/dashboard/panel", "/jobs", "/jobs?state=awaiting_review&roi=tum", "/jobs/table",
+                 f"/jobs/{job_id}", f"/jobs/{job_id}/review", "/quarantine", "/batch",
+                 "/audit?user=rhea", "/audit?verify=1", f"/jobs/{job_id}/slices/3.png?window=lung"):
+        status, headers, body = viewer.get(path)
+        assert status == 200, (path, status, body[:500])
+    assert b"Chain intact" in viewer.get("/audit?verify=1")[2]
+    assert b"job.review" in viewer.get("/audit?user=rhea")[2]
+    assert viewer.get(f"/jobs/{job_id}/slices/999.png")[0] == 404

@@ -303,7 +303,7 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
     if config.batch.enabled if scheduler_on is None else scheduler_on:
         config.batch.enabled = True
         threads.append(start_scheduler(factory, config, stop))
-    threads += _web_and_heartbeats(factory, config, stop, threads)
+    threads += start_web_and_heartbeats(factory, config, stop, threads)
     try:
         serve_forever(config, stop)  # returns on SIGTERM/SIGINT, having set `stop`
     finally:
@@ -335,35 +335,12 @@ def worker(config_path: Path | None, storage: Path | None, workers: int | None, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     threads = start_workers(factory, config, stop, workers)
-    _web_and_heartbeats(factory, config, stop, threads, node=False)
+    start_web_and_heartbeats(factory, config, stop, threads, node=False)
     click.echo(f"rtprop worker ready ({len(threads)} worker(s), storage {config.storage.root})", err=True)
     while not stop.wait(0.5):
         pass
     for t in threads:
         t.join(timeout=config.pipeline.job_timeout_s)
-
-
-def _web_and_heartbeats(factory, config: Config, stop, workers: list, node: bool = True) -> list:  # type: ignore[no-untyped-def]
-    """Heartbeat rows for /health and the dashboard (node: SCP address; worker: while its threads live),
-    and the web app in a thread when web.port is set (`serve` only)."""
-    from db.heartbeat import start_heartbeat
-    from web.commands import process_name
-
-    every = config.web.heartbeat_interval_s
-    threads = []
-    if node:
-        threads.append(start_heartbeat(factory, process_name("node"), "node", stop, interval_s=every, details={
-            "ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port}))
-    workers = [t for t in workers if t.name.startswith("rtprop-worker")]
-    if workers:
-        threads.append(start_heartbeat(factory, process_name("worker"), "worker", stop, interval_s=every,
-                                       details={"threads": len(workers)},
-                                       alive=lambda: all(t.is_alive() for t in workers)))
-    if node and config.web.port:
-        from web.server import start_web
-
-        threads.append(start_web(config, factory, stop, process_name("web")))
-    return [t for t in threads if not t.name.startswith("rtprop-heartbeat")]
 
 
 def _job_counts(factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -501,7 +478,7 @@ def audit_export(config_path: Path | None, storage: Path | None, since: str | No
 
 
 # ---------------------------------------------------------------- web app (web/commands.py)
-from web.commands import users as _users, web as _web  # noqa: E402 - registered on the group defined above
+from web.commands import start_web_and_heartbeats, users as _users, web as _web  # noqa: E402 - after `cli`
 
 cli.add_command(_web)
 cli.add_command(_users)

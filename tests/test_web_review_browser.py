@@ -5,8 +5,8 @@ The reviewer logs in, opens the first job, scrolls (mouse wheel) to the prompt s
 checks that the orange contour pixels on screen are where the result RTSTRUCT's ContourData puts
 them, computed here from the CT files' own ImagePositionPatient / ImageOrientationPatient /
 PixelSpacing (not through rtprop's geometry code). Accept: the RTSTRUCT arrives once at a DCMTK
-storescp. The second job is rejected: nothing more arrives. The page screenshot is kept in
-tests/artifacts/review-page.png.
+storescp. The second job is rejected: nothing more arrives. Page screenshots are kept in
+tests/artifacts/ (review-page.png on the prompt slice, review-page-off-prompt.png six slices away).
 """
 from __future__ import annotations
 
@@ -125,6 +125,7 @@ def test_review_in_browser_accept_sends_once_reject_sends_nothing(tmp_path, prom
                 page.wait_for_selector("#slice-img")
                 assert f"/jobs/{first[0]}/review" in page.url
                 img = page.locator("#slice-img")
+                page.wait_for_function("document.getElementById('slice-label').dataset.slice !== undefined")
                 start = int(page.locator("#slice-label").get_attribute("data-slice"))
                 assert start != prompt_slice  # the viewer opens at the top of the contour: we have to scroll
                 img.hover()
@@ -162,6 +163,15 @@ def test_review_in_browser_accept_sends_once_reject_sends_nothing(tmp_path, prom
                 moved = np.mean([padded[int(round(y)) + 2 - 1:int(round(y)) + 2 + 2,
                                         int(round(x + 4)) + 2 - 1:int(round(x + 4)) + 2 + 2].any() for x, y in samples])
                 assert moved < 0.5
+
+                # a second artefact: six slices caudal of the prompt, where only the propagated contour is drawn
+                page.keyboard.press("PageDown")
+                page.wait_for_function(f"document.getElementById('slice-label').dataset.slice == '{prompt_slice - 10}'")
+                for _ in range(4):
+                    page.keyboard.press("ArrowUp")
+                page.wait_for_function(f"document.getElementById('slice-label').dataset.slice == '{prompt_slice - 6}'")
+                page.wait_for_function("document.getElementById('slice-img').complete")
+                page.screenshot(path=str(ARTIFACTS / "review-page-off-prompt.png"), full_page=True)
 
                 page.locator("form.decide input[name=rating][value='2']").check()
                 page.fill("form.decide textarea[name=comment]", "small edit at the cranial end")

@@ -31,7 +31,8 @@ def list_jobs(ctx: Ctx) -> Response:
     state = ctx.request.query_params.get("state")
     if state and state not in STATES:
         return JSONResponse({"error": f"state {state!r}: expected one of {', '.join(STATES)}"}, status_code=400)
-    limit = min(int(ctx.request.query_params.get("limit", "200") or 200), 1000)
+    asked = ctx.request.query_params.get("limit", "")
+    limit = min(int(asked), 1000) if asked.isdigit() else 200
     stmt = select(Job).order_by(Job.id.desc()).limit(limit)
     if state:
         stmt = stmt.where(Job.state == state)

@@ -44,6 +44,29 @@ def process_name(kind: str) -> str:
     return f"{worker_id()}#{kind}"
 
 
+def start_web_and_heartbeats(factory, config: Config, stop, workers: list, node: bool = True) -> list:  # type: ignore[no-untyped-def]
+    """For `rtprop serve` (node=True) and `rtprop worker`: heartbeat rows for /health and the dashboard
+    (node: its SCP address; worker: while its worker threads live), and the web app in a thread of the
+    node when web.port is set. Returns the threads to join at shutdown."""
+    from db.heartbeat import start_heartbeat
+
+    every = config.web.heartbeat_interval_s
+    threads = []
+    if node:
+        threads.append(start_heartbeat(factory, process_name("node"), "node", stop, interval_s=every, details={
+            "ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port}))
+    workers = [t for t in workers if t.name.startswith("rtprop-worker")]
+    if workers:
+        threads.append(start_heartbeat(factory, process_name("worker"), "worker", stop, interval_s=every,
+                                       details={"threads": len(workers)},
+                                       alive=lambda: all(t.is_alive() for t in workers)))
+    if node and config.web.port:
+        from web.server import start_web
+
+        threads.append(start_web(config, factory, stop, process_name("web")))
+    return [t for t in threads if not t.name.startswith("rtprop-heartbeat")]
+
+
 @click.command("web")
 @config_option
 @storage_option

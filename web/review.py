@@ -83,7 +83,8 @@ def review_page(ctx: Ctx) -> Response:
     header = image.header
     patient = {"name": str(header.get("PatientName", "")) if header is not None else "",
                "id": str(header.get("PatientID", "")) if header is not None else ""}
-    start = int(ctx.request.query_params.get("z", contour_slices[0] if contour_slices else nz // 2))
+    asked = ctx.request.query_params.get("z", "")
+    start = int(asked) if asked.isdigit() else (contour_slices[0] if contour_slices else nz // 2)
     return ctx.render("review.html", job=job, nz=nz, start=min(max(start, 0), nz - 1), rois=rois,
                       sources=sorted({o.name for o in drawn if o.source}), confidence=confidence,
                       contour_slices=contour_slices, prompt_slices=prompt_slices, uncertain=uncertain,

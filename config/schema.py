@@ -249,6 +249,51 @@ class BatchConfig(Section):
     montage_cases: int = Field(6, ge=1, description="the worst ROIs (lowest Dice) drawn in the PNG montage")
 
 
+class WebConfig(Section):
+    """The review and operations web app (web/), served by `rtprop serve --http-port` or `rtprop web`."""
+
+    host: str = Field("127.0.0.1", description="listen address; 0.0.0.0 only behind a firewall or with TLS")
+    port: int | None = Field(None, ge=0, le=65535, description="HTTP(S) port; null = no web app in `rtprop serve` "
+                             "unless --http-port is given")
+    tls_certificate: Path | None = Field(None, description="PEM certificate: serve HTTPS (else HTTP, e.g. behind "
+                                         "an HTTPS reverse proxy, see docs/web.md)")
+    tls_private_key: Path | None = None
+    secure_cookies: bool = Field(False, description="mark the session cookie Secure (on by itself with "
+                                 "tls_certificate; set it behind an HTTPS reverse proxy)")
+    forwarded_allow_ips: str = Field("127.0.0.1", description="reverse proxies trusted for X-Forwarded-For/-Proto")
+    session_secret_file: Path = Field(Path("web-session.key"), description="key signing session cookies; created "
+                                      "(mode 0600) under the storage root on first start")
+    session_max_age_s: int = Field(12 * 3600, gt=0, description="a login lasts this long")
+    metrics_require_login: bool = Field(False, description="put GET /metrics behind login (a Bearer API token "
+                                        "works for Prometheus)")
+    login_max_failures: int = Field(5, ge=1, description="failed logins (per user name and per client address) "
+                                    "before further tries are refused for login_lockout_s")
+    login_lockout_s: float = Field(60.0, gt=0)
+    health_worker_max_age_s: float = Field(30.0, gt=0, description="/health: a worker heartbeat must be younger")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="node and worker processes write a heartbeat row "
+                                        "this often (table heartbeats)")
+    health_echo_timeout_s: float = Field(3.0, gt=0, description="/health: C-ECHO to the node's SCP times out after")
+    volume_cache_series: int = Field(2, ge=1, description="decoded series kept in memory for the review pages")
+    audit_verify_interval_s: float = Field(300.0, gt=0, description="/metrics: the audit chain is re-verified at "
+                                           "most this often (it walks every row)")
+
+
+class ReviewConfig(Section):
+    """Review before send: a validated job waits in `awaiting_review` until a reviewer accepts or rejects it."""
+
+    before_send: bool = Field(False, description="hold every validated job for review")
+    per_calling_ae: dict[str, bool] = Field(default_factory=dict, description="override before_send for jobs "
+                                            "whose images came from these calling AEs")
+    remind_after_min: float | None = Field(60.0, gt=0, description="the dashboard lists jobs awaiting review "
+                                           "longer than this; null = no reminder")
+    uncertain_below: float = Field(0.5, ge=0, le=1, description="review page: slices whose propagation "
+                                   "confidence is below this are marked uncertain")
+
+    def required_for(self, calling_ae: str) -> bool:
+        """Must a job from `calling_ae` be reviewed before it is sent?"""
+        return self.per_calling_ae.get((calling_ae or "").strip(), self.before_send)
+
+
 class Config(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
@@ -257,3 +302,5 @@ class Config(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     dropin: DropInConfig = Field(default_factory=DropInConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)

@@ -141,3 +141,55 @@ class AuditEntry(Base):
     details: Mapped[str] = mapped_column(Text, default="{}")  # canonical JSON text
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+# ---------------------------------------------------------------- web app (revision 0003_web)
+class User(Base):
+    """A person who logs in to the web app; role viewer < reviewer < admin. Never deleted, only disabled."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="viewer")  # viewer | reviewer | admin
+    password_hash: Mapped[str] = mapped_column(Text, default="")  # argon2id encoded string
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ApiToken(Base):
+    """An API token for scripts: only its SHA-256 is stored; the token is shown once when made."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked: Mapped[bool] = mapped_column(default=False)
+
+
+class Heartbeat(Base):
+    """One row per running process (node, worker, web): refreshed every web.heartbeat_interval_s."""
+
+    __tablename__ = "heartbeats"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    process: Mapped[str] = mapped_column(String(128), unique=True)  # host:pid:start (dicom_node.scu.worker_id)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # node | worker | web
+    details: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # e.g. AE title, host, port, workers
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Review(Base):
+    """A reviewer's decision on one ROI of a job's result (also in the audit, event job.review)."""
+
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    roi: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(16))  # accept | reject
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)  # edit effort 1 (none) .. 5 (redo)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    user: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

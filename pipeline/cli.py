@@ -297,9 +297,11 @@ def track(source: Path, out_dir: Path, first_label: Path | None, backend: str | 
               help="Watch the drop-in inbox (default: dropin.enabled).")
 @click.option("--scheduler/--no-scheduler", "scheduler_on", default=None,
               help="Run the nightly batch in its window (default: batch.enabled).")
+@click.option("--http-port", type=click.IntRange(1, 65535),
+              help="Serve the web app on this port in the same process (default: web.port; none if unset).")
 def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_title: str | None,
           allow_aes: tuple[str, ...], destination: str | None, workers: int | None, dropin_on: bool | None,
-          scheduler_on: bool | None) -> None:
+          scheduler_on: bool | None, http_port: int | None) -> None:
     """Run the node: Storage SCP, series completion, outbound queue, workers, drop-in watcher, nightly batch."""
     from db.engine import open_database
     from dicom_node.routing import with_destination
@@ -310,7 +312,7 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
 
     _service_logging()
     overrides: dict[str, Any] = {"node.port": port, "node.ae_title": ae_title,
-                                 "node.allowed_calling_aes": list(allow_aes) or None}
+                                 "node.allowed_calling_aes": list(allow_aes) or None, "web.port": http_port}
     config = _config(config_path, storage, **overrides)
     if destination:
         config = with_destination(config, destination)
@@ -324,6 +326,7 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
     if config.batch.enabled if scheduler_on is None else scheduler_on:
         config.batch.enabled = True
         threads.append(start_scheduler(factory, config, stop))
+    threads += start_web_and_heartbeats(factory, config, stop, threads)
     try:
         serve_forever(config, stop)  # returns on SIGTERM/SIGINT, having set `stop`
     finally:
@@ -352,6 +355,7 @@ def worker(config_path: Path | None, storage: Path | None, workers: int | None, 
         return
     stop = threading.Event()
     threads = start_workers(factory, config, stop, workers)
+    start_web_and_heartbeats(factory, config, stop, threads, node=False)
     click.echo(f"rtprop worker ready ({len(threads)} worker(s), storage {config.storage.root})", err=True)
     run_until_signal(stop, threads, config.pipeline.job_timeout_s)
 
@@ -473,14 +477,11 @@ def jobs_show(job_id: int, config_path: Path | None, storage: Path | None) -> No
 @storage_option
 def jobs_retry(job_id: int, reason: str, config_path: Path | None, storage: Path | None) -> None:
     """Run a failed or dead-lettered job again (audited with the user's name)."""
-    from pipeline.jobs import JobStateError, retry
+    from pipeline.actions import retry
 
     factory = _open_existing_database(_config(config_path, storage))
-    try:
-        job = retry(factory, job_id, getpass.getuser(), reason)
-    except JobStateError as exc:
-        raise UserError(str(exc)) from exc
-    _emit({"id": job.id, "state": job.state, "retried_by": getpass.getuser()})
+    done = retry(factory, job_id, getpass.getuser(), reason)
+    _emit({"id": done.job_id, "state": done.state, "retried_by": getpass.getuser()})
 
 
 # ---------------------------------------------------------------- audit
@@ -548,6 +549,13 @@ def audit_export(config_path: Path | None, storage: Path | None, since: datetime
             return
         for row in rows:
             click.echo(json.dumps({c: getattr(row, c) for c in ("id",) + audit_log.CHAINED_FIELDS + ("hash",)}))
+
+
+# ---------------------------------------------------------------- web app (web/commands.py)
+from web.commands import start_web_and_heartbeats, users as _users, web as _web  # noqa: E402 - after `cli`
+
+cli.add_command(_web)
+cli.add_command(_users)
 
 
 # ---------------------------------------------------------------- entry point

@@ -8,6 +8,7 @@ a kind the worker acts on (`classify`): the input's fault, a transient fault, or
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import multiprocessing as mp
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 
 from config.errors import TransientError, UserError
 from config.schema import Config
+from converters.files import write_atomic
 from db.engine import is_disk_full
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI and every child process log alike
@@ -93,7 +95,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     structure_set = read_rtstruct(task["rtstruct_path"], volume)
     timings["read_s"] = time.perf_counter() - t
 
-    rois, masks, per_structure = [], [], []
+    rois, masks, per_structure, review = [], [], [], []  # review: what the web review page shows per structure
     backend, checkpoint = "", ""
     t = time.perf_counter()
     for raw in task["prompts"]:
@@ -114,6 +116,8 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
         per_structure.append({"structure": spec.structure, "prompt": spec.describe(), "voxels": int(result.mask.sum()),
                               "slices": [int(slices[0]), int(slices[-1])],
                               "seconds": round(time.perf_counter() - t1, 3)})
+        review.append({"structure": spec.structure, "roi": style["name"], "slice": spec.slice, "slices": spec.slices,
+                       "warnings": result.warnings, "confidence": [round(float(c), 3) for c in result.confidence]})
     timings["propagate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -122,6 +126,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     path = write_rtstruct(volume, rois, out_dir, config.rtstruct,
                           series_description=f"rtprop job {task['job_id']}")
     timings["write_s"] = time.perf_counter() - t
+    write_atomic(out_dir / "review.json", json.dumps({"rtstruct": path.name, "structures": review}).encode())
     t = time.perf_counter()
     check = self_check(path, volume, masks, config.pipeline.self_check_min_dice)
     timings["self_check_s"] = time.perf_counter() - t

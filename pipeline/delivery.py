@@ -26,14 +26,21 @@ from pipeline import jobs as J
 LOG = logging.getLogger("rtprop.pipeline.delivery")
 
 
-def deliver(session: Session, config: Config, job: Job, path: Path) -> str:
-    """Hand a validated job's RTSTRUCT on, inside the caller's transaction; returns the job's new state."""
+def deliver(session: Session, config: Config, job: Job, path: Path, *, reviewed: bool = False) -> str:
+    """Hand a validated job's RTSTRUCT on, inside the caller's transaction; returns the job's new state.
+
+    Before anything leaves, a person may have to look (-> awaiting_review): review.before_send for the
+    calling AE. `reviewed`: a reviewer accepted it (pipeline/actions.py).
+    """
     from dicom_node.routing import RoutingError, resolve_destination
     from dicom_node.scu import enqueue
 
     if job.dry_run:
         J.audit_job(session, job, "job.dry_run", result_path=str(path), decision="shadow mode: not sent")
         return "validated"
+    if not reviewed and config.review.required_for(job.calling_ae):
+        J.transition(session, job, "awaiting_review", details={"result_path": str(path)})
+        return "awaiting_review"
     if job.dropin_case:
         target = dropin_output(config, job, path)
         J.transition(session, job, "sent", details={"delivered_to": str(target), "via": "dropin-outbox"})

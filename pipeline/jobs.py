@@ -16,17 +16,28 @@ States and the only transitions allowed (anything else raises `JobStateError`):
     validated -> sending       queued for C-STORE (a row in `sends`)
     validated -> sent          delivered by file (drop-in outbox)
     validated -> failed        no destination for the calling AE (the RTSTRUCT stays in the outbox)
+    validated -> awaiting_review  a person decides first: review.before_send for the calling AE, or
+                               the result looks implausible (guard.hold_implausible)
+    awaiting_review -> sending    accepted: queued for C-STORE exactly as `validated -> sending`
+    awaiting_review -> sent       accepted, drop-in case (delivered to the drop-in outbox)
+    awaiting_review -> failed     accepted, but no destination for the calling AE
+    awaiting_review -> rejected   rejected by the reviewer: nothing is sent, the job is closed
     sending   -> sent          the peer stored it (0x0000, or a warning status: "sent with warning")
     sending   -> dead-letter   the send gave up (dead-lettered by the sender)
 
-By a person only (`rtprop jobs retry ID`, audited with their name; `PERSON_TRANSITIONS`):
+Moves only a person makes (`transition(..., by_person=True)`: `rtprop jobs retry ID`, the web app,
+pipeline/actions.py; audited with the person's name; `PERSON_TRANSITIONS`):
 
-    failed, dead-letter -> queued    the job had prompts: run it again (attempts start again)
-    failed              -> received  it failed before its prompts were found: look again
+    failed | dead-letter            -> queued     retry a job that had prompts (attempts start again)
+    failed | dead-letter            -> received   retry one that failed before its prompts were found
+    dead-letter                     -> sending    re-send the validated result
+    received | queued | awaiting_review -> cancelled
 
 A dry-run job ends in `validated` with `dry_run` set: processed and audited, never sent.
-`sent`, `failed`, `dead-letter` and `ignored` are final for the machine. Every transition writes
-an audit row in the same transaction (`job.<event>`), with UIDs, AE titles and the patient key only.
+`sent`, `failed`, `dead-letter`, `ignored`, `rejected` and `cancelled` are final for the machine (a
+reviewer's reject is final; only a person's retry leaves failed/dead-letter). Every transition
+writes an audit row in the same transaction (`job.<event>`), with UIDs, AE titles and the patient
+key only (and the user's name for a person's move).
 """
 from __future__ import annotations
 
@@ -43,26 +54,35 @@ from db.schema import Job, aware, utcnow
 
 LOG = logging.getLogger("rtprop.pipeline.jobs")
 
-STATES = ("received", "queued", "running", "validated", "sending", "sent", "failed", "dead-letter", "ignored")
-FINAL_STATES = frozenset({"sent", "failed", "dead-letter", "ignored"})
+STATES = ("received", "queued", "running", "validated", "awaiting_review", "sending", "sent", "failed",
+          "dead-letter", "ignored", "rejected", "cancelled")
+FINAL_STATES = frozenset({"sent", "failed", "dead-letter", "ignored", "rejected", "cancelled"})
 TRANSITIONS: dict[str, frozenset[str]] = {
     "received": frozenset({"queued", "failed", "ignored"}),
     "queued": frozenset({"running"}),
     "running": frozenset({"validated", "queued", "failed", "dead-letter"}),
-    "validated": frozenset({"sending", "sent", "failed"}),
+    "validated": frozenset({"sending", "sent", "failed", "awaiting_review"}),
+    "awaiting_review": frozenset({"sending", "sent", "failed", "rejected"}),
     "sending": frozenset({"sent", "dead-letter"}),
     "sent": frozenset(),
     "failed": frozenset(),
     "dead-letter": frozenset(),
     "ignored": frozenset(),
+    "rejected": frozenset(),
+    "cancelled": frozenset(),
 }
+# Moves only a person makes (retry, re-send, cancel), on top of the machine's own.
 PERSON_TRANSITIONS: dict[str, frozenset[str]] = {
     "failed": frozenset({"queued", "received"}),
-    "dead-letter": frozenset({"queued"}),
+    "dead-letter": frozenset({"queued", "received", "sending"}),
+    "received": frozenset({"cancelled"}),
+    "queued": frozenset({"cancelled"}),
+    "awaiting_review": frozenset({"cancelled"}),
 }
 # Audit event written for each target state (job.claimed for running, ...).
 EVENTS = {"queued": "job.queued", "running": "job.claimed", "validated": "job.validated", "sending": "job.sending",
           "sent": "job.sent", "failed": "job.failed", "dead-letter": "job.dead_letter", "ignored": "job.ignored",
+          "awaiting_review": "job.awaiting_review", "rejected": "job.rejected", "cancelled": "job.cancelled",
           "received": "job.received"}
 
 
@@ -71,9 +91,10 @@ class JobStateError(RuntimeError):
 
 
 def check_transition(job_id: int | None, current: str, target: str, *, by_person: bool = False) -> None:
-    table = PERSON_TRANSITIONS if by_person else TRANSITIONS
-    if target not in table.get(current, frozenset()):
-        allowed = ", ".join(sorted(table.get(current, ()))) or "none (final state)"
+    allowed_set = TRANSITIONS.get(current, frozenset()) | (PERSON_TRANSITIONS.get(current, frozenset())
+                                                            if by_person else frozenset())
+    if target not in allowed_set:
+        allowed = ", ".join(sorted(allowed_set)) or "none (final state)"
         who = "by a person " if by_person else ""
         raise JobStateError(f"job {job_id}: {current} -> {target} is not allowed {who}(from {current}: {allowed})")
 
@@ -88,7 +109,7 @@ def transition(session: Session, job: Job, target: str, *, event: str | None = N
                expect_owner: str | None = None, details: dict[str, Any] | None = None, by_person: bool = False,
                **fields: Any) -> Job:
     """Move `job` to `target` inside the caller's transaction; set the columns `fields`; audit (with
-    `details`). Refuses illegal moves (`by_person`: the moves only a person may make).
+    `details`). Refuses illegal moves (`by_person`: a person's action, which may also retry, re-send, cancel).
 
     The UPDATE is conditional on the state the row had (compare-and-set), so two processes acting
     on one stale object cannot both move it; `expect_owner` also requires `claimed_by` to match.
@@ -194,21 +215,6 @@ def recover_stale(factory: sessionmaker[Session], *, heartbeat_timeout_s: float,
     if moved:
         LOG.warning("recovered %d job(s) left running by a lost worker: %s", len(moved), moved)
     return moved
-
-
-def retry(factory: sessionmaker[Session], job_id: int, user: str, reason: str = "") -> Job:
-    """A person's retry of a failed or dead-lettered job (audited with `user`): queued again if it had
-    prompts, else back to received so that discovery looks at its series again."""
-    with transaction(factory) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobStateError(f"no job {job_id}")
-        target = "queued" if job.prompts else "received"
-        now = utcnow()
-        transition(session, job, target, event="job.retried", by_person=True, details={
-            "user": user, "reason": reason, "previous_error": job.error[:500]},
-            attempts=0, claimed_by="", not_before=None, error="", waiting_for="", waiting_since=now)
-        return job
 
 
 def counts(session: Session) -> dict[str, int]:

@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# DCMTK (storescu/storescp/echoscu/dcmdump), dicom3tools (dciodvfy), Orthanc: real peers for tests.
+# DCMTK (storescu/storescp/echoscu/dcmdump), dicom3tools (dciodvfy), Orthanc: real peers for tests;
+# Chromium: the real browser the web app tests drive (Playwright with executable_path, no browser download).
 need_apt=()
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -q

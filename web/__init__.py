@@ -1,0 +1,1 @@
+"""The review and operations web app served by the node (see docs/web.md)."""

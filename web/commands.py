@@ -1,0 +1,161 @@
+"""`rtprop web` and `rtprop users add|token|disable`: registered on the CLI group in pipeline/cli.py.
+
+Only click and the configuration are imported here at module level; the app itself is imported
+when a command runs, so `rtprop --help` stays fast.
+"""
+from __future__ import annotations
+
+import getpass
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from config.load import load_config, resolve_storage
+from config.schema import Config
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                             help="YAML configuration file (see config/example.yaml).")
+storage_option = click.option("--storage", type=click.Path(file_okay=False, path_type=Path),
+                              help="Storage root: the node's database lives under it.")
+
+
+def load(config_path: Path | None, storage: Path | None, **web: Any) -> Config:
+    tree: dict[str, Any] = {}
+    if storage is not None:
+        tree["storage"] = {"root": str(storage)}
+    web = {k: v for k, v in web.items() if v is not None}
+    if web:
+        tree["web"] = web
+    return resolve_storage(load_config(config_path, overrides=tree))
+
+
+def _factory(config: Config):  # type: ignore[no-untyped-def]
+    from db.engine import open_database
+
+    Path(config.storage.root).mkdir(parents=True, exist_ok=True)
+    return open_database(config.storage.database)
+
+
+def process_name(kind: str) -> str:
+    from dicom_node.scu import worker_id
+
+    return f"{worker_id()}#{kind}"
+
+
+def start_web_and_heartbeats(factory, config: Config, stop, workers: list, node: bool = True) -> list:  # type: ignore[no-untyped-def]
+    """For `rtprop serve` (node=True) and `rtprop worker`: heartbeat rows for /health and the dashboard
+    (node: its SCP address; worker: while its worker threads live), and the web app in a thread of the
+    node when web.port is set. Returns the threads to join at shutdown."""
+    from db.heartbeat import start_heartbeat
+
+    every = config.web.heartbeat_interval_s
+    threads = []
+    if node:
+        threads.append(start_heartbeat(factory, process_name("node"), "node", stop, interval_s=every, details={
+            "ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port}))
+    workers = [t for t in workers if t.name.startswith("rtprop-worker")]
+    if workers:
+        threads.append(start_heartbeat(factory, process_name("worker"), "worker", stop, interval_s=every,
+                                       details={"threads": len(workers)},
+                                       alive=lambda: all(t.is_alive() for t in workers)))
+    if node and config.web.port:
+        from web.server import start_web
+
+        threads.append(start_web(config, factory, stop, process_name("web")))
+    return [t for t in threads if not t.name.startswith("rtprop-heartbeat")]
+
+
+@click.command("web")
+@config_option
+@storage_option
+@click.option("--http-port", type=click.IntRange(1, 65535), help="Port (default: web.port).")
+@click.option("--host", help="Listen address (default: web.host, 127.0.0.1).")
+def web(config_path: Path | None, storage: Path | None, http_port: int | None, host: str | None) -> None:
+    """Serve the review and operations web app alone, over the node's storage and database."""
+    from web.server import serve_web
+
+    config = load(config_path, storage, port=http_port, host=host)
+    if not config.web.port:
+        raise click.UsageError("no port: give --http-port N or set web.port")
+    serve_web(config, _factory(config), process_name("web"))
+
+
+@click.group()
+def users() -> None:
+    """Web app users (in the node's database): add, API token, disable."""
+
+
+def _audit(factory, event: str, **details: Any) -> None:  # type: ignore[no-untyped-def]
+    from db.audit import record
+    from db.engine import transaction
+
+    with transaction(factory) as session:
+        record(session, event, component="web", by=getpass.getuser(), **details)
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "reviewer", "admin"]), required=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input (else prompted).")
+@config_option
+@storage_option
+def users_add(name: str, role: str, password_stdin: bool, config_path: Path | None, storage: Path | None) -> None:
+    """Add user NAME with ROLE (viewer: look; reviewer: accept/reject; admin: also retry, re-send, cancel)."""
+    from db.engine import transaction
+    from web.auth import AuthError, add_user
+
+    password = sys.stdin.readline().rstrip("\r\n") if password_stdin else \
+        click.prompt("password", hide_input=True, confirmation_prompt=True)
+    factory = _factory(load(config_path, storage))
+    try:
+        with transaction(factory) as session:
+            add_user(session, name, role, password)
+    except AuthError as exc:
+        raise click.UsageError(str(exc)) from exc
+    _audit(factory, "user.added", user=name, role=role)
+    click.echo(f"user {name} added ({role})")
+
+
+@users.command("token")
+@click.argument("name")
+@config_option
+@storage_option
+def users_token(name: str, config_path: Path | None, storage: Path | None) -> None:
+    """Make an API token for NAME (Authorization: Bearer TOKEN); printed once, alone on the last line."""
+    from db.engine import transaction
+    from web.auth import AuthError, get_user, new_token
+
+    factory = _factory(load(config_path, storage))
+    try:
+        with transaction(factory) as session:
+            user = get_user(session, name)
+            if user.disabled:
+                raise AuthError(f"user {name!r} is disabled")
+            token = new_token(session, user)
+            role = user.role
+    except AuthError as exc:
+        raise click.UsageError(str(exc)) from exc
+    _audit(factory, "user.token", user=name)
+    click.echo(f"API token for {name} ({role}); only its hash is stored, so keep it now:")
+    click.echo(token)
+
+
+@users.command("disable")
+@click.argument("name")
+@config_option
+@storage_option
+def users_disable(name: str, config_path: Path | None, storage: Path | None) -> None:
+    """Disable NAME: no more logins, its API tokens revoked, its open sessions refused."""
+    from db.engine import transaction
+    from web.auth import AuthError, disable_user
+
+    factory = _factory(load(config_path, storage))
+    try:
+        with transaction(factory) as session:
+            revoked = disable_user(session, name)
+    except AuthError as exc:
+        raise click.UsageError(str(exc)) from exc
+    _audit(factory, "user.disabled", user=name, tokens_revoked=revoked)
+    click.echo(f"user {name} disabled ({revoked} token(s) revoked)")

@@ -294,6 +294,13 @@ class ReviewConfig(Section):
         return self.per_calling_ae.get((calling_ae or "").strip(), self.before_send)
 
 
+class GuardConfig(Section):
+    """What happens to a result that looks implausible (models/guard.py names the reasons)."""
+
+    hold_implausible: bool = Field(True, description="hold such a job for a person (awaiting_review) instead of "
+                                   "sending it; the reasons are on the job, in the audit and in the RTSTRUCT")
+
+
 class Config(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
@@ -304,3 +311,4 @@ class Config(Section):
     batch: BatchConfig = Field(default_factory=BatchConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)

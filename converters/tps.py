@@ -51,15 +51,16 @@ class TpsProfile:
     allowed_name_chars: str | None = None  # regex character class of allowed characters, None = any printable
     type_from_name: bool = True  # RTROIInterpretedType from the name's prefix (GTV*, CTV*, PTV*, else default)
     colors_by_type: bool = True
+    flag_in_name: bool = False  # mark an implausible result in the ROI name (this TPS shows no ROI description)
 
 
 PROFILES: dict[str, TpsProfile] = {
     # Eclipse: structure IDs of at most 16 characters; plain characters only.
-    "eclipse": TpsProfile("eclipse", 16, r"A-Za-z0-9 _\-+.()~"),
+    "eclipse": TpsProfile("eclipse", 16, r"A-Za-z0-9 _\-+.()~", flag_in_name=True),
     # RayStation appends "(1)" when a same-named ROI of another type arrives: our names carry the suffix,
     # and the type follows the name, so a re-sent result never collides with the planner's own ROI.
     "raystation": TpsProfile("raystation", 16, None),
-    "monaco": TpsProfile("monaco", 16, r"A-Za-z0-9 _\-+.()~"),
+    "monaco": TpsProfile("monaco", 16, r"A-Za-z0-9 _\-+.()~", flag_in_name=True),
     "generic": TpsProfile("generic", 16, None, type_from_name=False, colors_by_type=False),
 }
 TYPE_COLORS = {"GTV": (255, 0, 0), "CTV": (255, 165, 0), "PTV": (0, 128, 255), "ORGAN": (0, 200, 0),
@@ -67,10 +68,19 @@ TYPE_COLORS = {"GTV": (255, 0, 0), "CTV": (255, 165, 0), "PTV": (0, 128, 255), "
 _TYPE_PREFIX = re.compile(r"^(GTV|CTV|ITV|PTV)", re.IGNORECASE)
 
 
-def output_style(structure: str, settings: RTStructConfig) -> dict[str, Any]:
-    """Name (before the writer's suffix), colour and RTROIInterpretedType of a result ROI."""
+FLAG_SUFFIX = "_CHK"  # an implausible result, in the name for TPSs that show no ROI description
+
+
+def output_style(structure: str, settings: RTStructConfig, *, implausible: bool = False) -> dict[str, Any]:
+    """Name (before the writer's suffix), colour and RTROIInterpretedType of a result ROI.
+
+    `implausible`: the guard flagged it; the reasons always go in the ROI description, and in the
+    name (`_CHK`, the name cut to keep it) for profiles whose TPS does not show descriptions.
+    """
     profile = PROFILES[settings.tps_profile]
     name = structure.strip()
+    if implausible and profile.flag_in_name:
+        name = name[: MAX_ROI_NAME - len(FLAG_SUFFIX) - len(settings.roi_suffix)] + FLAG_SUFFIX
     if profile.allowed_name_chars:
         name = re.sub(f"[^{profile.allowed_name_chars}]", "_", name)
     itype = settings.roi_interpreted_type.upper()

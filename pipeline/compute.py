@@ -107,13 +107,15 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
             raise SelfCheckError(f"propagation of {spec.structure!r} ({spec.describe()}) gave an empty mask: "
                                  "nothing to send")
         backend, checkpoint = result.backend, result.checkpoint_sha256 or checkpoint
-        style = output_style(spec.structure, config.rtstruct)
+        style = output_style(spec.structure, config.rtstruct, implausible=bool(result.warnings))
+        check = f"; CHECK: {'; '.join(result.warnings)}" if result.warnings else ""
         rois.append(RoiMask(style["name"], result.mask, color=style["color"],
                             interpreted_type=style["interpreted_type"],
-                            description=f"rtprop {result.backend} from {spec.describe()}"))
+                            description=f"rtprop {result.backend} from {spec.describe()}{check}"[:1024]))
         masks.append(result.mask)
         slices = result.mask.any(axis=(1, 2)).nonzero()[0]
-        per_structure.append({"structure": spec.structure, "prompt": spec.describe(), "voxels": int(result.mask.sum()),
+        per_structure.append({"structure": spec.structure, "prompt": spec.describe(), "warnings": result.warnings,
+                              "voxels": int(result.mask.sum()),
                               "slices": [int(slices[0]), int(slices[-1])],
                               "seconds": round(time.perf_counter() - t1, 3)})
         review.append({"structure": spec.structure, "roi": style["name"], "slice": spec.slice, "slices": spec.slices,

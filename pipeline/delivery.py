@@ -26,11 +26,13 @@ from pipeline import jobs as J
 LOG = logging.getLogger("rtprop.pipeline.delivery")
 
 
-def deliver(session: Session, config: Config, job: Job, path: Path, *, reviewed: bool = False) -> str:
+def deliver(session: Session, config: Config, job: Job, path: Path, *, reviewed: bool = False,
+            implausible: list[str] | None = None) -> str:
     """Hand a validated job's RTSTRUCT on, inside the caller's transaction; returns the job's new state.
 
     Before anything leaves, a person may have to look (-> awaiting_review): review.before_send for the
-    calling AE. `reviewed`: a reviewer accepted it (pipeline/actions.py).
+    calling AE, or a result that looks implausible (`implausible`: the guard's reasons) while
+    guard.hold_implausible is on. `reviewed`: a reviewer accepted it (pipeline/actions.py).
     """
     from dicom_node.routing import RoutingError, resolve_destination
     from dicom_node.scu import enqueue
@@ -38,6 +40,12 @@ def deliver(session: Session, config: Config, job: Job, path: Path, *, reviewed:
     if job.dry_run:
         J.audit_job(session, job, "job.dry_run", result_path=str(path), decision="shadow mode: not sent")
         return "validated"
+    if not reviewed and implausible and config.guard.hold_implausible:
+        reason = "held, the result looks implausible: " + "; ".join(implausible)
+        J.transition(session, job, "awaiting_review", event="job.held", waiting_for=reason[:2000],
+                     details={"result_path": str(path), "reasons": implausible})
+        LOG.warning("job %s %s", job.id, reason)
+        return "awaiting_review"
     if not reviewed and config.review.required_for(job.calling_ae):
         J.transition(session, job, "awaiting_review", details={"result_path": str(path)})
         return "awaiting_review"

@@ -265,7 +265,7 @@ def apply(factory: sessionmaker[Session], job_id: int, decision: Decision) -> st
                 audit_job(session, job, "job.waiting", waiting_for=decision.reason)
                 LOG.info("job %s %s", job_id, decision.reason)
             return "received"
-        fields: dict[str, Any] = {"waiting_for": ""}
+        fields: dict[str, Any] = {}
         if decision.series_uid:
             fields["series_instance_uid"] = decision.series_uid
         try:

@@ -119,7 +119,7 @@ def transition(session: Session, job: Job, target: str, *, event: str | None = N
     check_transition(job.id, current, target, by_person=by_person)
     if expect_owner is not None and job.claimed_by != expect_owner:
         raise JobStateError(f"job {job.id}: claimed by {job.claimed_by!r}, not {expect_owner!r}")
-    values = {"state": target, "updated_at": utcnow(), **fields}
+    values = {"state": target, "updated_at": utcnow(), "waiting_for": "", **fields}  # waits end with the state
     done = session.execute(update(Job).where(Job.id == job.id, Job.state == current).values(**values)
                            .execution_options(synchronize_session=False)).rowcount
     if not done:

@@ -141,7 +141,8 @@ def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str
         J.transition(session, row, "validated", expect_owner=me, result_path=result["path"],
                      result_sha256=result["sha256"], **common)
         J.audit_job(session, row, "job.self_check", dice=check["dice"], ok=True)
-        return deliver(session, config, row, Path(result["path"]))
+        implausible = [f"{s['structure']}: {w}" for s in result["structures"] for w in s.get("warnings", [])]
+        return deliver(session, config, row, Path(result["path"]), implausible=implausible)
 
 
 def quarantine_result(config: Config, job: Job, path: Path, problems: list[str]) -> Path:

@@ -294,4 +294,4 @@ def test_docs_name_the_drop_in_folders_the_code_uses():
     docs = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.md").read_text()
     defaults = DropInConfig()
     for name in ("inbox", "done", "outbox", "quarantine"):
-        assert f"`{getattr(defaults, name)}/`" in docs, name
+        assert f"`{getattr(defaults, name)}/" in docs, name

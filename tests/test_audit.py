@@ -12,7 +12,6 @@ from sqlalchemy.exc import DatabaseError
 from db import audit
 from db.engine import open_database, transaction
 from db.schema import AuditEntry
-from sqlalchemy import select
 
 
 def _fill(path, n=5):
@@ -145,29 +144,6 @@ def test_cli_verify_fails_after_deleting_the_last_rows(tmp_path):
     bad = subprocess.run(run, capture_output=True, text=True)
     assert bad.returncode == 3, bad.stdout + bad.stderr
     assert json.loads(bad.stdout)["ok"] is False
-
-
-def test_a_database_made_before_anchors_is_anchored_once_on_upgrade(tmp_path):
-    path = tmp_path / "db.sqlite"
-    _fill(path)
-    (tmp_path / "db.sqlite.audit-head").unlink()
-    raw = sqlite3.connect(path)  # as the previous release left it: revision 0001, no anchor
-    raw.execute("DROP INDEX ix_jobs_patient_id_hash")
-    for table, column in (("jobs", "patient_id_hash"), ("jobs", "dropin_case"), ("jobs", "not_before"),
-                          ("jobs", "waiting_for"), ("jobs", "waiting_since"), ("series", "patient_id_hash"),
-                          ("sends", "patient_id_hash"), ("sends", "outcome")):
-        raw.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
-    raw.execute("UPDATE alembic_version SET version_num = '0001'")
-    raw.commit()
-    raw.close()
-    factory = open_database(path)
-    with transaction(factory) as session:
-        count, problems = audit.verify(session)
-        events = [e for (e,) in session.execute(select(AuditEntry.event).order_by(AuditEntry.id))]
-    assert problems == [] and count == 6 and events[-1] == "audit.anchored"
-    open_database(path)  # a second start does not anchor again
-    with factory() as session:
-        assert session.execute(select(AuditEntry.id)).all()[-1][0] == 6
 
 
 def _last_hash(path) -> str:

@@ -221,7 +221,8 @@ def test_series_uid_picks_one_of_two_series_in_a_folder(tmp_path):
     image = np.zeros((6, 20, 20))
     image[1:5, 5:15, 5:15] = 100
     write_series(folder, image, series_instance_uid="1.2.3.4.100")
-    write_series(folder, image, series_instance_uid="1.2.3.4.200", seed=1)
+    for path in write_series(tmp_path / "other", image, series_instance_uid="1.2.3.4.200", seed=1):
+        path.rename(folder / f"B{path.name}")
     out = tmp_path / "m.nii.gz"
     refused = run("propagate", folder, "--box", "3,5,5,14,14", "--out", out, "--backend", "classic")
     assert refused.returncode == 2 and "--series-uid" in refused.stderr

@@ -100,4 +100,4 @@ def test_a_person_retries_a_failed_job_and_the_audit_names_them(tmp_path):
     assert details["user"] == getpass.getuser() and details["reason"] == "missing slice re-sent"
     again = subprocess.run(RTPROP + ["jobs", "retry", str(job.id), "--storage", str(tmp_path / "storage")],
                            capture_output=True, text=True)
-    assert again.returncode == 2 and "not allowed" in again.stderr  # only failed/dead-letter jobs
+    assert again.returncode == 2 and "only failed or dead-letter" in again.stderr

@@ -2,7 +2,6 @@
 real pipeline, a real SQLite database, real RTSTRUCT files."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,26 +10,16 @@ import pytest
 from sqlalchemy import select
 
 from pipeline_helpers import make_prompt_rtstruct, synthetic_case
+from web_helpers import run_dropped_cases
 
 
 def setup(root: Path, cases: list[Path], **review):
     from config.load import load_config, resolve_storage
-    from db.engine import open_database
-    from dicom_node.completion import CompletionChecker
-    from pipeline.dropin import DropIn
-    from pipeline.worker import Worker
 
     config = resolve_storage(load_config(None, overrides={
         "storage": {"root": str(root), "fsync": False}, "node": {"series_quiet_period_s": 0},
         "pipeline": {"poll_interval_s": 0.1, "isolate_jobs": False}, "dropin": {"stable_s": 0}, "review": review}))
-    factory = open_database(config.storage.database)
-    config.dropin.inbox.mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        shutil.copytree(case, config.dropin.inbox / case.name)
-    DropIn(factory, config).scan(now=float("inf"))
-    CompletionChecker(factory, config).check()
-    worker = Worker(factory, config)
-    worker.drain(120)
+    factory, worker = run_dropped_cases(config, cases)
     return config, factory, worker
 
 

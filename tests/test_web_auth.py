@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sqlite3
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 from pipeline_helpers import synthetic_case
-from web_helpers import Client, WebProcess, add_user, rtprop, token
+from web_helpers import Client, WebProcess, add_user, rtprop, run_dropped_cases, token
 
 PASSWORDS = {"ada": "admin-pass-1", "rhea": "reviewer-pass-1", "vic": "viewer-pass-1"}
 ROLES = {"ada": "admin", "rhea": "reviewer", "vic": "viewer"}
@@ -31,19 +30,8 @@ def node_config(root: Path) -> dict:
 def make_jobs(root: Path, cases: list[Path]) -> None:
     """Drop `cases` in the inbox, store them, run the workers until every job rests (awaiting_review)."""
     from config.load import load_config, resolve_storage
-    from db.engine import open_database
-    from dicom_node.completion import CompletionChecker
-    from pipeline.dropin import DropIn
-    from pipeline.worker import Worker
 
-    config = resolve_storage(load_config(None, overrides=node_config(root)))
-    factory = open_database(config.storage.database)
-    config.dropin.inbox.mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        shutil.copytree(case, config.dropin.inbox / case.name)
-    DropIn(factory, config).scan(now=float("inf"))
-    CompletionChecker(factory, config).check()
-    Worker(factory, config).drain(120)
+    factory, _ = run_dropped_cases(resolve_storage(load_config(None, overrides=node_config(root))), cases)
     factory.kw["bind"].dispose()
 
 

@@ -156,3 +156,21 @@ def have_playwright() -> bool:
     except ImportError:
         return False
     return shutil.which("storescu") is not None
+
+
+def run_dropped_cases(config, cases: list[Path]):  # type: ignore[no-untyped-def]
+    """Drop `cases` in the inbox, take them in, run the workers until every job rests; (factory, worker)."""
+    import shutil
+
+    from db.engine import open_database
+    from pipeline.dropin import DropIn
+    from pipeline.worker import Worker
+
+    factory = open_database(config.storage.database)
+    config.dropin.inbox.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        shutil.copytree(case, config.dropin.inbox / case.name)
+    DropIn(factory, config).take_all()
+    worker = Worker(factory, config)
+    worker.drain(120)
+    return factory, worker

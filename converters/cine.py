@@ -224,21 +224,6 @@ class MhaCine(CineSource):
         self._tmp.close()
 
 
-class ArrayCine(CineSource):
-    """An in-memory (t, rows, cols) array as a cine source (tests, small inputs)."""
-
-    def __init__(self, frames: np.ndarray, spacing_mm: tuple[float, float] = (1.0, 1.0),
-                 frame_rate_hz: float | None = None, name: str = "cine"):
-        frames = np.asarray(frames)
-        if frames.ndim != 3:
-            raise CineError(f"{name}: frames must be (t, rows, cols), got shape {frames.shape}")
-        super().__init__(name, frames.shape[0], frames.shape[1:], tuple(spacing_mm), frame_rate_hz)
-        self._frames = frames
-
-    def frame(self, t: int) -> np.ndarray:
-        return np.asarray(self._frames[t], dtype=np.float32)
-
-
 class DicomCine(CineSource):
     """A DICOM series of one slice position over time; frames are read from their files on demand."""
 

@@ -86,22 +86,6 @@ def read_header(path: Path) -> SliceHeader:
     return SliceHeader(path, ds, series_uid, sop_uid, sop_class, modality)
 
 
-def group_series(folder: str | Path) -> dict[str, list[Path]]:
-    """Image files of `folder` grouped by SeriesInstanceUID ("" for files that lack one).
-
-    Non-image objects (RTSTRUCT, RTDOSE, ...) are left out. Raises `SeriesError` naming the first
-    file that is not readable DICOM.
-    """
-    groups: dict[str, list[Path]] = defaultdict(list)
-    for path in _candidate_files(Path(folder)):
-        header = read_header(path)
-        if header.is_image:
-            groups[header.series_instance_uid].append(path)
-        else:
-            log.info("skipping non-image object %s (%s) in %s", header.sop_instance_uid, header.modality, folder)
-    return dict(groups)
-
-
 def _float_list(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
     value = ds.get(keyword)
     try:

@@ -238,10 +238,18 @@ def write_mask(path: str | Path, mask: np.ndarray, geometry: Geometry) -> Path:
     raise ConversionError(f"{path}: cannot write a mask as {suffix or '(no suffix)'}; use .nii.gz, .mha or .npz")
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def same_grid(a: Geometry, b: Geometry, tol_mm: float = 1e-3) -> bool:
+    """Do two geometries put every voxel at the same place (shape, origin, spacing, direction)?"""
+    return (tuple(a.shape_zyx) == tuple(b.shape_zyx) and np.allclose(a.origin_mm, b.origin_mm, atol=tol_mm)
+            and np.allclose(a.spacing_mm, b.spacing_mm, atol=1e-4) and np.allclose(a.direction, b.direction, atol=1e-4))
+
+
+def read_mask(path: str | Path, geometry: Geometry | None = None) -> np.ndarray:
     """A mask/label map (z, y, x) from .nii/.nii.gz/.mha (SimpleITK) or .npz (`gts`, else `mask`, else `imgs`).
 
-    Values as stored (labels kept); use `read_volume` for the geometry.
+    Values as stored (labels kept). With `geometry` (the series the mask belongs on), a file that
+    carries its own geometry is put on that grid through patient coordinates when the two differ: a
+    NIfTI written with the y axis flipped has the same shape but the mirror image as its raw array.
     """
     path = Path(path)
     if not path.exists():
@@ -249,12 +257,31 @@ def read_mask(path: str | Path) -> np.ndarray:
     if _suffix(path) == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
-                for key in ("gts", "mask", "imgs"):
-                    if key in data.files:
-                        return data[key]
-                raise ConversionError(f"{path}: no 'gts' or 'mask' array (keys: {', '.join(data.files)})")
+                key = next((k for k in ("gts", "mask", "imgs") if k in data.files), None)
+                if key is None:
+                    raise ConversionError(f"{path}: no 'gts' or 'mask' array (keys: {', '.join(data.files)})")
+                array = data[key]
+                own = None
+                if {"origin", "spacing", "direction"} <= set(data.files) and array.ndim == 3:
+                    own = Geometry(tuple(data["origin"]), tuple(data["spacing"]), tuple(data["direction"]),
+                                   tuple(array.shape))
         except ConversionError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise ConversionError(f"{path}: unreadable NPZ ({type(exc).__name__}: {exc})") from exc
-    return read_volume(path).array
+        if geometry is None or own is None or same_grid(own, geometry):
+            return array
+        image = geometry_to_sitk(sitk.GetImageFromArray(array), own)
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise ConversionError(f"{path}: unreadable image ({str(exc).strip().splitlines()[-1]})") from exc
+        if geometry is None or image.GetDimension() != 3 or same_grid(sitk_geometry(image), geometry):
+            return sitk.GetArrayFromImage(image)
+    out = resample_to(image, geometry)
+    if np.asarray(sitk.GetArrayFromImage(image)).any() and not out.any():
+        raise ConversionError(f"{path}: its contents lie outside the series' volume (no overlap in patient "
+                              "coordinates): not a mask of this series")
+    log.info("%s: not on the series' grid; resampled through patient coordinates (nearest)", path.name)
+    return out

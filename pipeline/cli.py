@@ -148,17 +148,18 @@ def propagate(volume: Path, boxes: tuple[str, ...], points: tuple[str, ...], mas
     config = _config(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
     started = time.perf_counter()
     vol = read_volume(volume, series_uid)
-    mask = _binary_mask(mask_file, read_mask) if mask_file is not None else None
+    mask = _binary_mask(read_mask(mask_file, vol.geometry), mask_file) if mask_file is not None else None
     prompts = prompts_from_args(boxes, points, mask, slice_index, vol.array.shape)
     result = run(vol.array, vol.geometry.spacing_zyx, prompts, vol.modality, config.propagation)
     write_mask(out, result.mask, vol.geometry)
     _emit(_mask_summary(result, vol, out, time.perf_counter() - started))
 
 
-def _binary_mask(path: Path, read_mask) -> Any:  # type: ignore[no-untyped-def]
+def _binary_mask(mask: Any, path: Path) -> Any:
+    """`--mask`: 0 and one label only (a label map or an image is refused, not guessed)."""
     import numpy as np
 
-    mask = np.asarray(read_mask(path))
+    mask = np.asarray(mask)
     values = np.unique(mask)
     if values.size > 2 or (values.size == 2 and values.min() != 0):
         raise UserError(f"--mask {path}: holds {values.size} different values, not a binary mask (0 and one label)")

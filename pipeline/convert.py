@@ -67,7 +67,7 @@ def masks_to_rtstruct(mask_path: Path, series_dir: Path, dest: Path, roi_name: s
     from converters.series import read_series
 
     volume = read_series(series_dir)
-    labels = read_mask(mask_path)
+    labels = read_mask(mask_path, volume.geometry)  # through patient coordinates when its grid differs
     if labels.shape != volume.array.shape:
         raise ConversionError(f"{mask_path} has shape {labels.shape}, the series {volume.array.shape}: not its grid")
     values = [int(v) for v in np.unique(labels) if v != 0]

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from scipy import ndimage
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from converters.cine import CineSource
+from converters.cine import CineError, CineSource
 
 
 
@@ -213,3 +213,18 @@ class SyntheticCine(CineSource):
         rng = np.random.default_rng(self.seed * 100003 + t)
         image = np.abs(image + rng.normal(0, self.noise, image.shape) + 1j * rng.normal(0, self.noise, image.shape))
         return (image * 1000).astype(np.float32)
+
+
+class ArrayCine(CineSource):
+    """An in-memory (t, rows, cols) array as a cine source (tests, small inputs)."""
+
+    def __init__(self, frames: np.ndarray, spacing_mm: tuple[float, float] = (1.0, 1.0),
+                 frame_rate_hz: float | None = None, name: str = "cine"):
+        frames = np.asarray(frames)
+        if frames.ndim != 3:
+            raise CineError(f"{name}: frames must be (t, rows, cols), got shape {frames.shape}")
+        super().__init__(name, frames.shape[0], frames.shape[1:], tuple(spacing_mm), frame_rate_hz)
+        self._frames = frames
+
+    def frame(self, t: int) -> np.ndarray:
+        return np.asarray(self._frames[t], dtype=np.float32)

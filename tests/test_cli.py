@@ -296,3 +296,18 @@ def test_docs_name_the_drop_in_folders_the_code_uses():
     defaults = DropInConfig()
     for name in ("inbox", "done", "outbox", "quarantine"):
         assert f"`{getattr(defaults, name)}/" in docs, name
+
+
+def test_a_label_map_with_a_flipped_axis_lands_where_its_patient_coordinates_say(shared_data, tmp_path):
+    """totalseg's dicom_labels.nii.gz has the series' shape but its y axis flipped: taken as a raw array it
+    is the mirror image (liver at -75 HU). Through patient coordinates the liver averages about 89 HU."""
+    from converters.rtstruct_read import read_rtstruct
+    from converters.series import read_series
+
+    series = shared_data / "totalseg-ct" / "dicom"
+    out = tmp_path / "labels.dcm"
+    res = run("convert", shared_data / "totalseg-ct" / "dicom_labels.nii.gz", out, "--series", series)
+    assert res.returncode == 0, res.stderr
+    volume = read_series(series)
+    liver = read_rtstruct(out, volume).roi("dicom_labels_5").mask
+    assert liver.sum() > 1000 and 60 < float(volume.array[liver].mean()) < 120

@@ -17,11 +17,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from config.schema import PropagationConfig
-from converters.cine import (ArrayCine, CineError, CineLabelWriter, DicomCine, MhaCine,
+from converters.cine import (CineError, CineLabelWriter, DicomCine, MhaCine,
                              open_trackrad_case, read_stack_frames)
 from models.prompts import PromptError
 from models.tracking import track
-from phantoms import SyntheticCine
+from phantoms import ArrayCine, SyntheticCine
 from pipeline.metrics import dice
 from pipeline.track import track_case
 

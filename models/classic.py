@@ -55,7 +55,7 @@ from models.result import PropagationResult
 GRABCUT_MAX_PX = 128  # GrabCut runs on the box crop shrunk to this size (speed on 512 x 512 organs)
 TEMPLATE_SEARCH_MM = 10.0  # how far a cross-section may shift between neighbouring slices (ribs, vessels)
 TEMPLATE_PENALTY = 0.02  # correlation given up per mm of shift (per slice gap): small shifts win ties
-GAP_CONFIDENCE = 0.25  # slices filled by interpolation between prompts, not by a chain: a guess, flagged as such
+GAP_CONFIDENCE = 0.5  # slices filled by interpolation between prompts, not by a chain: neither sure nor unsure
 OPENING_FRACTION = 0.1  # per-slice opening radius, as a fraction of the cross-section's equivalent diameter
 
 
@@ -461,7 +461,7 @@ class _Chain:
 def _interpolate_gaps(mask: np.ndarray, confidence: np.ndarray, a: int, b: int, chain: _Chain) -> None:
     """Slices between prompted slices a and b that both chains left empty get the shape interpolated
     between the nearest filled slices on either side (the prompts say the structure is on both), unless
-    a negative click emptied them; such slices get confidence 0.25 (a guess, not a finding)."""
+    a negative click emptied them; such slices get GAP_CONFIDENCE (interpolated, not found)."""
     filled = [z for z in range(a, b + 1) if z in (a, b) or mask[z].any()]
     for lo, hi in zip(filled, filled[1:]):
         if hi - lo <= 1 or any(z in chain.cuts for z in range(lo + 1, hi)):

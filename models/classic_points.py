@@ -114,6 +114,23 @@ def _inscribed_radius(feature2d: np.ndarray, y: int, x: int, noise: float, spaci
     return float(np.quantile((pixels_in + 0.5) * step_mm, RAY_QUANTILE))
 
 
+def click_scale_mm(feature2d: np.ndarray, y: int, x: int, spacing_yx: tuple[float, float]) -> float:
+    """The inscribed radius (mm) of the structure under a click, as the walk measures it (rays, module
+    docstring), on the slice's pixels and, for pixels finer than 1 mm, on ~2 mm blocks: the larger.
+    Used by models/guard.py to judge a result against the click, whichever backend made it."""
+    feature2d = np.asarray(feature2d, dtype=np.float32)
+    rho = _inscribed_radius(feature2d, y, x, _noise(feature2d, spacing_yx), spacing_yx)
+    fy, fx = (max(1, int(COARSE_GRID_MM / s)) for s in spacing_yx)
+    if fy > 1 or fx > 1:
+        ny, nx = feature2d.shape
+        h, w = -(-ny // fy) * fy, -(-nx // fx) * fx
+        small = np.pad(feature2d, ((0, h - ny), (0, w - nx)), mode="edge").reshape(h // fy, fy, w // fx, fx)
+        small = small.mean(axis=(1, 3))
+        coarse_spacing = (spacing_yx[0] * fy, spacing_yx[1] * fx)
+        rho = max(rho, _inscribed_radius(small, y // fy, x // fx, _noise(small, coarse_spacing), coarse_spacing))
+    return max(rho, max(spacing_yx))
+
+
 def _click_radii(feature2d: np.ndarray, pos: list[tuple[int, int]], spacing_yx: tuple[float, float],
                  noise: float) -> np.ndarray:
     """Inscribed radius (mm, at least a pixel) at each click."""

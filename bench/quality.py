@@ -210,6 +210,10 @@ def summarise(rows: list[dict]) -> dict:
             s[key] = float(np.mean([r[key] for r in chosen]))
         s["flagged"] = sum(bool(r.get("warnings")) for r in chosen)
         s["flagged_fraction"] = s["flagged"] / len(chosen)
+        # a flag on a result of Dice >= 0.5 is a false flag; one on Dice < 0.2 a caught failure
+        good, bad = [r for r in chosen if r["dice"] >= 0.5], [r for r in chosen if r["dice"] < 0.2]
+        s["false_flags"] = f"{sum(bool(r.get('warnings')) for r in good)}/{len(good)}"
+        s["caught_failures"] = f"{sum(bool(r.get('warnings')) for r in bad)}/{len(bad)}"
         if "dice_after_clicks" in chosen[0]:
             s["dice_after_clicks"] = [float(v) for v in np.mean([r["dice_after_clicks"] for r in chosen], axis=0)]
             s["key_slice_dice_after_clicks"] = [float(v) for v in
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MEAN {group:8s} n={s['n']:2d} dice={s['dice']:.3f}  key-slice={s['key_slice_dice']:.3f}  "
               f"copy-everywhere={s['baseline_copy_everywhere_dice']:.3f}  "
               f"copy-within-extent={s['baseline_copy_within_extent_dice']:.3f}  "
-              f"flagged={s['flagged']}/{s['n']}{after}")
+              f"flagged={s['flagged']}/{s['n']} (Dice>=0.5: {s['false_flags']}, Dice<0.2: {s['caught_failures']}){after}")
     if args.out is None:
         name = "quality.json" if args.prompt == "box" else f"quality_{args.prompt}.json"
         args.out = REPO / "bench" / "results" / name

@@ -15,6 +15,10 @@
    (mean log-likelihood ratio below `classic.min_likelihood_ratio`), area collapse below
    `min_area_fraction` of the key slice (that last small slice is kept: structures taper), the
    volume's edge, or `max_extent_mm` from the key slice.
+4. Prompts on several slices (`propagate`): each prompted slice is a key slice; chains run outward
+   from the outermost ones and from both ends of every gap between two, blended there (`_spread`).
+   Clicks on a slice without a box or outline correct what the other prompts carry there; a slice
+   holding only negative clicks cuts what they mark from the chains passing through it.
 
 Works on raw intensities, mapped to features by models/intensity_model.py (CT by HU, anything else
 by percentiles), one slice at a time and only for the slices the propagation visits.

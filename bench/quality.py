@@ -1,11 +1,18 @@
 """Quality of the classic propagator on the real data in ../shared/data (a script, not a test).
 
 Cases: every organ of totalseg-ct/ct_3mm that spans >= 5 axial slices, and the GTV of sts-001 on
-CT and MR T1. Prompt: the tight bounding box of the reference on its middle slice
-(pipeline.prompts.prompt_from_roi), propagated by models.propagate.propagate with backend classic.
+CT and MR T1. Prompts, as a planner would give them, propagated by models.propagate.propagate
+with backend classic:
+- box: the tight bounding box of the reference on its middle slice (pipeline.prompts.prompt_from_roi);
+- point: one click at the deepest point of the middle slice; mask: the middle slice's outline;
+- multi: tight boxes on the slices at 25 %, 50 % and 75 % of the reference's extent;
+- corrective: the point prompt, then up to 3 corrective clicks, each at the deepest point of the
+  largest error region (2D connected piece, any slice): positive in a miss, negative in a leak;
+  Dice after each click (`dice_after_clicks`; `dice` is the last).
 Baselines: the middle-slice mask copied to every slice, and copied within the true extent.
+Each result's guard warnings (models/guard.py) are kept; the summary gives the share flagged.
 
-    .venv/bin/python bench/quality.py [--data ../shared/data] [--prompt box|point|mask]
+    .venv/bin/python bench/quality.py [--data ../shared/data] [--prompt box|point|mask|multi|corrective]
                                       [--method register_refine|intensity]
                                       [--key-slice tight_select|histogram]
                                       [--only totalseg_label5,sts001_GTV_Mass_CT]
@@ -25,10 +32,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from config.schema import PropagationConfig
-from models.prompts import MaskPrompt, PointPrompt, Prompt, PromptError
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError
 from models.propagate import propagate
+from models.result import PropagationResult
 from pipeline.metrics import evaluate_masks
-from pipeline.prompts import middle_slice, prompt_from_roi
+from pipeline.prompts import box_from_slice, middle_slice, prompt_from_roi
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("RTPROP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -71,49 +79,154 @@ def _extent(mask: np.ndarray) -> tuple[int, int] | None:
     return (int(slices[0]), int(slices[-1])) if slices.size else None
 
 
-def make_prompt(mask: np.ndarray, kind: str, spacing_yx: tuple[float, float]) -> Prompt:
-    """The prompt a planner would give on the reference's middle slice."""
+def _deepest_point(region: np.ndarray, spacing_yx: tuple[float, float]) -> tuple[int, int]:
+    """(x, y) of the pixel of `region` farthest from its edge: where a planner clicks."""
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing_yx)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return int(x), int(y)
+
+
+def _nearest_contoured(mask: np.ndarray, z: int) -> int:
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    return int(slices[np.argmin(np.abs(slices - z))])
+
+
+def make_prompts(mask: np.ndarray, kind: str, spacing_yx: tuple[float, float]) -> list[Prompt]:
+    """The prompts a planner would give: on the reference's middle slice, or (multi) on three slices."""
     if kind == "box":
-        return prompt_from_roi(mask, "box")
+        return [prompt_from_roi(mask, "box")]
+    if kind == "multi":
+        lo, hi = _extent(mask)
+        slices = sorted({_nearest_contoured(mask, lo + round(f * (hi - lo))) for f in (0.25, 0.5, 0.75)})
+        return [box_from_slice(mask[z], z) for z in slices]
     z = middle_slice(mask)
     if kind == "mask":
-        return MaskPrompt(z, mask[z])
-    depth = ndimage.distance_transform_edt(np.pad(mask[z], 1), sampling=spacing_yx)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    return PointPrompt(z, ((int(x), int(y), True),))
+        return [MaskPrompt(z, mask[z])]
+    x, y = _deepest_point(mask[z], spacing_yx)
+    return [PointPrompt(z, ((x, y, True),))]
 
 
-def evaluate_case(case: dict, settings: PropagationConfig, kind: str = "box") -> dict:
-    mask, spacing = case["mask"], case["spacing"]
+def corrective_click(predicted: np.ndarray, reference: np.ndarray, spacing_yx: tuple[float, float],
+                     taken: set[tuple[int, int, int]]) -> PointPrompt | None:
+    """One click at the deepest point of the largest 2D error piece on any slice (+ in a miss, - in a leak).
+
+    A piece whose deepest point was clicked before is passed over (the planner would not click the
+    same pixel twice); None when nothing is wrong.
+    """
+    pieces = []
+    for positive, error in ((True, reference & ~predicted), (False, predicted & ~reference)):
+        for z in np.flatnonzero(error.any(axis=(1, 2))):
+            labels, n = ndimage.label(error[z])
+            sizes = np.bincount(labels.ravel())
+            pieces += [(int(sizes[i]), int(z), i, positive, labels) for i in range(1, n + 1)]
+    for _size, z, i, positive, labels in sorted(pieces, key=lambda p: (-p[0], p[1], p[2], not p[3])):
+        x, y = _deepest_point(labels == i, spacing_yx)
+        if (z, x, y) not in taken:
+            taken.add((z, x, y))
+            return PointPrompt(z, ((x, y, positive),))
+    return None
+
+
+def _case_row(case: dict) -> dict:
+    mask = case["mask"]
     z = middle_slice(mask)
     everywhere = np.repeat(mask[z][None], mask.shape[0], axis=0)
     within = everywhere.copy()
     lo, hi = _extent(mask)
     within[:lo] = False
     within[hi + 1:] = False
-    row = {"structure": case["name"], "modality": case["modality"], "slices_in_gt": int(hi - lo + 1),
-           "true_extent": [lo, hi], "key_slice": z,
-           "baseline_copy_everywhere_dice": evaluate_masks(everywhere, mask, spacing)["dice"],
-           "baseline_copy_within_extent_dice": evaluate_masks(within, mask, spacing)["dice"]}
+    return {"structure": case["name"], "modality": case["modality"], "slices_in_gt": int(hi - lo + 1),
+            "true_extent": [lo, hi], "key_slice": z,
+            "baseline_copy_everywhere_dice": evaluate_masks(everywhere, mask, case["spacing"])["dice"],
+            "baseline_copy_within_extent_dice": evaluate_masks(within, mask, case["spacing"])["dice"]}
+
+
+def _score(row: dict, case: dict, prompts: list[Prompt], settings: PropagationConfig) -> PropagationResult | None:
+    """Propagate `prompts` and write the figures into `row`; None (Dice 0, error kept) if refused."""
+    mask, spacing, z = case["mask"], case["spacing"], row["key_slice"]
     t0 = time.perf_counter()
     try:
-        result = propagate(case["image"], spacing, make_prompt(mask, kind, spacing[1:]), case["modality"], settings)
+        result = propagate(case["image"], spacing, prompts, case["modality"], settings)
     except PromptError as exc:  # counted as a failure (Dice 0), not hidden
-        row.update(error=str(exc), dice=0.0, key_slice_dice=0.0, hd95_mm=None, predicted_extent=None)
-        return row
+        row.update(error=str(exc), dice=0.0, key_slice_dice=0.0, hd95_mm=None, predicted_extent=None, warnings=[])
+        return None
     row["seconds"] = time.perf_counter() - t0
     metrics = evaluate_masks(result.mask, mask, spacing)
     row.update(dice=metrics["dice"], hd95_mm=metrics["hd95_mm"], msd_mm=metrics["msd_mm"], nsd=metrics["nsd"],
                predicted_extent=_extent(result.mask), stop=result.details.get("stop"),
                key_slice_dice=evaluate_masks(result.mask[z], mask[z], spacing[1:])["dice"],
-               per_slice_s=result.details["timings_s"]["per_slice"])
+               per_slice_s=result.details["timings_s"]["per_slice"], warnings=list(result.warnings))
+    row.pop("error", None)
+    return result
+
+
+def evaluate_case(case: dict, settings: PropagationConfig, kind: str = "box", clicks: int = 3) -> dict:
+    row = _case_row(case)
+    prompts = make_prompts(case["mask"], "point" if kind == "corrective" else kind, case["spacing"][1:])
+    row["prompts"] = [_describe(p) for p in prompts]
+    result = _score(row, case, prompts, settings)
+    if kind != "corrective":
+        return row
+    row["dice_after_clicks"] = [row["dice"]]
+    row["key_slice_dice_after_clicks"] = [row["key_slice_dice"]]
+    row["warnings_after_clicks"] = [row["warnings"]]
+    taken = {(p.slice_index, x, y) for p in prompts if isinstance(p, PointPrompt) for x, y, _ in p.points}
+    for _ in range(clicks):
+        predicted = result.mask if result is not None else np.zeros_like(case["mask"])
+        click = corrective_click(predicted, case["mask"], case["spacing"][1:], taken)
+        if click is not None:
+            prompts.append(click)
+            row["prompts"].append(_describe(click))
+            result = _score(row, case, prompts, settings)
+        row["dice_after_clicks"].append(row["dice"])
+        row["key_slice_dice_after_clicks"].append(row["key_slice_dice"])
+        row["warnings_after_clicks"].append(row["warnings"])
     return row
+
+
+def _describe(prompt: Prompt) -> str:
+    if isinstance(prompt, BoxPrompt):
+        return f"box z={prompt.slice_index} ({prompt.x0},{prompt.y0})-({prompt.x1},{prompt.y1})"
+    if isinstance(prompt, PointPrompt):
+        return f"click z={prompt.slice_index} " + " ".join(f"({x},{y}){'+' if p else '-'}" for x, y, p in prompt.points)
+    return f"outline z={prompt.slice_index} ({int(np.count_nonzero(prompt.mask))} px)"
+
+
+GROUPS = (("organs", lambda r: r["structure"].startswith("totalseg_")),
+          ("gtv_ct", lambda r: r["structure"].startswith("sts001_") and r["modality"] == "CT"),
+          ("gtv_mr", lambda r: r["structure"].startswith("sts001_") and r["modality"] != "CT"),
+          ("all", lambda r: True))
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean Dice (and key-slice Dice, baselines, share flagged by the guard) per group of cases."""
+    summary = {}
+    for group, member in GROUPS:
+        chosen = [r for r in rows if member(r)]
+        if not chosen:
+            continue
+        s = {"n": len(chosen)}
+        for key in ("dice", "key_slice_dice", "baseline_copy_everywhere_dice", "baseline_copy_within_extent_dice"):
+            s[key] = float(np.mean([r[key] for r in chosen]))
+        s["flagged"] = sum(bool(r.get("warnings")) for r in chosen)
+        s["flagged_fraction"] = s["flagged"] / len(chosen)
+        # a flag on a result of Dice >= 0.5 is a false flag; one on Dice < 0.2 a caught failure
+        good, bad = [r for r in chosen if r["dice"] >= 0.5], [r for r in chosen if r["dice"] < 0.2]
+        s["false_flags"] = f"{sum(bool(r.get('warnings')) for r in good)}/{len(good)}"
+        s["caught_failures"] = f"{sum(bool(r.get('warnings')) for r in bad)}/{len(bad)}"
+        if "dice_after_clicks" in chosen[0]:
+            s["dice_after_clicks"] = [float(v) for v in np.mean([r["dice_after_clicks"] for r in chosen], axis=0)]
+            s["key_slice_dice_after_clicks"] = [float(v) for v in
+                                                np.mean([r["key_slice_dice_after_clicks"] for r in chosen], axis=0)]
+        summary[group] = s
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
-    parser.add_argument("--prompt", choices=["box", "point", "mask"], default="box", help="prompt kind (default box)")
+    parser.add_argument("--prompt", choices=["box", "point", "mask", "multi", "corrective"], default="box",
+                        help="prompt kind (default box; see above)")
     parser.add_argument("--method", choices=["register_refine", "intensity"], default=None,
                         help="classic method (default: the config default)")
     parser.add_argument("--key-slice", choices=["tight_select", "histogram"], default=None,
@@ -138,31 +251,29 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in cases if c["name"] in wanted]
 
     rows = []
-    print(f"{'structure':30s} {'slices':>6s} {'dice':>6s} {'hd95mm':>7s} {'pred extent':>12s} {'true extent':>12s}"
-          f" {'copy':>6s} {'copyext':>7s}")
+    print(f"{'structure':30s} {'slices':>6s} {'dice':>6s} {'key':>6s} {'hd95mm':>7s} {'pred extent':>12s}"
+          f" {'true extent':>12s} {'copy':>6s} {'copyext':>7s}  guard / clicks")
     for case in cases:
         row = evaluate_case(case, settings, args.prompt)
         rows.append(row)
         pe = row.get("predicted_extent")
         hd = row.get("hd95_mm")
-        print(f"{row['structure']:30s} {row['slices_in_gt']:6d} {row['dice']:6.3f} "
+        after = ("  clicks: " + " ".join(f"{d:.3f}" for d in row["dice_after_clicks"])
+                 if "dice_after_clicks" in row else "")
+        flag = f"  FLAG: {'; '.join(row['warnings'])}" if row.get("warnings") else ""
+        print(f"{row['structure']:30s} {row['slices_in_gt']:6d} {row['dice']:6.3f} {row['key_slice_dice']:6.3f} "
               f"{(f'{hd:7.1f}' if hd is not None else '      -')} {str(pe):>12s} {str(row['true_extent']):>12s} "
-              f"{row['baseline_copy_everywhere_dice']:6.3f} {row['baseline_copy_within_extent_dice']:7.3f}", flush=True)
+              f"{row['baseline_copy_everywhere_dice']:6.3f} {row['baseline_copy_within_extent_dice']:7.3f}"
+              f"{after}{flag}", flush=True)
 
-    def mean(key: str, prefix: str) -> float | None:
-        values = [r[key] for r in rows if r["structure"].startswith(prefix)]
-        return float(np.mean(values)) if values else None
-
-    summary = {}
-    for group, prefix in (("totalseg_organs", "totalseg_"), ("sts001_gtv", "sts001_"), ("all", "")):
-        summary[group] = {"n": sum(r["structure"].startswith(prefix) for r in rows), "dice": mean("dice", prefix),
-                          "key_slice_dice": mean("key_slice_dice", prefix),
-                          "baseline_copy_everywhere_dice": mean("baseline_copy_everywhere_dice", prefix),
-                          "baseline_copy_within_extent_dice": mean("baseline_copy_within_extent_dice", prefix)}
-        s = summary[group]
-        if s["n"]:
-            print(f"MEAN {group:20s} n={s['n']:2d} dice={s['dice']:.3f}  key-slice={s['key_slice_dice']:.3f}  copy-everywhere={s['baseline_copy_everywhere_dice']:.3f}"
-                  f"  copy-within-extent={s['baseline_copy_within_extent_dice']:.3f}")
+    summary = summarise(rows)
+    for group, s in summary.items():
+        after = ("  after clicks: " + " ".join(f"{d:.3f}" for d in s["dice_after_clicks"])
+                 if "dice_after_clicks" in s else "")
+        print(f"MEAN {group:8s} n={s['n']:2d} dice={s['dice']:.3f}  key-slice={s['key_slice_dice']:.3f}  "
+              f"copy-everywhere={s['baseline_copy_everywhere_dice']:.3f}  "
+              f"copy-within-extent={s['baseline_copy_within_extent_dice']:.3f}  "
+              f"flagged={s['flagged']}/{s['n']} (Dice>=0.5: {s['false_flags']}, Dice<0.2: {s['caught_failures']}){after}")
     if args.out is None:
         name = "quality.json" if args.prompt == "box" else f"quality_{args.prompt}.json"
         args.out = REPO / "bench" / "results" / name

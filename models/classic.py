@@ -15,6 +15,10 @@
    (mean log-likelihood ratio below `classic.min_likelihood_ratio`), area collapse below
    `min_area_fraction` of the key slice (that last small slice is kept: structures taper), the
    volume's edge, or `max_extent_mm` from the key slice.
+4. Prompts on several slices (`propagate`): each prompted slice is a key slice; chains run outward
+   from the outermost ones and from both ends of every gap between two, blended there (`_spread`).
+   Clicks on a slice without a box or outline correct what the other prompts carry there; a slice
+   holding only negative clicks cuts what they mark from the chains passing through it.
 
 Works on raw intensities, mapped to features by models/intensity_model.py (CT by HU, anything else
 by percentiles), one slice at a time and only for the slices the propagation visits.
@@ -22,7 +26,8 @@ by percentiles), one slice at a time and only for the slices the propagation vis
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -31,7 +36,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from config.schema import PropagationConfig
-from models.classic_points import key_mask_from_points
+from models.classic_points import key_mask_from_points, negative_region
 from models.intensity_model import (
     SMOOTH_PX,
     histogram,
@@ -44,16 +49,17 @@ from models.postprocess import fill_holes_per_slice
 from models.prompts import (
     BoxPrompt,
     MaskPrompt,
+    PointPrompt,
     Prompt,
     PromptError,
     check_prompts,
-    single_prompt,
 )
 from models.result import PropagationResult
 
 GRABCUT_MAX_PX = 128  # GrabCut runs on the box crop shrunk to this size (speed on 512 x 512 organs)
 TEMPLATE_SEARCH_MM = 10.0  # how far a cross-section may shift between neighbouring slices (ribs, vessels)
 TEMPLATE_PENALTY = 0.02  # correlation given up per mm of shift (per slice gap): small shifts win ties
+GAP_CONFIDENCE = 0.5  # slices filled by interpolation between prompts, not by a chain: neither sure nor unsure
 OPENING_FRACTION = 0.1  # per-slice opening radius, as a fraction of the cross-section's equivalent diameter
 
 
@@ -306,86 +312,113 @@ def _refine(feature2d: np.ndarray, prior_mask: np.ndarray, fg: np.ndarray, bg: n
     return mask, confidence
 
 
-def _components_through_key(mask: np.ndarray, k: int) -> np.ndarray:
-    """The 26-connected 3D components that contain part of the key slice's mask (all of its pieces)."""
+def _components_through_keys(mask: np.ndarray, keys: Sequence[int]) -> np.ndarray:
+    """The 26-connected 3D components that contain part of a prompted slice's mask (all of its pieces)."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n <= 1:
         return mask
-    keep = np.unique(labels[k][mask[k]])
+    keep = np.unique(np.concatenate([labels[k][mask[k]] for k in keys]))
     return np.isin(labels, keep[keep > 0])
 
 
-# ----------------------------------------------------------------------------- entry point
-def propagate(
-    image: np.ndarray,
-    spacing_zyx: tuple[float, float, float],
-    prompts: Prompt | Sequence[Prompt],
-    modality: str = "",
-    settings: PropagationConfig | None = None,
-) -> PropagationResult:
-    """Spread `prompts` from their slice through `image` (z, y, x, raw intensities, HU for CT).
+def _cut(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """`mask` without a negative click's `region`; slivers left along its edge (thinner than the
+    opening at the uncut cross-section's scale) go too, so a leak the click marks goes entirely."""
+    rest = mask & ~region
+    radius = round(OPENING_FRACTION * 2.0 * np.sqrt(mask.sum() / np.pi))
+    if radius < 1 or not rest.any():
+        return rest
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    opened = cv2.morphologyEx(rest.astype(np.uint8), cv2.MORPH_OPEN, disc) > 0
+    return _drop_specks(opened) & ~region if opened.any() else opened
 
-    spacing_zyx: voxel size in mm, array order. modality: "CT", "MR" or "" (unknown).
-    Raises PromptError for unusable prompts (outside the image, zero-area box, point on air,
-    mask on a missing slice or empty).
+
+def _signed_distance(mask: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray:
+    """mm to the mask's edge, < 0 inside."""
+    return (ndimage.distance_transform_edt(~mask, sampling=spacing_yx)
+            - ndimage.distance_transform_edt(mask, sampling=spacing_yx))
+
+
+def _overlapping_pieces(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The connected pieces of `mask` that share a pixel with `other`."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    keep = np.unique(labels[mask & other])
+    return np.isin(labels, keep[keep > 0])
+
+
+def _blend(forward: np.ndarray, backward: np.ndarray, weight_forward: float,
+           spacing_yx: tuple[float, float]) -> np.ndarray:
+    """A slice between two prompted slices, from the chains arriving from both.
+
+    Pieces both chains have are blended: their signed distances weighted by nearness to each chain's
+    start (shape interpolation). A piece only one chain has (a part that appears or ends between the
+    prompts: the other chain never met it) is kept as that chain found it.
     """
-    settings = settings or PropagationConfig()
-    t_start = time.perf_counter()
-    image = np.asarray(image)
-    prompt = single_prompt(check_prompts(image.shape, spacing_zyx, prompts), "classic")
-    dz, dy, dx = (float(s) for s in spacing_zyx)
-    spacing_yx = (dy, dx)
-    k = prompt.slice_index
-    nz = image.shape[0]
+    if not forward.any() or not backward.any():
+        return forward | backward
+    shared_f, shared_b = _overlapping_pieces(forward, backward), _overlapping_pieces(backward, forward)
+    out = (forward & ~shared_f) | (backward & ~shared_b)
+    if shared_f.any():
+        rows, cols = _bbox(shared_f | shared_b, 2)
+        sd = (weight_forward * _signed_distance(shared_f[rows, cols], spacing_yx)
+              + (1.0 - weight_forward) * _signed_distance(shared_b[rows, cols], spacing_yx))
+        out[rows, cols] |= sd < 0
+    return out
 
-    features = slice_features(image, modality)
 
-    if isinstance(prompt, MaskPrompt):
-        key = np.asarray(prompt.mask, dtype=bool).copy()
-    elif isinstance(prompt, BoxPrompt):
-        key = key_mask_from_box(features(k), prompt, spacing_yx, settings.classic.key_slice)
-    else:
-        key = key_mask_from_points(features(k), image[k], prompt, spacing_yx, modality)
-    if not key.any():
-        raise PromptError(f"no structure found in the prompt on slice {k}")
-    t_key = time.perf_counter()
+@dataclass
+class _Chain:
+    """What one slice-to-slice chain needs: the volume's features and the step's scales and rules."""
 
-    ring = ring_around(key, spacing_yx)
-    fg_key = histogram(features(k)[key])
-    bg_key = histogram(features(k)[ring] if ring.any() else features(k)[~key])
-    key_area = int(key.sum())
-    # How far a boundary may move between slices, and how soft the shape prior is: both scale with
-    # the slice gap (an oblique surface moves ~ gap x slope) but never drop below a pixel or two.
-    # The prior is firm (half a pixel or a quarter gap): the carried mask is already registered, so
-    # intensities only have to settle the boundary (bench/quality.py --prompt mask, mean Dice over the
-    # 41 cases before the patch-matched carry: 0.676 at this width, 0.660 at twice it).
-    search_mm = max(2.0 * dy, dz)
-    prior_width_mm = 0.5 * max(dy, 0.5 * dz)
-    margin_px = int(np.ceil(search_mm / min(dy, dx))) + 3
-    use_registration = settings.classic.method == "register_refine"
-    alpha = settings.classic.model_update
+    features: Callable[[int], np.ndarray]
+    nz: int
+    dz: float
+    spacing_yx: tuple[float, float]
+    settings: PropagationConfig
+    cuts: dict[int, PointPrompt]  # slice -> its negative clicks (slices without a positive prompt)
+    visited: int = 0
 
-    mask = np.zeros(image.shape, dtype=bool)
-    confidence = np.zeros(nz, dtype=np.float32)
-    mask[k] = key
-    confidence[k] = 1.0
-    stop: dict[str, dict[str, Any]] = {}
-    n_slices = 0
-    for direction, name in ((1, "increasing_z"), (-1, "decreasing_z")):
-        previous = key
+    def run(self, key: np.ndarray, k: int, direction: int, end: int | None) -> tuple[dict, dict, dict]:
+        """Carry `key` (slice k) slice by slice in `direction` until a stop rule fires or slice `end`
+        (another prompted slice, excluded; None: no end, `max_extent_mm` applies instead).
+
+        Returns ({z: mask}, {z: confidence}, stop record).
+        """
+        features, settings, spacing_yx = self.features, self.settings, self.spacing_yx
+        dy, dx = spacing_yx
+        ring = ring_around(key, spacing_yx)
+        fg_key = histogram(features(k)[key])
+        bg_key = histogram(features(k)[ring] if ring.any() else features(k)[~key])
         fg, bg = fg_key.copy(), bg_key.copy()
-        z = k
-        reason = "edge_of_volume"
+        key_area = int(key.sum())
+        # How far a boundary may move between slices, and how soft the shape prior is: both scale with
+        # the slice gap (an oblique surface moves ~ gap x slope) but never drop below a pixel or two.
+        # The prior is firm (half a pixel or a quarter gap): the carried mask is already registered, so
+        # intensities only have to settle the boundary (bench/quality.py --prompt mask, mean Dice over the
+        # 41 cases before the patch-matched carry: 0.676 at this width, 0.660 at twice it).
+        search_mm = max(2.0 * dy, self.dz)
+        prior_width_mm = 0.5 * max(dy, 0.5 * self.dz)
+        margin_px = int(np.ceil(search_mm / min(dy, dx))) + 3
+        use_registration = settings.classic.method == "register_refine"
+        alpha = settings.classic.model_update
+        masks: dict[int, np.ndarray] = {}
+        confidence: dict[int, float] = {}
+        previous, z = key, k
         while True:
             z += direction
-            if not 0 <= z < nz:
+            if z == end:
+                reason = "prompted_slice"
+                break
+            if not 0 <= z < self.nz:
                 reason = "edge_of_volume"
                 break
-            if abs(z - k) * dz > settings.max_extent_mm:
+            if end is None and abs(z - k) * self.dz > settings.max_extent_mm:
                 reason = "max_extent_mm"
                 break
-            n_slices += 1
-            shift = _template_shift(features(z - direction), features(z), previous, spacing_yx, dz)
+            self.visited += 1
+            shift = _template_shift(features(z - direction), features(z), previous, spacing_yx, self.dz)
             moved = ndimage.shift(previous.astype(np.uint8), shift, order=0) > 0 if shift != (0, 0) else previous
             rows, cols = _bbox(moved | previous, margin_px + (20 if use_registration else 0))
             prior = moved[rows, cols]
@@ -396,18 +429,22 @@ def propagate(
             new_crop, conf = _refine(features(z)[rows, cols], prior, fg, bg, spacing_yx, prior_width_mm, search_mm)
             if new_crop.any():
                 new_crop = _open_relative(new_crop)
-            if not new_crop.any():
-                reason = "empty"
-                break
             new = np.zeros_like(previous)
             new[rows, cols] = new_crop
+            if z in self.cuts and new.any():
+                new = self.cut(z, new)
+                if not new.any():
+                    reason = "negative_click"
+                    break
+            if not new.any():
+                reason = "empty"
+                break
             values = features(z)[new]
             match = float(np.mean(llr(values, fg_key, bg_key)))
             if match < settings.classic.min_likelihood_ratio:
                 reason = "intensity_mismatch"
                 break
-            mask[z] = new
-            confidence[z] = conf
+            masks[z], confidence[z] = new, conf
             if new.sum() < settings.min_area_fraction * key_area:
                 reason = "area_collapse"  # kept: a tapering tip is still the structure
                 break
@@ -418,23 +455,164 @@ def propagate(
                 if around.any():
                     bg = (1 - alpha) * bg + alpha * histogram(features(z)[around])
         last = z - direction
-        stop[name] = {"reason": reason, "last_slice": int(last), "slices": int(abs(last - k))}
+        return masks, confidence, {"reason": reason, "last_slice": int(last), "slices": int(abs(last - k))}
 
+    def cut(self, z: int, mask: np.ndarray) -> np.ndarray:
+        """`mask` on slice z less what that slice's negative clicks mark (`negative_region`)."""
+        return _cut(mask, negative_region(self.features(z), self.cuts[z], self.spacing_yx, structure=mask))
+
+
+def _interpolate_gaps(mask: np.ndarray, confidence: np.ndarray, a: int, b: int, chain: _Chain) -> None:
+    """Slices between prompted slices a and b that both chains left empty get the shape interpolated
+    between the nearest filled slices on either side (the prompts say the structure is on both), unless
+    a negative click emptied them; such slices get GAP_CONFIDENCE (interpolated, not found)."""
+    filled = [z for z in range(a, b + 1) if z in (a, b) or mask[z].any()]
+    for lo, hi in zip(filled, filled[1:]):
+        if hi - lo <= 1 or any(z in chain.cuts for z in range(lo + 1, hi)):
+            continue
+        for z in range(lo + 1, hi):
+            mask[z] = _blend(mask[lo], mask[hi], (hi - z) / (hi - lo), chain.spacing_yx)
+            confidence[z] = GAP_CONFIDENCE
+
+
+def _spread(keys: dict[int, np.ndarray], chain: _Chain) -> tuple[np.ndarray, np.ndarray, dict, list]:
+    """Mask and confidence through the volume from the prompted slices' masks `keys` (slice -> mask).
+
+    Beyond the outermost prompted slices the chains run outward until a stop rule fires; between two
+    prompted slices, one chain runs from each end and the two are blended (`_blend`), so every slice
+    between is bounded by both prompts. Each prompted slice keeps its own mask.
+    """
+    shape = (chain.nz,) + next(iter(keys.values())).shape
+    mask = np.zeros(shape, dtype=bool)
+    confidence = np.zeros(chain.nz, dtype=np.float32)
+    seeds = sorted(keys)
+    stop: dict[str, dict[str, Any]] = {}
+    for direction, name, k in ((1, "increasing_z", seeds[-1]), (-1, "decreasing_z", seeds[0])):
+        masks, conf, stop[name] = chain.run(keys[k], k, direction, None)
+        for z, m in masks.items():
+            mask[z], confidence[z] = m, conf[z]
+    for z in seeds:
+        mask[z], confidence[z] = keys[z], 1.0
+    segments = []
+    for a, b in zip(seeds, seeds[1:]):
+        if b - a <= 1:
+            continue
+        forward, conf_f, stop_f = chain.run(keys[a], a, 1, b)
+        backward, conf_b, stop_b = chain.run(keys[b], b, -1, a)
+        segments.append({"from": int(a), "to": int(b), "forward": stop_f, "backward": stop_b})
+        empty = np.zeros(shape[1:], dtype=bool)
+        for z in range(a + 1, b):
+            f, g = forward.get(z, empty), backward.get(z, empty)
+            mask[z] = _blend(f, g, (b - z) / (b - a), chain.spacing_yx)
+            confidence[z] = max(conf_f.get(z, 0.0), conf_b.get(z, 0.0))
+        _interpolate_gaps(mask, confidence, a, b, chain)
     zs, ys, xs = (np.flatnonzero(mask.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
     box = (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
-    mask[box] = fill_holes_per_slice(_components_through_key(mask[box], k - zs[0]))
+    mask[box] = fill_holes_per_slice(_components_through_keys(mask[box], [z - zs[0] for z in seeds]))
+    for z in chain.cuts:
+        if mask[z].any():
+            mask[z] = chain.cut(z, mask[z])
+    for z in seeds:  # the result passes through every prompt as it was segmented
+        mask[z] = keys[z]
     confidence[~mask.any(axis=(1, 2))] = 0.0
+    return mask, confidence, stop, segments
+
+
+def _slice_key(features2d: np.ndarray, raw2d: np.ndarray, base: BoxPrompt | MaskPrompt | None,
+               clicks: PointPrompt | None, spacing_yx: tuple[float, float], modality: str,
+               settings: PropagationConfig, carried: np.ndarray | None = None) -> np.ndarray:
+    """One prompted slice's mask: the box or outline, plus what the positive clicks find, less what the
+    negative clicks mark; `carried` (the propagation from the other prompts) is kept where not cut."""
+    if isinstance(base, MaskPrompt):
+        key = np.asarray(base.mask, dtype=bool).copy()
+    elif isinstance(base, BoxPrompt):
+        key = key_mask_from_box(features2d, base, spacing_yx, settings.classic.key_slice)
+    else:
+        key = np.zeros(features2d.shape, dtype=bool)
+    if carried is not None:
+        key |= carried
+    if clicks is not None:
+        if any(p for _, _, p in clicks.points):
+            key |= key_mask_from_points(features2d, raw2d, clicks, spacing_yx, modality)
+        if not all(p for _, _, p in clicks.points) and key.any():
+            key &= ~negative_region(features2d, clicks, spacing_yx, structure=key)
+    return key
+
+
+# ----------------------------------------------------------------------------- entry point
+def propagate(
+    image: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    prompts: Prompt | Sequence[Prompt],
+    modality: str = "",
+    settings: PropagationConfig | None = None,
+) -> PropagationResult:
+    """Spread `prompts` (on one or more slices) through `image` (z, y, x, raw intensities, HU for CT).
+
+    spacing_zyx: voxel size in mm, array order. modality: "CT", "MR" or "" (unknown).
+    Every prompted slice holding a box, an outline or a positive click keeps the mask segmented from
+    its prompts; a slice holding only negative clicks cuts what they mark from the propagation
+    passing through it (and stops it there if nothing is left). Clicks on a slice without a box or
+    outline correct the result: the slice keeps what the other prompts propagate onto it (a first
+    pass from the box/outline slices, or else from the clicked slice with the most positive clicks)
+    plus what the positive clicks find, less what the negative ones mark. The same prompts always
+    give the same result.
+    Raises PromptError for unusable prompts (outside the image, zero-area box, point on air,
+    mask on a missing slice or empty).
+    """
+    settings = settings or PropagationConfig()
+    t_start = time.perf_counter()
+    image = np.asarray(image)
+    prompts = check_prompts(image.shape, spacing_zyx, prompts)
+    dz, dy, dx = (float(s) for s in spacing_zyx)
+    spacing_yx = (dy, dx)
+    features = slice_features(image, modality)
+
+    base = {p.slice_index: p for p in prompts if isinstance(p, (BoxPrompt, MaskPrompt))}
+    clicks = {p.slice_index: p for p in prompts if isinstance(p, PointPrompt)}
+    clicked = sorted(z for z, p in clicks.items() if z not in base and any(v for _, _, v in p.points))
+    cuts = {z: p for z, p in clicks.items() if z not in base and not any(v for _, _, v in p.points)}
+    keys = {z: _slice_key(features(z), image[z], base.get(z), clicks.get(z), spacing_yx, modality, settings)
+            for z in sorted(set(base) | set(clicked))}
+    for z, key in keys.items():
+        if not key.any():
+            raise PromptError(f"no structure found in the prompt on slice {z}")
+    t_key = time.perf_counter()
+    chain = _Chain(features, image.shape[0], dz, spacing_yx, settings, cuts)
+    corrected = []
+    if clicked and len(keys) > 1:
+        # Clicks on slices without a box or outline correct what the other prompts give there: a first
+        # pass from the box/outline slices, or else from the clicked slice with the most positive
+        # clicks, nearest the middle of the prompted slices (a first click goes mid-structure;
+        # corrections go where the result is wrong, often at its ends). Measured on the corrective
+        # bench (41 cases, 3 clicks): 0.635 this way, 0.624 preferring the largest clicked area, 0.601
+        # with no first pass (each clicked slice kept only what its clicks find).
+        mid = 0.5 * (min(keys) + max(keys))
+        first = sorted(base) or [max(clicked, key=lambda z: (sum(v for _, _, v in clicks[z].points),
+                                                             -abs(z - mid), -z))]
+        carried, *_ = _spread({z: keys[z] for z in first}, chain)
+        for z in clicked:
+            if z not in first and carried[z].any():
+                keys[z] = _slice_key(features(z), image[z], None, clicks[z], spacing_yx, modality, settings,
+                                     carried=carried[z])
+                corrected.append(int(z))
+    mask, confidence, stop, segments = _spread(keys, chain)
     t_end = time.perf_counter()
+    k = max(keys, key=lambda z: (int(keys[z].sum()), -z))
     return PropagationResult(
         mask=mask,
         confidence=confidence,
         backend="classic",
         details={
             "method": settings.classic.method,
-            "key_slice": k,
-            "key_area_px": key_area,
+            "key_slice": int(k),
+            "key_area_px": int(keys[k].sum()),
+            "prompt_slices": [int(z) for z in sorted(keys)],
+            "negative_slices": [int(z) for z in sorted(cuts)],
+            "corrected_slices": corrected,
             "stop": stop,
+            "between_prompts": segments,
             "timings_s": {"key_slice": t_key - t_start, "propagation": t_end - t_key, "total": t_end - t_start,
-                          "per_slice": (t_end - t_key) / max(n_slices, 1)},
+                          "per_slice": (t_end - t_key) / max(chain.visited, 1)},
         },
     )

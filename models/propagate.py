@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from config.schema import PropagationConfig
+from models import guard
 from models.prompts import Prompt, check_prompts
 from models.result import Backend, PropagationResult
 
@@ -39,8 +40,14 @@ def propagate(
     modality: str = "",
     settings: PropagationConfig | None = None,
 ) -> PropagationResult:
-    """Spread `prompts` (one prompt, or several on one or more slices) through `image` (z, y, x)."""
+    """Spread `prompts` (one prompt, or several on one or more slices) through `image` (z, y, x).
+
+    The result's `warnings` hold the guard's reasons it looks implausible (models/guard.py), for
+    either backend.
+    """
     settings = settings or PropagationConfig()
     image = np.asarray(image)
     checked = check_prompts(image.shape, spacing_zyx, prompts)
-    return backend_function(choose_backend(settings))(image, spacing_zyx, checked, modality, settings)
+    result = backend_function(choose_backend(settings))(image, spacing_zyx, checked, modality, settings)
+    result.warnings = guard.assess(image, spacing_zyx, checked, result, modality)
+    return result

@@ -1,0 +1,159 @@
+"""A guard against implausible propagation results: human-readable reasons, whichever backend ran.
+
+`assess` looks only at what every backend shares: the image, its spacing, the checked prompts and
+the result's mask and per-slice confidence. An empty list means nothing looks wrong; each reason
+names the slice and the numbers behind it, so a planner can check the place it points to.
+`models.propagate.propagate` fills `PropagationResult.warnings` with it. Whether a flagged job is
+held is the pipeline's decision (`guard.hold_implausible`), not this module's.
+
+Each threshold says what a correct result never (or hardly ever) does; none is fitted to cases.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from models.classic_points import click_scale_mm
+from models.intensity_model import slice_features
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt
+from models.result import PropagationResult
+
+# A tight box touches its structure on all four sides, so a connected structure reaches every row
+# and column of it; a result reaching fewer than this share of them did not find what the box holds.
+BOX_MIN_COVERAGE = 0.6
+# ...and a structure fills a fair part of its tight box (an ellipse fills 79 %, a thin oblique rib
+# or a crescent 10-20 %); below this the box is mostly empty of what the result found.
+BOX_MIN_FILL = 0.05
+# An outline is the structure on its slice: a result that keeps less than this Dice of it was
+# not propagated from the outline.
+OUTLINE_MIN_DICE = 0.8
+# A click sits inside its structure, whose inscribed radius the rays measure (classic_points); a
+# result whose piece at the click is less than this fraction as deep is a speck of the structure.
+CLICK_MIN_DEPTH_FRACTION = 0.3
+# No structure worth a click is smaller than this on its clicked slice (a 5 mm disc is 20 mm2).
+SPECK_MM2 = 20.0
+# Cross-sections change gradually between neighbouring slices: an area step by more than this
+# factor, where both slices hold a sizeable part of the structure (at least half of its
+# median cross-section: tapering tips change fast and are left alone; the median, because a leak
+# inflates the largest), is a leak into a neighbour or a part lost.
+JUMP_FACTOR = 2.5
+JUMP_MIN_SHARE = 0.5
+# A result that runs from its prompts over more than EDGE_RUN_MM to the first or last slice, with a
+# cross-section there of at least EDGE_MIN_SHARE of its largest, is either cut off by the scan or ran
+# on along a tube (spinal canal, bowel, vessel): planning scans cover a target with several cm to
+# spare. A plain "touches an end slice" rule would flag 23 of the 41 shared reference masks
+# themselves (the ct_3mm volume is a 90 mm crop): a structure close to the scan's end is normal.
+EDGE_RUN_MM = 50.0
+EDGE_MIN_SHARE = 0.5
+# Touching the image's own border in-plane: only body outline, couch or air reach it.
+BORDER_MIN_PX = 3
+# Per-slice confidence (mean posterior, or SAM2's score) below this: the backend itself doubts it.
+CONFIDENCE_MIN = 0.3
+
+
+def _ranges(slices: Sequence[int]) -> str:
+    """'3-5, 9' for [3, 4, 5, 9]."""
+    out, start = [], None
+    for i, z in enumerate(slices):
+        if start is None:
+            start = z
+        if i + 1 == len(slices) or slices[i + 1] != z + 1:
+            out.append(f"{start}" if start == z else f"{start}-{z}")
+            start = None
+    return ", ".join(out)
+
+
+def _box_reasons(box: BoxPrompt, mask2d: np.ndarray) -> list[str]:
+    inside = mask2d[box.y0:box.y1 + 1, box.x0:box.x1 + 1]
+    fill = float(inside.mean())
+    coverage = 0.5 * (float(inside.any(axis=1).mean()) + float(inside.any(axis=0).mean()))
+    reasons = []
+    if fill < BOX_MIN_FILL:
+        reasons.append(f"slice {box.slice_index}: the result fills {100 * fill:.0f} % of the box "
+                       f"(a tight box is at least {100 * BOX_MIN_FILL:.0f} % structure)")
+    if coverage < BOX_MIN_COVERAGE:
+        reasons.append(f"slice {box.slice_index}: the result reaches {100 * coverage:.0f} % of the box's rows and "
+                       f"columns (a structure touches all four sides of a tight box)")
+    return reasons
+
+
+def _click_reasons(clicks: PointPrompt, mask2d: np.ndarray, feature2d: np.ndarray,
+                   spacing_yx: tuple[float, float]) -> list[str]:
+    reasons = []
+    z = clicks.slice_index
+    area_mm2 = float(mask2d.sum()) * spacing_yx[0] * spacing_yx[1]
+    positives = [(x, y) for x, y, p in clicks.points if p]
+    if positives and area_mm2 < SPECK_MM2:
+        reasons.append(f"slice {z}: the clicked structure is {area_mm2:.0f} mm2, a speck (under {SPECK_MM2:.0f} mm2)")
+    depth = ndimage.distance_transform_edt(np.pad(mask2d, 1), sampling=spacing_yx)[1:-1, 1:-1]
+    labels, _ = ndimage.label(mask2d)
+    for x, y, positive in clicks.points:
+        if positive and not mask2d[y, x]:
+            reasons.append(f"slice {z}: the positive click at (x={x}, y={y}) is outside the result")
+        elif not positive and mask2d[y, x]:
+            reasons.append(f"slice {z}: the negative click at (x={x}, y={y}) is inside the result")
+        elif positive and area_mm2 >= SPECK_MM2:
+            scale = click_scale_mm(feature2d, y, x, spacing_yx)
+            piece_depth = float(depth[labels == labels[y, x]].max())
+            if piece_depth < CLICK_MIN_DEPTH_FRACTION * scale:
+                reasons.append(f"slice {z}: the result at the click (x={x}, y={y}) is {2 * piece_depth:.0f} mm across, "
+                               f"the structure the click sits in about {2 * scale:.0f} mm")
+    return reasons
+
+
+def _shape_reasons(mask: np.ndarray, confidence: np.ndarray, prompt_slices: Sequence[int], dz: float) -> list[str]:
+    reasons = []
+    area = mask.sum(axis=(1, 2)).astype(np.float64)
+    filled = np.flatnonzero(area)
+    if filled.size == 0:
+        return ["the result is empty"]
+    largest, typical = float(area.max()), float(np.median(area[filled]))
+    jumps = [int(z) for z in range(filled[0], filled[-1])
+             if min(area[z], area[z + 1]) >= JUMP_MIN_SHARE * typical
+             and max(area[z], area[z + 1]) > JUMP_FACTOR * min(area[z], area[z + 1])]
+    if jumps:
+        z = jumps[0]
+        reasons.append(f"the area jumps between neighbouring slices ({', '.join(f'{j}-{j + 1}' for j in jumps)}; "
+                       f"{area[z]:.0f} to {area[z + 1]:.0f} px at {z}-{z + 1}): a leak or a lost part")
+    for z, name in ((0, "first"), (mask.shape[0] - 1, "last")):
+        run_mm = dz * min(abs(z - p) for p in prompt_slices)
+        if area[z] >= EDGE_MIN_SHARE * largest and run_mm > EDGE_RUN_MM:
+            reasons.append(f"the structure runs {run_mm:.0f} mm from its prompts to the {name} slice of the volume "
+                           f"({z}) at {100 * area[z] / largest:.0f} % of its largest cross-section")
+    border = np.zeros(mask.shape[1:], dtype=bool)
+    border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
+    touching = [int(z) for z in filled if int((mask[z] & border).sum()) >= BORDER_MIN_PX]
+    if touching:
+        reasons.append(f"the result touches the image's border on slices {_ranges(touching)}")
+    doubtful = [int(z) for z in filled if confidence[z] < CONFIDENCE_MIN]
+    if doubtful:
+        reasons.append(f"confidence below {CONFIDENCE_MIN} on slices {_ranges(doubtful)}")
+    return reasons
+
+
+def assess(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
+           result: PropagationResult, modality: str = "") -> list[str]:
+    """Reasons `result` looks implausible for these prompts (empty: nothing found wrong).
+
+    `prompts` as `models.prompts.check_prompts` returns them; `image` (z, y, x) raw values.
+    """
+    mask = np.asarray(result.mask, dtype=bool)
+    spacing_yx = (float(spacing_zyx[1]), float(spacing_zyx[2]))
+    reasons: list[str] = []
+    features = None
+    for prompt in prompts:
+        on_slice = mask[prompt.slice_index]
+        if isinstance(prompt, BoxPrompt):
+            reasons += _box_reasons(prompt, on_slice)
+        elif isinstance(prompt, MaskPrompt):
+            drawn = np.asarray(prompt.mask, dtype=bool)
+            score = 2.0 * float((drawn & on_slice).sum()) / max(float(drawn.sum() + on_slice.sum()), 1.0)
+            if score < OUTLINE_MIN_DICE:
+                reasons.append(f"slice {prompt.slice_index}: the result keeps Dice {score:.2f} of the outline drawn")
+        else:
+            features = features or slice_features(image, modality)
+            reasons += _click_reasons(prompt, on_slice, features(prompt.slice_index), spacing_yx)
+    return reasons + _shape_reasons(mask, np.asarray(result.confidence), [p.slice_index for p in prompts],
+                                    float(spacing_zyx[0]))

@@ -108,10 +108,11 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
                                  "nothing to send")
         backend, checkpoint = result.backend, result.checkpoint_sha256 or checkpoint
         style = output_style(spec.structure, config.rtstruct, implausible=bool(result.warnings))
-        check = f"; CHECK: {'; '.join(result.warnings)}" if result.warnings else ""
+        # ROI Description is 64 characters (LO): a flagged result leads with the warning a TPS shows
+        description = (f"CHECK: {'; '.join(result.warnings)}" if result.warnings
+                       else f"rtprop {result.backend} from {spec.describe()}")
         rois.append(RoiMask(style["name"], result.mask, color=style["color"],
-                            interpreted_type=style["interpreted_type"],
-                            description=f"rtprop {result.backend} from {spec.describe()}{check}"[:1024]))
+                            interpreted_type=style["interpreted_type"], description=description))
         masks.append(result.mask)
         slices = result.mask.any(axis=(1, 2)).nonzero()[0]
         per_structure.append({"structure": spec.structure, "prompt": spec.describe(), "warnings": result.warnings,

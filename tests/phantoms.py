@@ -228,3 +228,50 @@ class ArrayCine(CineSource):
 
     def frame(self, t: int) -> np.ndarray:
         return np.asarray(self._frames[t], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- propagator phantoms
+def phantom(mask: np.ndarray, inside_hu: float = 60.0, outside_hu: float = -80.0, noise_hu: float = 15.0,
+            seed: int = 0) -> np.ndarray:
+    """Soft tissue (60 HU) in fat (-80 HU) with Gaussian noise: a CT-like contrast of ~9 sigma."""
+    rng = np.random.default_rng(seed)
+    image = np.where(mask, inside_hu, outside_hu).astype(np.float32)
+    return image + rng.normal(0.0, noise_hu, mask.shape).astype(np.float32)
+
+
+def ellipsoid(shape=(40, 96, 96), centre=(20, 48, 48), radii_mm=(33.0, 25.0, 18.0), spacing=(2.5, 1.0, 1.0)):
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    return sum(((g - c * s) / r) ** 2 for g, c, r, s in zip(grids, centre, radii_mm, spacing)) <= 1.0
+
+
+def extent(mask):
+    z = np.flatnonzero(mask.any(axis=(1, 2)))
+    return int(z[0]), int(z[-1])
+
+
+def mr_tumour(pixel_mm: float, size: int, texture: float = 30.0, seed: int = 0,
+              n_slices: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """T1-like thigh on 3 mm slices: fat (800) around muscle (380) and a 60 x 44 mm tumour (500, texture of
+    SD `texture` with a ~1.5 mm grain) holding a dark necrotic core (200, 22 x 16 mm, off-centre);
+    noise SD 20 per pixel. Returns (image zyx, tumour mask zyx, core included)."""
+    rng = np.random.default_rng(seed)
+    c = (size - 1) / 2.0
+    z, y, x = np.meshgrid((np.arange(n_slices) - (n_slices - 1) / 2) * 3.0, (np.arange(size) - c) * pixel_mm,
+                          (np.arange(size) - c) * pixel_mm, indexing="ij")
+    tumour = (z / 40.0) ** 2 + (y / 22.0) ** 2 + ((x - 10) / 30.0) ** 2 <= 1
+    core = tumour & ((z / 20.0) ** 2 + ((y - 8) / 8.0) ** 2 + ((x + 8) / 11.0) ** 2 <= 1)
+    image = np.zeros(z.shape, np.float32)
+    image[(y / 90.0) ** 2 + (x / 95.0) ** 2 <= 1] = 800.0
+    image[(y / 75.0) ** 2 + (x / 80.0) ** 2 <= 1] = 380.0
+    grain = np.stack([ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 1.5 / pixel_mm) for _ in range(n_slices)])
+    grain /= grain.std()
+    image[tumour] = 500.0 + texture * grain[tumour]
+    image[core] = 200.0 + 0.5 * texture * grain[core]
+    image += rng.normal(0, 20.0, image.shape).astype(np.float32)
+    return np.clip(image, 0, None), tumour
+
+
+def deepest_click(mask2d: np.ndarray, spacing_yx: tuple[float, float]) -> tuple[int, int]:
+    depth = ndimage.distance_transform_edt(np.pad(mask2d, 1), sampling=spacing_yx)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return int(x), int(y)

@@ -9,27 +9,10 @@ from models import classic
 from models.intensity_model import slice_features
 from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, PromptError
 from pipeline.metrics import dice
+from phantoms import ellipsoid, extent, phantom
 from pipeline.prompts import prompt_from_roi
 
 SETTINGS = {m: PropagationConfig(backend="classic", classic={"method": m}) for m in ("register_refine", "intensity")}
-
-
-def phantom(mask: np.ndarray, inside_hu: float = 60.0, outside_hu: float = -80.0, noise_hu: float = 15.0,
-            seed: int = 0) -> np.ndarray:
-    """Soft tissue (60 HU) in fat (-80 HU) with Gaussian noise: a CT-like contrast of ~9 sigma."""
-    rng = np.random.default_rng(seed)
-    image = np.where(mask, inside_hu, outside_hu).astype(np.float32)
-    return image + rng.normal(0.0, noise_hu, mask.shape).astype(np.float32)
-
-
-def ellipsoid(shape=(40, 96, 96), centre=(20, 48, 48), radii_mm=(33.0, 25.0, 18.0), spacing=(2.5, 1.0, 1.0)):
-    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
-    return sum(((g - c * s) / r) ** 2 for g, c, r, s in zip(grids, centre, radii_mm, spacing)) <= 1.0
-
-
-def extent(mask):
-    z = np.flatnonzero(mask.any(axis=(1, 2)))
-    return int(z[0]), int(z[-1])
 
 
 @pytest.mark.parametrize("method", ["register_refine", "intensity"])

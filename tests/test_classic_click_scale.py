@@ -13,36 +13,9 @@ from scipy import ndimage
 from models import classic
 from models.classic_points import key_mask_from_points
 from models.intensity_model import slice_features
+from phantoms import deepest_click, mr_tumour
 from models.prompts import PointPrompt
 from pipeline.metrics import dice
-
-
-def mr_tumour(pixel_mm: float, size: int, texture: float = 30.0, seed: int = 0,
-              n_slices: int = 9) -> tuple[np.ndarray, np.ndarray]:
-    """T1-like thigh on 3 mm slices: fat (800) around muscle (380) and a 60 x 44 mm tumour (500, texture of
-    SD `texture` with a ~1.5 mm grain) holding a dark necrotic core (200, 22 x 16 mm, off-centre);
-    noise SD 20 per pixel. Returns (image zyx, tumour mask zyx, core included)."""
-    rng = np.random.default_rng(seed)
-    c = (size - 1) / 2.0
-    z, y, x = np.meshgrid((np.arange(n_slices) - (n_slices - 1) / 2) * 3.0, (np.arange(size) - c) * pixel_mm,
-                          (np.arange(size) - c) * pixel_mm, indexing="ij")
-    tumour = (z / 40.0) ** 2 + (y / 22.0) ** 2 + ((x - 10) / 30.0) ** 2 <= 1
-    core = tumour & ((z / 20.0) ** 2 + ((y - 8) / 8.0) ** 2 + ((x + 8) / 11.0) ** 2 <= 1)
-    image = np.zeros(z.shape, np.float32)
-    image[(y / 90.0) ** 2 + (x / 95.0) ** 2 <= 1] = 800.0
-    image[(y / 75.0) ** 2 + (x / 80.0) ** 2 <= 1] = 380.0
-    grain = np.stack([ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 1.5 / pixel_mm) for _ in range(n_slices)])
-    grain /= grain.std()
-    image[tumour] = 500.0 + texture * grain[tumour]
-    image[core] = 200.0 + 0.5 * texture * grain[core]
-    image += rng.normal(0, 20.0, image.shape).astype(np.float32)
-    return np.clip(image, 0, None), tumour
-
-
-def deepest_click(mask2d: np.ndarray, spacing_yx: tuple[float, float]) -> tuple[int, int]:
-    depth = ndimage.distance_transform_edt(np.pad(mask2d, 1), sampling=spacing_yx)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    return int(x), int(y)
 
 
 @pytest.mark.parametrize("pixel_mm, size", [(0.45, 448), (0.9, 224)])
@@ -61,23 +34,6 @@ def test_click_on_the_fine_mr_phantom_propagates_to_the_tumour():
     x, y = deepest_click(truth[k], (0.45, 0.45))
     result = classic.propagate(image, (3.0, 0.45, 0.45), PointPrompt(k, ((x, y, True),)), "MR")
     assert dice(result.mask, truth) > 0.75
-
-
-@pytest.fixture(scope="module")
-def sts_gtv_slices(shared_data):
-    """The middle GTV slice of sts-001 on CT and MR (image, mask, spacing_yx, modality)."""
-    from converters.rtstruct_read import read_rtstruct
-    from converters.series import read_series
-
-    out = []
-    for folder, modality in (("CT", "CT"), ("MR_T1", "MR")):
-        volume = read_series(shared_data / "sts-001" / folder / "image")
-        rtstruct = next((shared_data / "sts-001" / folder / "rtstruct").glob("*.dcm"))
-        gtv = np.asarray(read_rtstruct(rtstruct, volume).rois[0].mask, dtype=bool)
-        slices = np.flatnonzero(gtv.any(axis=(1, 2)))
-        k = int(slices[len(slices) // 2])
-        out.append((volume.array[k].astype(np.float32), gtv[k], tuple(volume.geometry.spacing_zyx[1:]), modality))
-    return out
 
 
 def test_real_sarcoma_click_gives_the_same_structure_at_half_the_pixel_size(sts_gtv_slices):

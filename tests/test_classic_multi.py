@@ -7,7 +7,7 @@ from models import classic
 from models.prompts import BoxPrompt, MaskPrompt, PointPrompt
 from pipeline.metrics import dice
 from pipeline.prompts import box_from_slice
-from tests.test_classic import extent, phantom
+from phantoms import extent, phantom
 
 SPACING = (3.0, 1.0, 1.0)
 

@@ -311,3 +311,30 @@ def test_a_label_map_with_a_flipped_axis_lands_where_its_patient_coordinates_say
     volume = read_series(series)
     liver = read_rtstruct(out, volume).roi("dicom_labels_5").mask
     assert liver.sum() > 1000 and 60 < float(volume.array[liver].mean()) < 120
+
+
+def test_prompts_on_several_slices_and_corrective_clicks_from_the_command_line(phantom, tmp_path):
+    """`--box` and `--point` repeat with different Z, a 3D `--mask` without `--slice` gives one outline per
+    drawn slice; the result passes through every prompted slice."""
+    path, truth = phantom
+    boxes = []
+    for z in (6, 12, 18):
+        rows, cols = np.nonzero(truth[z])
+        boxes += ["--box", f"{z},{cols.min()},{rows.min()},{cols.max()},{rows.max()}"]
+    out = tmp_path / "multi.nii.gz"
+    res = run("propagate", path, *boxes, "--point", "9,40,30,+", "--point", "20,5,5,-", "--out", out,
+              "--backend", "classic")
+    assert res.returncode == 0, res.stderr
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
+    assert all(mask[z].any() for z in (6, 9, 12, 18)) and dice(mask, truth) > 0.8
+    drawn = tmp_path / "drawn.nii.gz"
+    outline = np.zeros_like(truth)
+    outline[[7, 17]] = truth[[7, 17]]
+    reference = sitk.ReadImage(str(path))
+    img = sitk.GetImageFromArray(outline.astype(np.uint8))
+    img.CopyInformation(reference)
+    sitk.WriteImage(img, str(drawn))
+    res = run("propagate", path, "--mask", drawn, "--out", tmp_path / "m.nii.gz", "--backend", "classic")
+    assert res.returncode == 0, res.stderr
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "m.nii.gz"))) > 0
+    assert dice(mask[7], truth[7]) > 0.95 and dice(mask[17], truth[17]) > 0.95 and mask[8:17].any(axis=(1, 2)).all()

@@ -10,8 +10,7 @@ from models.propagate import propagate
 from models.result import PropagationResult
 from pipeline.metrics import dice
 from pipeline.prompts import box_from_slice, prompt_from_roi
-from tests.test_classic import ellipsoid, phantom
-from tests.test_classic_click_scale import deepest_click, mr_tumour, sts_gtv_slices  # noqa: F401 (fixture)
+from phantoms import deepest_click, ellipsoid, mr_tumour, phantom
 
 CLASSIC = PropagationConfig(backend="classic")
 

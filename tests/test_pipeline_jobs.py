@@ -6,6 +6,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -120,3 +121,46 @@ def test_compose_file_matches_the_cli():
     assert (REPO / "Dockerfile").is_file() and node["build"] == "."
     orthanc = yaml.safe_load(compose["services"]["orthanc"]["environment"]["ORTHANC_JSON"])
     assert orthanc["DicomModalities"]["rtprop"] == ["RTPROP", "rtprop", 11112]
+
+
+def test_an_implausible_result_is_held_for_a_person_and_nothing_is_sent(tmp_path):
+    """guard.hold_implausible (default on): a box drawn on the wrong structure gives a result the guard
+    flags; the job waits in awaiting_review with the reasons, nothing goes out, and the RTSTRUCT says it
+    (description; for Eclipse the name too). The same case boxed right is sent, unflagged."""
+    import shutil
+
+    import pydicom
+
+    from config.load import load_config, resolve_storage
+    from db.schema import Send
+    from pipeline_helpers import make_prompt_rtstruct, synthetic_case
+    from web_helpers import run_dropped_cases
+
+    cases = tmp_path / "cases"
+    right = synthetic_case(cases / "right", seed=21, size=48, slices=12)
+    synthetic_case(cases / "wrong", seed=21, size=48, slices=12)
+    mask, z = right["mask"], 6
+    rows, cols = np.flatnonzero(mask[z].any(axis=1)), np.flatnonzero(mask[z].any(axis=0))
+    x1, y1 = int(cols[-1]), int(rows[-1])
+    volume = right["volume"]
+    (cases / "wrong" / "RS_prompt.dcm").unlink()
+    make_prompt_rtstruct(volume, cases / "wrong" / "RS_prompt.dcm",  # over the soft tissue beside it
+                         boxes=[("Tumour", z, (x1 - 3, y1 - 3, min(47, x1 + 20), min(47, y1 + 20)))])
+    config = resolve_storage(load_config(None, environ={}, overrides={
+        "storage": {"root": str(tmp_path / "s"), "fsync": False}, "node": {"series_quiet_period_s": 0},
+        "pipeline": {"isolate_jobs": False}, "dropin": {"stable_s": 0}, "rtstruct": {"tps_profile": "eclipse"}}))
+    factory, _ = run_dropped_cases(config, [cases / "right", cases / "wrong"])
+    with factory() as s:
+        jobs = {j.dropin_case: j for j in s.query(Job)}
+        sends = s.query(Send).count()
+        held = [e for e in s.query(AuditEntry).filter(AuditEntry.event == "job.held")]
+    assert jobs["right"].state == "sent" and jobs["right"].waiting_for == ""
+    wrong = jobs["wrong"]
+    assert wrong.state == "awaiting_review" and wrong.waiting_for.startswith("held, the result looks implausible")
+    assert len(held) == 1 and held[0].job_id == wrong.id and sends == 0
+    outputs = sorted(p.name for p in config.dropin.outbox.glob("*__RS_*.dcm"))
+    assert len(outputs) == 1 and outputs[0].startswith("right__")  # nothing of the held job went out
+    ds = pydicom.dcmread(wrong.result_path)
+    roi = ds.StructureSetROISequence[0]
+    assert roi.ROIName.endswith("_CHK_prop") and str(roi.ROIDescription).startswith("CHECK: ")
+    shutil.rmtree(cases)

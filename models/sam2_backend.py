@@ -299,6 +299,11 @@ class _Video:
             generator.close()
 
 
+def _pass_length(direction: Direction, start: int) -> int:
+    """Slices a video pass from `start` covers: up to the outermost prompted slice, then as far as allowed."""
+    return abs(direction.outermost - start) + direction.limit
+
+
 def _propagate_video(loaded: LoadedModel, norm: np.ndarray, spacing_zyx: tuple[float, float, float],
                      primary: list[SlicePrompt], corrections: list[SlicePrompt], settings: PropagationConfig,
                      timer: _Timer, on_logits: LogitsSink | None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -347,11 +352,17 @@ def _propagate_video(loaded: LoadedModel, norm: np.ndarray, spacing_zyx: tuple[f
     positive_areas = dict(primary_areas)
     state_holds_prompts = s.condition_on == "prompt"  # the key-slice calls above added them as they are
     for session in sessions:
+        here = [c for c in corrections if (c.z < start) in session]
+        areas = dict(primary_areas)
+        planned = [plan_direction(reverse, areas, nz, spacing_zyx[0], settings) for reverse in session]
+        if not here and not any(_pass_length(d, start) for d in planned):
+            for direction in planned:  # nothing to propagate (prompted slice on the volume's edge): no session
+                stop[direction.name] = follow(iter(()), direction, settings, mask, confidence)
+                visited[direction.name] = stop[direction.name].pop("visited")
+            continue
         if not state_holds_prompts:
             condition()
         state_holds_prompts = False
-        here = [c for c in corrections if (c.z < start) in session]
-        areas = dict(primary_areas)
         if here:
             # Pass 1, the first result: as far as the corrections need (and, without a reset, as far as
             # the other direction reads), then the corrections' clicks on their slices.
@@ -359,7 +370,7 @@ def _propagate_video(loaded: LoadedModel, norm: np.ndarray, spacing_zyx: tuple[f
             scratch_mask, scratch_confidence = np.zeros_like(mask), np.zeros_like(confidence)
             for reverse in session:
                 direction = plan_direction(reverse, primary_areas, nz, spacing_zyx[0], settings)
-                full = abs(direction.outermost - start) + direction.limit
+                full = _pass_length(direction, start)
                 needed = max([abs(c.z - start) for c in here if (c.z < start) == reverse], default=0)
                 count = min(full, needed if s.reset_between_directions else max(needed, video.window))
                 follow(video.frames(start, count, reverse, direction.name), direction, settings, scratch_mask,
@@ -376,9 +387,8 @@ def _propagate_video(loaded: LoadedModel, norm: np.ndarray, spacing_zyx: tuple[f
         video.keep = near_start
         for reverse in session:
             direction = plan_direction(reverse, areas, nz, spacing_zyx[0], settings)
-            count = abs(direction.outermost - start) + direction.limit
-            record = follow(video.frames(start, count, reverse, direction.name, on_logits), direction, settings,
-                            mask, confidence, fixed=prompted)
+            slices = video.frames(start, _pass_length(direction, start), reverse, direction.name, on_logits)
+            record = follow(slices, direction, settings, mask, confidence, fixed=prompted)
             visited[direction.name] = record.pop("visited")
             stop[direction.name] = record
         positive_areas.update(areas)

@@ -158,15 +158,16 @@ def test_video_logits_equal_upstream_on_every_frame_both_directions(tmp_path, ti
     assert max(delta.values()) <= TOLERANCE, delta
 
 
-def test_prompts_on_several_slices_and_a_correction_equal_upstream(tmp_path, tiny128):
+@pytest.mark.parametrize("reset", [True, False])
+def test_prompts_on_several_slices_and_a_correction_equal_upstream(tmp_path, tiny128, reset):
     """Boxes on slices 1 and 4 (conditioning frames both), then a negative click on slice 5 after a first run."""
     image = phantom()
     boxes = [BoxPrompt(1, 36, 24, 88, 62), BoxPrompt(4, 38, 30, 84, 68)]
     correction = PointPrompt(5, ((60, 50, False),))
     folder = png_folder(image, tmp_path / "frames")
     for corrections in ([], [correction]):
-        theirs = upstream(tiny128.model, folder, boxes, True, corrections)
-        mine = ours(tiny128, image, boxes + corrections)
+        theirs = upstream(tiny128.model, folder, boxes, reset, corrections)
+        mine = ours(tiny128, image, boxes + corrections, reset_between_directions=reset)
         assert list(mine["increasing_z"]) == [1, 2, 3, 4, 5, 6] and list(mine["decreasing_z"]) == [1, 0]
         delta = max_delta(mine, theirs)
         print(f"corrections {len(corrections)}: max |delta logit| {delta}")

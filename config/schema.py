@@ -92,6 +92,25 @@ class Sam2Config(Section):
     chain_box_margin_mm: float = Field(
         3.0, ge=0, description="image_chain mode: each slice is prompted with the previous slice's mask box "
         "grown by this margin")
+    # What rtprop adds around sam2 (docs/propagators.md). All off, with condition_on: prompt, gives
+    # sam2's own propagate_in_video output (MedSAM2's scheme with reset_between_directions on, Meta's demo off).
+    condition_on: Literal["mask", "prompt"] = Field(
+        "mask", description="video mode: 'mask' = each prompted slice is segmented first and the video predictor is "
+        "conditioned on that mask (add_new_mask), so propagation starts from exactly the prompted-slice result; "
+        "'prompt' = the box/clicks go to the video predictor as they are (add_new_points_or_box), as sam2's and "
+        "MedSAM2's examples do")
+    clip_box_output: bool = Field(True, description="a box prompt's SAM2 output is cut to the box (+2 px, and to "
+                                  "any positive click on that slice outside it): a planner's box bounds the structure")
+    reset_between_directions: bool = Field(
+        True, description="video mode: the reverse pass starts from a fresh state with the prompts re-added "
+        "(MedSAM2's scheme); false = it continues from the forward pass's state (Meta's demo)")
+    stop_rules: bool = Field(True, description="stop beyond the outermost prompted slices at an empty slice, at "
+                             "propagation.min_area_fraction of that slice's area, or at propagation.max_extent_mm; "
+                             "false = every slice to the volume's edges, as sam2's propagate_in_video")
+    largest_component: bool = Field(True, description="keep only the 3D components that pass through a prompted "
+                                    "slice (26-connected)")
+    fill_holes: bool = Field(True, description="fill enclosed holes slice by slice (sam2's own hole filling needs "
+                             "its CUDA extension)")
 
 
 class ClassicConfig(Section):

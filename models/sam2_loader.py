@@ -83,7 +83,15 @@ def image_size_overrides(image_size: int) -> list[str]:
 
 
 def predictor_overrides() -> list[str]:
-    """What sam2's build_sam2_video_predictor sets, except hole filling (needs the CUDA `_C` op; we fill holes ourselves)."""
+    """What sam2's build_sam2_video_predictor sets, with two differences.
+
+    Hole filling off (fill_hole_area=0): sam2's needs its CUDA `_C` op and is skipped without it;
+    rtprop fills holes itself (`propagation.sam2.fill_holes`). A frame that gets correction clicks
+    after it was tracked becomes a conditioning frame (add_all_frames_to_correct_as_cond, as in
+    Meta's own training/VOS configs): with sam2's default the next propagate_in_video recomputes that
+    frame and the correction is lost (facebookresearch/sam2 #719, #731). Prompts on frames not yet
+    tracked are conditioning frames either way, so nothing else changes.
+    """
     return [
         f"++model._target_={VIDEO_PREDICTOR_TARGET}",
         "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
@@ -91,6 +99,7 @@ def predictor_overrides() -> list[str]:
         "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
         "++model.binarize_mask_from_pts_for_mem_enc=true",
         "++model.fill_hole_area=0",
+        "++model.add_all_frames_to_correct_as_cond=true",
     ]
 
 

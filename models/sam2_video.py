@@ -1,17 +1,19 @@
 """SAM2's video predictor fed from memory, with a bounded memory bank.
 
-sam2's `init_state` only reads JPEG folders or MP4 files (8-bit: a CT round trip through JPEG loses
-dynamic range) and preloads every frame at model resolution (3 x 1024 x 1024 float32 = 12 MB a
-frame). Like MedSAM2's NPZ predictor we build the same inference-state dict ourselves, but with a
-lazy frame source: a frame is resized and normalised when the model first asks for it and only the
-last few are kept. `trim_memory` drops the per-frame outputs that SAM2 can no longer attend to (it
-only reads the last `num_maskmem` memories and `max_obj_ptrs_in_encoder` object pointers), so the
-state stays the same size however long the sequence (facebookresearch/sam2 #196, #264).
+sam2's `init_state` only reads JPEG folders or MP4 files and preloads every frame at model
+resolution (3 x 1024 x 1024 float32 = 12 MB a frame). Like MedSAM2's NPZ predictor we build the same
+inference-state dict ourselves, but with a lazy frame source: a frame is made into the model input
+when the model first asks for it, and only the last few are kept. That input is exactly what
+sam2's own loader makes of the slice saved as a lossless 8-bit image (`to_model_input`; held to it
+by tests/test_sam2_parity.py). `trim_memory` drops the per-frame outputs that SAM2 can no longer
+attend to (it only reads the last `num_maskmem` memories and `max_obj_ptrs_in_encoder` object
+pointers), so the state stays the same size however long the sequence (facebookresearch/sam2 #196,
+#264).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ import numpy as np
 # service log. Silence it for the whole process (we report progress through details/CSV).
 import sam2.sam2_video_predictor as _svp
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 _svp.tqdm = lambda iterable, *args, **kwargs: iterable
 
@@ -28,19 +30,44 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def to_model_input(frame01: np.ndarray, image_size: int) -> torch.Tensor:
-    """A (H, W) frame already in [0, 1] -> (3, S, S) float32: bilinear resize, grey to 3 channels, ImageNet mean/std.
+def _value_table() -> np.ndarray:
+    """(3, 256) float32: an 8-bit grey level -> its model input per channel, by sam2's own arithmetic.
 
-    As the seeds do it (MedSAM2: grey -> RGB, resize to the model size, /255, ImageNet normalisation),
-    but in float: no 8-bit step.
+    sam2's frame loader (utils/misc.py `_load_img_as_tensor` + `load_video_frames_from_jpg_images`)
+    divides the uint8 image by 255.0 in float64, stores it in a float32 tensor, then subtracts the
+    float32 ImageNet mean and divides by the float32 std in place. The same operations on the 256
+    possible values give the same float32 numbers, so a table lookup is exact.
     """
-    t = torch.from_numpy(np.ascontiguousarray(frame01, dtype=np.float32))[None, None]
-    if t.shape[-2:] != (image_size, image_size):
-        t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    t = t[0].expand(3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
-    return ((t - mean) / std).contiguous()
+    levels = torch.zeros(256, dtype=torch.float32)
+    levels[:] = torch.from_numpy(np.arange(256) / 255.0)  # float64 -> float32 as `images[n] = img` does
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None]
+    table = levels[None].repeat(3, 1)
+    table -= mean
+    table /= std
+    return table.numpy()
+
+
+_VALUES = _value_table()
+
+
+def to_uint8(frame01: np.ndarray) -> np.ndarray:
+    """A frame in [0, 1] -> 8-bit grey, truncated as MedSAM2's CT/MR scripts do (`np.uint8(x * 255)`)."""
+    return (np.clip(np.asarray(frame01, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def to_model_input(frame01: np.ndarray, image_size: int) -> torch.Tensor:
+    """A (H, W) frame in [0, 1] -> (3, S, S) float32, exactly what sam2's `init_state` makes of it as an image file.
+
+    8-bit grey (`to_uint8`), resized by PIL's `resize((S, S))` with its default filter (bicubic), as
+    sam2's loader does after `convert("RGB")` (the three channels of a grey image resize alike), then
+    /255 and ImageNet mean/std in float32 on the CPU (`_value_table`). A slice already S x S is not
+    resampled (PIL returns a copy).
+    """
+    grey = to_uint8(frame01)
+    if grey.shape != (image_size, image_size):
+        grey = np.asarray(Image.fromarray(grey).resize((image_size, image_size)))
+    return torch.from_numpy(_VALUES[:, grey])
 
 
 class LazyFrames:
@@ -113,20 +140,24 @@ def memory_window(predictor: Any) -> int:
     return max(int(predictor.num_maskmem) * stride, int(getattr(predictor, "max_obj_ptrs_in_encoder", 16))) + 1
 
 
-def trim_memory(state: dict[str, Any], current_frame: int, reverse: bool, window: int) -> int:
+def trim_memory(state: dict[str, Any], current_frame: int, reverse: bool, window: int,
+                keep: Collection[int] = ()) -> int:
     """Drop non-conditioning outputs more than `window` frames behind `current_frame`; return how many.
 
-    Conditioning frames (the prompt) are always kept. Also trims the per-frame tracking metadata.
+    Conditioning frames (the prompts) and the frames in `keep` (a later pass or a correction reads
+    them) are always kept. Also trims the per-frame tracking metadata (which sam2 reads only when
+    clicks are added on a frame already tracked).
     """
     dropped = 0
     for obj_output in state["output_dict_per_obj"].values():
         non_cond = obj_output["non_cond_frame_outputs"]
-        stale = [t for t in non_cond if (t < current_frame - window if not reverse else t > current_frame + window)]
+        stale = [t for t in non_cond if t not in keep
+                 and (t < current_frame - window if not reverse else t > current_frame + window)]
         for t in stale:
             del non_cond[t]
         dropped += len(stale)
     for tracked in state["frames_tracked_per_obj"].values():
-        stale = [t for t in tracked if abs(t - current_frame) > window]
+        stale = [t for t in tracked if abs(t - current_frame) > window and t not in keep]
         for t in stale:
             del tracked[t]
     return dropped

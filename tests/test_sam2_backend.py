@@ -15,7 +15,7 @@ from models import sam2_backend
 from models.device import DeviceError, choose_device
 from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, PromptError
 from models.propagate import propagate as propagate_any
-from models.sam2_backend import stop_reason, walk
+from models.sam2_backend import follow, plan_direction, stop_reason
 from models.sam2_loader import CheckpointError, load_checkpoint_into, load_model
 from models.sam2_video import LazyFrames, init_state_in_memory, memory_window
 
@@ -35,8 +35,9 @@ def volume(nz: int = 9, ny: int = 48, nx: int = 72) -> np.ndarray:
     return image
 
 
-def settings(mode: str = "video", **kw) -> PropagationConfig:
-    return PropagationConfig(backend="sam2", sam2={"image_size": SIZE, "mode": mode}, device="cpu", **kw)
+def settings(mode: str = "video", sam2_extra: dict | None = None, **kw) -> PropagationConfig:
+    return PropagationConfig(backend="sam2", sam2={"image_size": SIZE, "mode": mode, **(sam2_extra or {})},
+                             device="cpu", **kw)
 
 
 # ----------------------------------------------------------------------------- stop rules (pure)
@@ -47,16 +48,43 @@ def test_stop_reason_rules():
     assert stop_reason(500, 100, 0.1) is None
 
 
-@pytest.mark.parametrize("areas, available, extent_mm, expected", [
-    ([100, 90, 80, 0, 70], 5, 300.0, (3, "empty")),  # empty slice dropped, stop there
-    ([100, 90, 5, 70], 4, 300.0, (3, "area_collapse")),  # collapsed slice kept (tapering tip)
-    ([100, 100, 100, 100], 4, 300.0, (4, "edge_of_volume")),
-    ([100] * 10, 10, 6.0, (3, "max_extent_mm")),  # 2 mm slices: 3 slices = 6 mm
-    ([], 0, 300.0, (0, "edge_of_volume")),  # key slice on the volume's edge
+@pytest.mark.parametrize("areas, extent_mm, expected", [
+    ([100, 90, 80, 0, 70], 300.0, (3, "empty")),  # empty slice dropped, stop there
+    ([100, 90, 5, 70], 300.0, (3, "area_collapse")),  # collapsed slice kept (tapering tip)
+    ([100, 100, 100, 100], 300.0, (4, "edge_of_volume")),
+    ([100] * 10, 6.0, (3, "max_extent_mm")),  # 2 mm slices: 3 slices = 6 mm
+    ([], 300.0, (0, "edge_of_volume")),  # prompt on the volume's edge
 ])
-def test_walk_on_synthetic_area_sequences(areas, available, extent_mm, expected):
+def test_direction_loop_on_synthetic_area_sequences(areas, extent_mm, expected):
+    """The loop both modes run, fed slices whose areas are known: stop rules past the prompted slice."""
     s = PropagationConfig(min_area_fraction=0.1, max_extent_mm=extent_mm)
-    assert walk(areas, 100, 2.0, s, available) == expected
+    nz = len(areas) + 1
+    direction = plan_direction(False, {0: 100}, nz, 2.0, s)
+    frames = ((i, np.arange(200) < a, 1.0) for i, a in enumerate(areas[:direction.limit], start=1))
+    mask, confidence = np.zeros((nz, 200), bool), np.zeros(nz, np.float32)
+    record = follow(frames, direction, s, mask, confidence)
+    assert (record["slices"], record["reason"]) == expected
+    kept = [z for z in range(1, nz) if mask[z].any()]
+    assert kept == list(range(1, expected[0] + 1))
+
+
+def test_direction_loop_records_slices_between_prompts_whatever_their_area():
+    """Slices up to the outermost prompted slice never stop the walk; past it the rules apply."""
+    s = PropagationConfig(min_area_fraction=0.5)
+    # prompts on slices 2 and 6 (areas 100, 80), walking up from 2: slices 3..5 are between them
+    direction = plan_direction(False, {2: 100, 6: 80}, 10, 1.0, s)
+    areas = {3: 0, 4: 10, 5: 90, 6: 80, 7: 60, 8: 30, 9: 70}
+    frames = ((z, np.arange(200) < areas[z], 1.0) for z in range(3, 10))
+    mask, confidence = np.zeros((10, 200), bool), np.zeros(10, np.float32)
+    record = follow(frames, direction, s, mask, confidence, fixed={6})
+    assert record["visited"] == [3, 4, 5, 7, 8]  # 6 is a prompted slice; 8 is below half of slice 6's area
+    assert record["reason"] == "area_collapse" and record["last_slice"] == 8 and record["slices"] == 2
+    assert mask[4].sum() == 10 and not mask[9].any()
+    off = PropagationConfig(min_area_fraction=0.5, sam2={"stop_rules": False})
+    direction = plan_direction(False, {2: 100, 6: 80}, 10, 1.0, off)
+    frames = ((z, np.arange(200) < areas[z], 1.0) for z in range(3, 10))
+    record = follow(frames, direction, off, mask, confidence, fixed={6})
+    assert record["reason"] == "edge_of_volume" and record["last_slice"] == 9
 
 
 # ----------------------------------------------------------------------------- bad input, devices
@@ -257,3 +285,119 @@ def test_video_memory_bank_is_trimmed_on_long_volumes(tiny):
     assert len(result.details["frames_visited"]["increasing_z"]) > window  # long enough to need trimming
     # the window's frames plus the current one plus the conditioning (key) frame, however long the volume
     assert result.details["max_frames_held"] <= window + 2
+
+
+# ----------------------------------------------------------------------------- the added steps, switchable
+@pytest.mark.sam2
+def test_added_steps_switch_off(tiny):
+    image = volume()
+    # stop_rules off: every slice to both edges, even where each slice is far below the prompted area
+    full = MaskPrompt(4, np.ones(image.shape[1:], bool))
+    no_stops = settings(min_area_fraction=1.0, max_extent_mm=2.0, sam2_extra={"stop_rules": False})
+    result = sam2_backend.propagate(image, (2.0, 1.0, 1.0), full, "CT", no_stops, loaded=tiny)
+    assert result.details["frames_visited"] == {"increasing_z": [5, 6, 7, 8], "decreasing_z": [3, 2, 1, 0]}
+    assert {s["reason"] for s in result.details["stop"].values()} == {"edge_of_volume"}
+    # fill_holes: a ring drawn on the key slice is filled, or kept as a ring
+    yy, xx = np.mgrid[0:48, 0:72]
+    r = np.hypot(yy - 23, xx - 37)
+    ring = (r <= 10) & (r >= 5)
+    only_key = {"max_extent_mm": 1.0}  # 2 mm slices: no slice past the prompt
+    filled = sam2_backend.propagate(image, (2.0, 1.0, 1.0), MaskPrompt(4, ring), "CT", settings(**only_key),
+                                    loaded=tiny)
+    assert filled.mask[4].sum() == (r <= 10).sum()
+    kept = sam2_backend.propagate(image, (2.0, 1.0, 1.0), MaskPrompt(4, ring), "CT",
+                                  settings(**only_key, sam2_extra={"fill_holes": False}), loaded=tiny)
+    assert np.array_equal(kept.mask[4], ring)
+    # largest_component: two blobs on the prompted slice are two 3D components; the first one is kept
+    blobs = (np.hypot(yy - 10, xx - 10) <= 4) | (np.hypot(yy - 35, xx - 55) <= 6)
+    one = sam2_backend.propagate(image, (2.0, 1.0, 1.0), MaskPrompt(4, blobs), "CT", settings(**only_key), loaded=tiny)
+    assert one.mask[4].sum() == (np.hypot(yy - 10, xx - 10) <= 4).sum()
+    both = sam2_backend.propagate(image, (2.0, 1.0, 1.0), MaskPrompt(4, blobs), "CT",
+                                  settings(**only_key, sam2_extra={"largest_component": False}), loaded=tiny)
+    assert np.array_equal(both.mask[4], blobs)
+    assert both.details["added_steps"]["largest_component"] is False
+
+
+# ----------------------------------------------------------------------------- prompts on several slices
+@pytest.mark.sam2
+@pytest.mark.parametrize("mode, increasing, decreasing", [
+    ("video", [3, 4, 5, 7], [1]),  # sam2: forward from the first prompted slice through the gap, reverse from it
+    ("image_chain", [3, 4, 7], [5, 1]),  # the gap chained from both ends to its middle
+])
+def test_prompts_on_several_slices_pass_through_each_and_stop_only_beyond(tiny, mode, increasing, decreasing):
+    image = volume()
+    yy, xx = np.mgrid[0:48, 0:72]
+    drawn = {z: ((yy - 23) / (5.0 + z)) ** 2 + ((xx - 37) / (8.0 + z)) ** 2 <= 1 for z in (2, 6)}
+    prompts = [MaskPrompt(6, drawn[6]), MaskPrompt(2, drawn[2])]
+    # 2 mm slices, 2 mm allowed: one slice past the outermost prompt each way; all between them.
+    result = sam2_backend.propagate(image, (2.0, 1.0, 1.0), prompts, "CT",
+                                    settings(mode, max_extent_mm=2.0, min_area_fraction=0.0), loaded=tiny)
+    assert result.details["prompted_slices"] == [2, 6]
+    assert result.details["frames_visited"] == {"increasing_z": increasing, "decreasing_z": decreasing}
+    stop = result.details["stop"]
+    assert stop["increasing_z"]["last_slice"] in (6, 7) and stop["decreasing_z"]["last_slice"] in (1, 2)
+    for z in (2, 6):  # the result passes through each prompt, as drawn (both kept by largest_component)
+        assert np.array_equal(result.mask[z], drawn[z]), z
+    assert result.confidence[2] == result.confidence[6] == 1.0
+
+
+@pytest.mark.sam2
+def test_max_extent_counts_from_the_outermost_prompted_slice(tiny):
+    image = volume(nz=12)
+    prompts = [BoxPrompt(3, 25, 15, 49, 31), BoxPrompt(7, 25, 15, 49, 31)]
+    result = sam2_backend.propagate(image, (2.0, 1.0, 1.0), prompts, "CT",
+                                    settings(max_extent_mm=4.0, min_area_fraction=0.0), loaded=tiny)
+    visited = result.details["frames_visited"]
+    assert visited["increasing_z"][:3] == [4, 5, 6]
+    assert set(visited["increasing_z"][3:]) <= {8, 9} and set(visited["decreasing_z"]) <= {2, 1}
+    assert not result.mask[10:].any() and not result.mask[0].any()
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ([PointPrompt(3, ((10, 10, False),)), PointPrompt(5, ((20, 20, False),))], "every prompt is a negative click"),
+    ([BoxPrompt(4, 25, 15, 49, 31), BoxPrompt(4, 20, 10, 40, 30)], "slice 4 has 2 box"),
+    ([BoxPrompt(4, 25, 15, 49, 31), MaskPrompt(4, np.ones((48, 72), bool))], "at most one box or one outline"),
+    ([BoxPrompt(4, 25, 15, 49, 31), PointPrompt(12, ((10, 10, False),))], "slice 12"),
+])
+def test_bad_multi_slice_prompts_are_prompt_errors_before_any_model_work(prompts, match):
+    with pytest.raises(PromptError, match=match):
+        sam2_backend.propagate(volume(), (2.0, 1.0, 1.0), prompts, "CT", settings())
+
+
+# ----------------------------------------------------------------------------- corrective clicks
+@pytest.mark.sam2
+@pytest.mark.parametrize("mode", ["video", "image_chain"])
+def test_corrective_clicks_refine_reached_slices_start_new_ones_and_skip_unreached_negatives(tiny, mode):
+    image = volume(nz=11)
+    box = BoxPrompt(4, 25, 15, 49, 31)
+    near = {"max_extent_mm": 2.0, "min_area_fraction": 0.0}  # 2 mm slices: the first run reaches 3 and 5 only
+    first = sam2_backend.propagate(image, (2.0, 1.0, 1.0), box, "CT", settings(mode, **near), loaded=tiny)
+    assert first.details["frames_visited"] == {"increasing_z": [5], "decreasing_z": [3]}
+    corrections = [PointPrompt(5, ((30, 20, False),)),  # reached: refined from the first result
+                   PointPrompt(8, ((37, 23, True),)),  # not reached, positive: a new prompted slice
+                   PointPrompt(1, ((37, 23, False),))]  # not reached, negative: nothing there to remove
+    result = sam2_backend.propagate(image, (2.0, 1.0, 1.0), [box, *corrections], "CT", settings(mode, **near),
+                                    loaded=tiny)
+    applied = {c["slice"]: c["applied"] for c in result.details["corrections"]}
+    assert applied == {1: "ignored", 5: "refined", 8: "new_prompt"}
+    new_prompt = [c for c in result.details["corrections"] if c["slice"] == 8][0]
+    visited = result.details["frames_visited"]
+    if new_prompt["area_px"]:  # the slice with the new positive click is a prompted slice: stops count from it
+        assert 8 in result.details["prompted_slices"] and result.mask[8].any()
+        assert set(visited["increasing_z"] + visited["decreasing_z"]) == {3, 5, 6, 7, 9}
+    assert visited["decreasing_z"][-1] == 3  # below the box: one slice, as in the first run
+
+
+@pytest.mark.sam2
+def test_a_correction_refines_its_own_direction_only(tiny):
+    """Video mode resets between directions: a correction above the box leaves the slices below unchanged."""
+    image = volume()
+    box = BoxPrompt(4, 25, 15, 49, 31)
+    raw = {"stop_rules": False, "largest_component": False}
+    first = sam2_backend.propagate(image, (2.0, 1.0, 1.0), box, "CT", settings(sam2_extra=raw), loaded=tiny)
+    again = sam2_backend.propagate(image, (2.0, 1.0, 1.0), [box, PointPrompt(6, ((37, 23, True), (30, 17, False)))],
+                                   "CT", settings(sam2_extra=raw), loaded=tiny)
+    assert [c["applied"] for c in again.details["corrections"]] == ["refined"]
+    assert 6 in again.details["prompted_slices"] or again.details["corrections"][0]["area_px"] == 0
+    assert np.array_equal(again.mask[:5], first.mask[:5])
+    assert np.array_equal(again.confidence[:5], first.confidence[:5])

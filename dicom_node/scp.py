@@ -77,19 +77,23 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 class _AssociationSeries:
-    """Series UIDs seen per association, so a release can hint the completion checker."""
+    """Series UIDs and instances stored per association: a release hints the completion checker, and the
+    association's end is audited with what it brought."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_assoc: dict[int, set[str]] = {}
+        self._by_assoc: dict[int, tuple[set[str], list[int]]] = {}
 
     def add(self, assoc_id: int, series_uid: str) -> None:
         with self._lock:
-            self._by_assoc.setdefault(assoc_id, set()).add(series_uid)
+            series, count = self._by_assoc.setdefault(assoc_id, (set(), [0]))
+            series.add(series_uid)
+            count[0] += 1
 
-    def pop(self, assoc_id: int) -> set[str]:
+    def pop(self, assoc_id: int) -> tuple[set[str], int]:
         with self._lock:
-            return self._by_assoc.pop(assoc_id, set())
+            series, count = self._by_assoc.pop(assoc_id, (set(), [0]))
+            return series, count[0]
 
 
 def _error_comment(reason: str) -> str:
@@ -141,13 +145,23 @@ def build_handlers(config: Config, store: Store,
             return rsp
         return 0x0000
 
+    def audit_end(event: evt.Event, how: str, series: set[str], stored: int) -> None:
+        try:
+            with transaction(factory) as session:
+                record(session, f"association.{how}", component="dicom_node", calling_ae=_calling_ae(event),
+                       peer_address=_peer(event), instances_stored=stored, series=sorted(series)[:20])
+        except Exception:  # noqa: BLE001 - the instances themselves are recorded already
+            LOG.exception("audit of the association's end failed")
+
     def handle_released(event: evt.Event) -> None:
-        series = seen.pop(id(event.assoc))
+        series, stored = seen.pop(id(event.assoc))
+        audit_end(event, "released", series, stored)
         if series and on_release is not None and config.node.complete_on_release:
             on_release(series)
 
     def handle_aborted(event: evt.Event) -> None:
-        seen.pop(id(event.assoc))  # an aborted transfer may be incomplete: the quiet period decides
+        series, stored = seen.pop(id(event.assoc))  # an aborted transfer may be incomplete: the quiet period decides
+        audit_end(event, "aborted", series, stored)
 
     def handle_rejected(event: evt.Event) -> None:
         try:

@@ -36,6 +36,7 @@ def test_echo_and_real_ct_series_with_rtstruct(tmp_path: Path, shared_data: Path
         assert node.query("select count(*) from audit where event='instance.duplicate'")[0][0] == 5
         rows = node.query("select path, sha256, calling_ae, peer_address from instances")
         events = dict(node.query("select event, count(*) from audit group by event"))
+        ends = [json.loads(d) for (d,) in node.query("select details from audit where event='association.released'")]
     files = [p for p in (node.storage / "archive").rglob("*") if p.is_file()]
     assert len(files) == 60 and not [p for p in files if p.name.startswith(".rtprop-tmp-")]
     for path, sha, ae, peer in rows:
@@ -44,6 +45,8 @@ def test_echo_and_real_ct_series_with_rtstruct(tmp_path: Path, shared_data: Path
         # layout: archive/<study UID>/<series UID>/<SOP UID>.dcm, no names
         assert Path(path).relative_to(node.storage / "archive").parts[0][0].isdigit()
     assert events["instance.received"] == 60 and events["series.complete"] == 2
+    # each association's end is audited with what it brought (the echo probes bring nothing)
+    assert sorted(e["instances_stored"] for e in ends if e["instances_stored"]) == [5, 60]
     assert "Synthetic" not in node.log() and "STS_001" not in node.log()
 
 

@@ -138,3 +138,6 @@ def test_metrics_parse_and_count_the_jobs_of_two_worker_processes(tmp_path):
     received = {s.labels["source"]: s.value for s in families["rtprop_instances_received"].samples}
     assert received == {"dimse": float(sum(len(list(c.iterdir())) for c in cases))}
     assert families["rtprop_audit_chain_ok"].samples[0].value == 1
+    associations = {s.labels["outcome"]: s.value for s in families["rtprop_associations"].samples
+                    if s.name == "rtprop_associations_total"}
+    assert associations["released"] >= len(cases) and associations["rejected"] == 0

@@ -128,9 +128,13 @@ class DatabaseCollector(Collector):
             yield c
 
             events = dict(session.execute(select(AuditEntry.event, func.count()).where(AuditEntry.event.in_(
-                ("association.rejected", "node.started", "instance.quarantined"))).group_by(AuditEntry.event)).all())
-            yield CounterMetricFamily("rtprop_associations_rejected", "Associations the SCP refused",
-                                      value=events.get("association.rejected", 0))
+                ("association.released", "association.aborted", "association.rejected", "association.tls_failed",
+                 "instance.quarantined"))).group_by(AuditEntry.event)).all())
+            a = CounterMetricFamily("rtprop_associations", "Associations with the SCP, by how they ended",
+                                    labels=["outcome"])
+            for outcome in ("released", "aborted", "rejected", "tls_failed"):
+                a.add_metric([outcome], events.get(f"association.{outcome}", 0))
+            yield a
             yield CounterMetricFamily("rtprop_instances_quarantined", "Instances held in quarantine",
                                       value=events.get("instance.quarantined", 0))
 

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.schema import StorageConfig
 from converters.files import TEMP_PREFIX, fsync_dir, write_atomic
 from db.audit import hash_patient_id, record
-from db.engine import ensure_reserve, transaction, write_with_reserve
+from db.engine import ensure_reserve, is_unavailable, transaction, write_with_reserve
 from db.instances import NewInstance, record_instance
 from db.schema import utcnow
 
@@ -40,7 +40,7 @@ LOG = logging.getLogger("rtprop.node.storage")
 
 # DIMSE C-STORE statuses (PS3.4 B.2.3, PS3.7 C) that this node returns.
 SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700        # below storage.min_free_mb, or the disk refused the write
+OUT_OF_RESOURCES = 0xA700        # below storage.min_free_mb, the disk refused the write, or the database is down
 DATASET_MISMATCH = 0xA900        # required attribute missing/invalid or not matching the command
 CANNOT_UNDERSTAND = 0xC000       # the data set cannot be parsed
 PROCESSING_FAILURE = 0x0110      # our own fault (database unavailable ...): the peer should retry
@@ -248,6 +248,11 @@ class Store:
             return IngestResult(status, f"archive write failed: {exc}",
                                 sop_instance_uid=received.affected_sop_instance_uid)
         except Exception as exc:
+            if is_unavailable(exc):  # nothing was acknowledged: the peer keeps it and sends it again later
+                LOG.error("database unavailable: refusing %s (0xA700): %s", received.affected_sop_instance_uid,
+                          str(exc).splitlines()[0][:300])
+                return IngestResult(OUT_OF_RESOURCES, "database unavailable, try again later",
+                                    sop_instance_uid=received.affected_sop_instance_uid)
             LOG.exception("ingest failed for %s", received.affected_sop_instance_uid)
             return IngestResult(PROCESSING_FAILURE, f"internal error: {type(exc).__name__}: {exc}",
                                 sop_instance_uid=received.affected_sop_instance_uid)

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -187,6 +188,7 @@ class Store:
         self.archive.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self.me = f"{socket.gethostname()}:{os.getpid()}"  # in each instance.received row (several receivers)
 
     # ------------------------------------------------------------------ space
     def has_space(self, needed: int) -> bool:
@@ -295,7 +297,8 @@ class Store:
                 series_instance_uid=p.series_instance_uid, study_instance_uid=p.study_instance_uid,
                 modality=p.modality, patient_id_hash=p.patient_id_hash, path=str(final), sha256=digest,
                 transfer_syntax_uid=p.transfer_syntax_uid, calling_ae=received.calling_ae[:16],
-                peer_address=received.peer_address[:64], source=received.source, received_at=utcnow()), place)
+                peer_address=received.peer_address[:64], source=received.source, received_at=utcnow()), place,
+                received_by=self.me)
         finally:
             if tmp.exists():
                 tmp.unlink(missing_ok=True)

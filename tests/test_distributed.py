@@ -1,0 +1,194 @@
+"""The distributed mode on a real PostgreSQL (Debian's, started by the tests) with real processes:
+receivers `rtprop serve --workers 0`, `rtprop worker`s of the job engine, DCMTK storescu as the TPS that
+sends and DCMTK storescp as the TPS that receives (docs/scaling.md)."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from distributed_helpers import Receiver, WorkerProcess, cluster_config
+from node_helpers import ENV, VENV_BIN, StoreSCP, free_port, make_ct_series, storescu, wait_for
+from pipeline_helpers import synthetic_case
+
+pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
+
+
+def audit_verify(config: Path, storage: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "rtprop"), "audit", "verify", "--config", str(config), "--storage",
+                           str(storage)], capture_output=True, text=True, timeout=120)
+
+
+def _pid_of(claimed_by: str) -> int:
+    return int(claimed_by.split("#", 1)[0].rsplit(":", 2)[1])
+
+
+def test_three_workers_one_receiver_twenty_studies_each_result_once_through_two_kills(tmp_path, postgres):
+    url = postgres.create_database()
+    cases = []
+    for seed in range(20):
+        folder = tmp_path / "cases" / f"c{seed:02d}"
+        synthetic_case(folder, seed=100 + seed)
+        cases.append(sorted(folder.iterdir()))
+    storage = tmp_path / "storage"
+    with StoreSCP(tmp_path / "tps") as tps:
+        config = cluster_config(tmp_path / "cluster.yaml", url, tps_port=tps.port)
+        receiver = Receiver(tmp_path / "rx", config, storage, free_port()).start()
+        workers = [WorkerProcess(tmp_path / "w", config, storage, name, "--concurrency", "1").start()
+                   for name in "abc"]
+        spare = None
+        try:
+            senders = [threading.Thread(target=storescu, args=(receiver.port, files), kwargs={"calling_ae": "TPS"})
+                       for files in cases]
+            for t in senders:
+                t.start()
+            # SIGKILL a worker while it runs a job (its child process dies with it)
+            by_pid = {w.pid: w for w in workers}
+            claimed = wait_for(lambda: postgres.query(url, "SELECT id, claimed_by FROM jobs WHERE state = 'running'"),
+                               120, 0.05, what="a running job")
+            killed_job, owner = claimed[0]
+            victim = by_pid[_pid_of(owner)]
+            victim.kill()
+            for t in senders:
+                t.join(120)
+            # SIGKILL another worker while it sends: the TPS is frozen (SIGSTOP) so the C-STORE hangs there
+            tps.proc.send_signal(signal.SIGSTOP)
+            try:
+                alive = {w.pid: w for w in workers if w is not victim}
+                sending = wait_for(lambda: [r for r in postgres.query(
+                    url, "SELECT id, claimed_by FROM sends WHERE state = 'sending'") if _pid_of(r[1]) in alive],
+                    180, 0.05, what="a send in flight")
+                killed_send, sender = sending[0]
+                alive[_pid_of(sender)].kill()
+            finally:
+                tps.proc.send_signal(signal.SIGCONT)
+            spare = WorkerProcess(tmp_path / "w", config, storage, "d", "--concurrency", "1").start()  # as systemd would
+            wait_for(lambda: postgres.query(url, "SELECT count(*) FROM jobs WHERE state IN ('sent', 'failed', "
+                                                 "'dead-letter')")[0][0] == 20, 300, 0.5, what="20 jobs to finish")
+            time.sleep(3)  # anything sent twice would have arrived by now
+        finally:
+            for w in [*workers, spare]:
+                if w is not None:
+                    w.stop()
+            receiver.stop()
+        files = tps.files()
+        stores = tps.stores_received()
+    jobs = postgres.query(url, "SELECT id, state, attempts, study_instance_uid, error FROM jobs ORDER BY id")
+    assert [j[1] for j in jobs] == ["sent"] * 20, jobs
+    sends = postgres.query(url, "SELECT job_id, state, sop_instance_uid, attempts FROM sends ORDER BY job_id")
+    assert len(sends) == 20 and {s[0] for s in sends} == {j[0] for j in jobs} and {s[1] for s in sends} == {"sent"}
+    # at the TPS: 20 RTSTRUCTs, one per study, each the instance its send row names
+    received = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert len(received) == 20
+    assert {str(d.SOPInstanceUID) for d in received} == {s[2] for s in sends}
+    assert {str(d.StudyInstanceUID) for d in received} == {j[3] for j in jobs}
+    # the killed job ran again on another worker; the killed send went again, with the same SOP Instance UID
+    assert dict((j[0], j[2]) for j in jobs)[killed_job] >= 2
+    events = postgres.query(url, "SELECT event, job_id FROM audit WHERE event IN ('job.recovered', 'send.recovered')")
+    assert ("job.recovered", killed_job) in events and any(e == "send.recovered" for e, _ in events)
+    print(f"C-STORE requests at the TPS: {stores} for 20 results (a re-sent instance overwrites its own file)")
+    r = audit_verify(config, storage)
+    assert r.returncode == 0 and '"ok": true' in r.stdout, r.stdout + r.stderr
+
+
+def test_postgres_down_for_30_s_loses_nothing_acknowledged_and_the_node_recovers(tmp_path, postgres):
+    """Instances keep arriving while the database is stopped: each is acknowledged and stored, or refused
+    with a failure status (0xA700); afterwards the same node takes the rest, and the refused ones sent
+    again, without a restart."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    url = postgres.create_database()
+    storage = tmp_path / "storage"
+    config = cluster_config(tmp_path / "cluster.yaml", url)
+    datasets = [pydicom.dcmread(f) for f in make_ct_series(tmp_path / "src", 60)]
+    receiver = Receiver(tmp_path / "rx", config, storage, free_port()).start()
+    ae = AE(ae_title="TPS")
+    ae.add_requested_context(CTImageStorage)
+
+    def send(ds: pydicom.Dataset) -> int | None:
+        """One instance in an association of its own, as a TPS retrying would; the status (None: no answer)."""
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title="RTPROP")
+        if not assoc.is_established:
+            return None
+        rsp = assoc.send_c_store(ds)
+        assoc.release()
+        return int(rsp.Status) if rsp is not None and "Status" in rsp else None
+
+    first: dict[str, int | None] = {}
+    try:
+        for ds in datasets[:10]:
+            first[str(ds.SOPInstanceUID)] = send(ds)
+        postgres.stop("fast")
+        t0 = time.monotonic()
+        for n, ds in enumerate(datasets[10:40], start=1):  # one a second for 30 s, the database down
+            first[str(ds.SOPInstanceUID)] = send(ds)
+            time.sleep(max(0.0, t0 + n - time.monotonic()))
+        down_s = time.monotonic() - t0
+        postgres.start()
+        for ds in datasets[40:]:
+            first[str(ds.SOPInstanceUID)] = send(ds)
+        final = dict(first)
+
+        def resend_refused() -> bool:  # what the TPS does with a refused instance
+            for ds in datasets:
+                if final[str(ds.SOPInstanceUID)] != 0x0000:
+                    final[str(ds.SOPInstanceUID)] = send(ds)
+            return all(v == 0x0000 for v in final.values())
+
+        wait_for(resend_refused, 60, 1, what="the refused instances to be taken when sent again")
+    finally:
+        receiver.stop()
+    acknowledged_first = {uid for uid, status in first.items() if status == 0x0000}
+    while_down = [first[str(ds.SOPInstanceUID)] for ds in datasets[10:40]]
+    stored = dict(postgres.query(url, "SELECT sop_instance_uid, path FROM instances"))
+    assert down_s >= 29
+    assert set(while_down) == {0xA700}, while_down  # refused, out of resources: nothing acknowledged
+    assert {str(d.SOPInstanceUID) for d in datasets[:10]} <= acknowledged_first
+    assert acknowledged_first <= set(stored)  # nothing acknowledged is lost
+    assert set(stored) == {str(d.SOPInstanceUID) for d in datasets}  # and in the end every one went in, once
+    assert all(Path(p).is_file() for p in stored.values())
+    assert postgres.query(url, "SELECT count(*) FROM audit WHERE event = 'instance.received'")[0][0] == 60
+    assert audit_verify(config, storage).returncode == 0
+
+
+def test_two_receivers_on_one_port_take_2000_instances_without_loss_duplicate_or_double_completion(tmp_path, postgres):
+    url = postgres.create_database()
+    storage = tmp_path / "storage"
+    config = cluster_config(tmp_path / "cluster.yaml", url, node={"reuse_port": True, "series_quiet_period_s": 2.0})
+    port = free_port()
+    receivers = [Receiver(tmp_path / f"rx{i}", config, storage, port).start() for i in range(2)]
+    per, parallel = 250, 8
+    sources = [make_ct_series(tmp_path / f"src{i}", per, prefix=f"a{i}-") for i in range(parallel)]
+    try:
+        procs = [subprocess.Popen(["storescu", "-aet", f"LOAD{i}", "-aec", "RTPROP", "127.0.0.1", str(port),
+                                   *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+                 for i, files in enumerate(sources)]
+        failures = [p.communicate(timeout=600)[1].decode(errors="replace")[-300:] for p in procs]
+        assert [p.returncode for p in procs] == [0] * parallel, failures
+        wait_for(lambda: postgres.query(url, "SELECT count(*) FROM series WHERE state = 'complete'")[0][0] == parallel,
+                 60, 0.5, what="every series to complete")
+        time.sleep(3)  # a second completion would show by now
+    finally:
+        for r in receivers:
+            r.stop()
+    served = [r.log().count("series ") for r in receivers]
+    rows, distinct = postgres.query(url, "SELECT count(*), count(DISTINCT sop_instance_uid) FROM instances")[0]
+    assert (rows, distinct) == (per * parallel, per * parallel)
+    archive = [p for p in (storage / "archive").rglob("*.dcm")]
+    assert len(archive) == per * parallel
+    completed = postgres.query(url, "SELECT series_instance_uid, count(*) FROM audit WHERE event = 'series.complete' "
+                                    "GROUP BY series_instance_uid")
+    assert len(completed) == parallel and {n for _, n in completed} == {1}
+    assert postgres.query(url, "SELECT sum(instance_count) FROM series")[0][0] == per * parallel
+    taken = postgres.query(url, "SELECT details::json->>'received_by', count(*) FROM audit "
+                                "WHERE event = 'instance.received' GROUP BY 1")
+    assert len(taken) == 2, f"the kernel gave every association to one receiver: {taken}"
+    print("instances per receiver:", taken, "completion log lines per receiver:", served)
+    assert audit_verify(config, storage).returncode == 0

@@ -56,13 +56,19 @@ def pending_for(session: Session, task: str, key: str) -> set[int]:
     return {int(r) for r in rows if r is not None}
 
 
-def retry_stalled(session: Session, seconds_since_heartbeat: float) -> list[int]:
-    """Messages left `doing` by a Procrastinate worker whose heartbeat stopped (killed, host lost) go back
-    to `todo` (Procrastinate's own stalled-job query and retry function); returns their ids."""
-    ids = session.execute(text(
+def stalled(session: Session, seconds_since_heartbeat: float) -> list[int]:
+    """Messages left `doing` by a Procrastinate worker whose heartbeat stopped (killed, host lost): the
+    query of Procrastinate's `JobManager.get_stalled_jobs`."""
+    return [int(i) for i in session.execute(text(
         "SELECT job.id FROM procrastinate_jobs job LEFT JOIN procrastinate_workers w ON w.id = job.worker_id "
         "WHERE job.status = 'doing' AND (job.worker_id IS NULL OR "
-        "w.last_heartbeat < NOW() - make_interval(secs => :s))"), {"s": seconds_since_heartbeat}).scalars().all()
+        "w.last_heartbeat < NOW() - make_interval(secs => :s))"), {"s": seconds_since_heartbeat}).scalars()]
+
+
+def retry_stalled(session: Session, seconds_since_heartbeat: float) -> list[int]:
+    """Stalled messages go back to `todo` (Procrastinate's own retry function, as `retry_job` calls it);
+    their tasks then find their rows recovered or done. Returns their ids."""
+    ids = stalled(session, seconds_since_heartbeat)
     for job_id in ids:
         session.execute(text("SELECT procrastinate_retry_job_v2(:id, NOW(), NULL, NULL, NULL)"), {"id": job_id})
     return [int(i) for i in ids]

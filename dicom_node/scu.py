@@ -163,6 +163,10 @@ def recover_stale(factory: sessionmaker[Session], me: str | None = None,
     me = me or worker_id()
     alive = alive or owner_alive
     recovered: list[int] = []
+    with factory() as session:  # a read first: most passes find nothing, and take no write lock
+        owners = session.execute(select(Send.claimed_by).where(Send.state == "sending")).scalars().all()
+    if all(owner == me or alive(owner) for owner in owners):
+        return recovered
     with transaction(factory) as session:
         rows = session.execute(select(Send).where(Send.state == "sending")).scalars().all()
         for row in rows:

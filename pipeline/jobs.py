@@ -217,11 +217,19 @@ def recover_stale(factory: sessionmaker[Session], *, heartbeat_timeout_s: float,
     """
     now = now or utcnow()
     moved: list[int] = []
+
+    def lost(job: Job) -> tuple[bool, bool]:
+        beat = aware(job.heartbeat_at)
+        stale = beat is None or (now - beat).total_seconds() > heartbeat_timeout_s
+        dead = bool(owner_alive is not None and job.claimed_by and not owner_alive(job.claimed_by))
+        return stale, dead
+
+    with factory() as session:  # a read first: most passes find nothing, and take no write lock
+        if not any(any(lost(job)) for job in session.execute(select(Job).where(Job.state == "running")).scalars()):
+            return moved
     with transaction(factory) as session:
         for job in session.execute(select(Job).where(Job.state == "running")).scalars().all():
-            beat = aware(job.heartbeat_at)
-            stale = beat is None or (now - beat).total_seconds() > heartbeat_timeout_s
-            dead = owner_alive is not None and job.claimed_by and not owner_alive(job.claimed_by)
+            stale, dead = lost(job)
             if not (stale or dead):
                 continue
             why = "owner process gone" if dead else f"no heartbeat for more than {heartbeat_timeout_s:g} s"

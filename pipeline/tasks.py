@@ -127,12 +127,19 @@ def live_owner(factory: sessionmaker[Session], config: Config) -> Callable[[str]
 def requeue_orphans(factory: sessionmaker[Session]) -> dict[str, list[int]]:
     """Runnable rows without an engine message (a task that crashed before it could move its row, a
     clock ahead of the database's) get one; returns their ids."""
-    with transaction(factory) as session:
+    def orphans(session: Session) -> tuple[list[Job], list[Send]]:
         have_jobs = queue.pending_for(session, queue.TASK_PROPAGATE, "job_id")
         have_sends = queue.pending_for(session, queue.TASK_SEND, "send_id")
         jobs = [j for j in session.execute(select(Job).where(Job.state == "queued")).scalars() if j.id not in have_jobs]
         sends = [s for s in session.execute(select(Send).where(Send.state == "pending")).scalars()
                  if s.id not in have_sends]
+        return jobs, sends
+
+    with factory() as session:  # a read first: most passes find nothing, and take no write lock
+        if orphans(session) == ([], []):
+            return {"jobs": [], "sends": []}
+    with transaction(factory) as session:
+        jobs, sends = orphans(session)
         for job in jobs:
             queue.defer(session, queue.TASK_PROPAGATE, session.info.get("job_queue", "cpu"), {"job_id": job.id},
                         scheduled_at=job.not_before)
@@ -154,8 +161,11 @@ def housekeeping_pass(factory: sessionmaker[Session], config: Config) -> None:
     housekeeping(factory, config, owner_alive=alive)
     recover_stale(factory, me="", alive=alive)
     requeue_orphans(factory)
-    with transaction(factory) as session:
-        stalled = queue.retry_stalled(session, config.pipeline.heartbeat_timeout_s)
+    with factory() as session:
+        stalled = queue.stalled(session, config.pipeline.heartbeat_timeout_s)
+    if stalled:
+        with transaction(factory) as session:
+            stalled = queue.retry_stalled(session, config.pipeline.heartbeat_timeout_s)
     if stalled:
         LOG.warning("retried %d engine message(s) of stalled workers: %s", len(stalled), stalled)
 

@@ -99,16 +99,20 @@ def test_three_workers_one_receiver_twenty_studies_each_result_once_through_two_
 
 def test_postgres_down_for_30_s_loses_nothing_acknowledged_and_the_node_recovers(tmp_path, postgres):
     """Instances keep arriving while the database is stopped: each is acknowledged and stored, or refused
-    with a failure status (0xA700); afterwards the same node takes the rest, and the refused ones sent
-    again, without a restart."""
+    with a failure status (0xA700); afterwards the same processes (a receiver and a worker, never
+    restarted) take the rest, the refused ones sent again, and a new case comes back from the worker."""
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
     url = postgres.create_database()
     storage = tmp_path / "storage"
-    config = cluster_config(tmp_path / "cluster.yaml", url)
+    tps = StoreSCP(tmp_path / "tps").start()
+    config = cluster_config(tmp_path / "cluster.yaml", url, tps_port=tps.port)
     datasets = [pydicom.dcmread(f) for f in make_ct_series(tmp_path / "src", 60)]
+    case = tmp_path / "case"
+    synthetic_case(case, seed=7)
     receiver = Receiver(tmp_path / "rx", config, storage, free_port()).start()
+    worker = WorkerProcess(tmp_path / "w", config, storage, "a").start()
     ae = AE(ae_title="TPS")
     ae.add_requested_context(CTImageStorage)
 
@@ -143,8 +147,13 @@ def test_postgres_down_for_30_s_loses_nothing_acknowledged_and_the_node_recovers
             return all(v == 0x0000 for v in final.values())
 
         wait_for(resend_refused, 60, 1, what="the refused instances to be taken when sent again")
+        storescu(receiver.port, sorted(case.iterdir()), calling_ae="TPS")
+        wait_for(tps.files, 120, 0.5, what="the new case's result from the worker that lived through the outage")
     finally:
+        worker.stop()
         receiver.stop()
+        tps.stop()
+    assert worker.proc.returncode is not None and receiver.log().count("rtprop node ready") == 1
     acknowledged_first = {uid for uid, status in first.items() if status == 0x0000}
     while_down = [first[str(ds.SOPInstanceUID)] for ds in datasets[10:40]]
     stored = dict(postgres.query(url, "SELECT sop_instance_uid, path FROM instances"))
@@ -152,9 +161,10 @@ def test_postgres_down_for_30_s_loses_nothing_acknowledged_and_the_node_recovers
     assert set(while_down) == {0xA700}, while_down  # refused, out of resources: nothing acknowledged
     assert {str(d.SOPInstanceUID) for d in datasets[:10]} <= acknowledged_first
     assert acknowledged_first <= set(stored)  # nothing acknowledged is lost
-    assert set(stored) == {str(d.SOPInstanceUID) for d in datasets}  # and in the end every one went in, once
+    assert set(stored) >= {str(d.SOPInstanceUID) for d in datasets}  # and in the end every one went in, once
+    assert len(stored) == 60 + 13  # and the case (12 images + its prompt)
     assert all(Path(p).is_file() for p in stored.values())
-    assert postgres.query(url, "SELECT count(*) FROM audit WHERE event = 'instance.received'")[0][0] == 60
+    assert postgres.query(url, "SELECT count(*) FROM audit WHERE event = 'instance.received'")[0][0] == 60 + 13
     assert audit_verify(config, storage).returncode == 0
 
 
@@ -192,3 +202,51 @@ def test_two_receivers_on_one_port_take_2000_instances_without_loss_duplicate_or
     assert len(taken) == 2, f"the kernel gave every association to one receiver: {taken}"
     print("instances per receiver:", taken, "completion log lines per receiver:", served)
     assert audit_verify(config, storage).returncode == 0
+
+
+def test_batch_distributed_puts_one_item_per_study_on_the_batch_queue_and_a_worker_reports(tmp_path, postgres):
+    """`rtprop batch --distributed` on the sts-001 archive (CT + MR GTVs, one study) taken in on PostgreSQL:
+    one message on the `batch` queue; a `--queues batch` worker re-contours both structures on the series
+    each was drawn on and writes the run's drift.csv, as the one-process batch does."""
+    import csv
+    import json
+
+    from config.load import load_config, resolve_storage
+    from db.engine import open_configured
+    from dicom_node.completion import CompletionChecker
+    from dicom_node.storage import Received, Store
+    from pipeline_helpers import STS_CT, STS_MR
+
+    url = postgres.create_database()
+    storage = tmp_path / "storage"
+    config_path = cluster_config(tmp_path / "cluster.yaml", url, node={"series_quiet_period_s": 0})
+    config = resolve_storage(load_config(config_path, overrides={"storage": {"root": str(storage)}}))
+    factory = open_configured(config)
+    store = Store(config.storage, factory, fsync=False)
+    paths = [p for series in (STS_CT, STS_MR) for p in sorted((series / "image").iterdir())]
+    paths += [p for series in (STS_MR, STS_CT) for p in sorted((series / "rtstruct").iterdir())]
+    for path in paths:
+        assert store.ingest(path.read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
+    CompletionChecker(factory, config).check()
+    factory.kw["bind"].dispose()
+
+    out = tmp_path / "report"
+    r = subprocess.run([str(VENV_BIN / "rtprop"), "batch", "--config", str(config_path), "--storage", str(storage),
+                        "--distributed", "--roi-regex", "GTV.*", "--out", str(out), "--since", "2000-01-01"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    queued = json.loads(r.stdout.strip().splitlines()[-1])
+    assert queued["queued_studies"] == 1 and queued["rois"] == 2
+    assert postgres.query(url, "SELECT queue_name, task_name, status FROM procrastinate_jobs") == [
+        ("batch", "rtprop.batch_study", "todo")]
+    worker = WorkerProcess(tmp_path / "w", config_path, storage, "batch", "--queues", "batch").start()
+    try:
+        drift = Path(queued["out"]) / "drift.csv"
+        wait_for(drift.exists, 600, 1, what="the distributed batch's drift.csv")
+    finally:
+        worker.stop()
+    rows = list(csv.DictReader(open(drift)))
+    assert {row["roi"]: row["modality"] for row in rows} == {"GTV_Mass_CT": "CT", "GTV_Mass_MR_T1": "MR"}
+    assert all(row["error"] == "" and 0.3 < float(row["dice"]) <= 1 for row in rows), rows
+    events = [e for (e,) in postgres.query(url, "SELECT event FROM audit WHERE component = 'batch'")]
+    assert events.count("batch.roi") == 2 and events.count("batch.finished") == 1

@@ -111,10 +111,12 @@ def owner_alive(claimed_by: str) -> bool:
 
 
 def enqueue(session: Session, path: Path | str, destination: Destination, job_id: int | None = None,
-            patient_id_hash: str = "") -> Send:
+            patient_id_hash: str = "", again: bool = False) -> Send:
     """Queue `path` for C-STORE to `destination` inside the caller's transaction; returns the row.
 
     The file must stay where it is until the row is `sent` (results live under storage.outbox).
+    `again`: a person re-sends it: the job's row for that destination, sent or dead-lettered, goes back
+    to `pending` with its attempts counted from 0 (its earlier outcomes stay in the audit).
     """
     path = Path(path).resolve()
     try:
@@ -131,6 +133,18 @@ def enqueue(session: Session, path: Path | str, destination: Destination, job_id
     existing = session.execute(select(Send).where(
         same, Send.destination_ae == destination.ae_title, Send.destination_host == destination.host,
         Send.destination_port == destination.port).limit(1)).scalar()
+    if existing is not None and again and existing.state in ("sent", "dead-letter"):
+        previous = existing.outcome or existing.state
+        existing.state, existing.attempts, existing.claimed_by = "pending", 0, ""
+        existing.next_attempt_at, existing.last_error, existing.sent_at = utcnow(), "", None
+        existing.path = str(path)
+        session.flush()
+        record(session, "send.queued", component="dicom_node", job_id=job_id, sop_instance_uid=sop_uid,
+               calling_ae=destination.ae_title, patient_id_hash=existing.patient_id_hash, send_id=existing.id,
+               destination=f"{destination.ae_title}@{destination.host}:{destination.port}", path=str(path),
+               again=True, previous_outcome=previous)
+        _defer(session, existing)
+        return existing
     if existing is not None:  # this result is queued for that destination already: once is enough
         LOG.info("%s already queued for %s (send %s)", f"job {job_id}: result" if job_id else sop_uid,
                  destination.ae_title, existing.id)

@@ -128,3 +128,25 @@ def test_several_processes_appending_at_once_keep_one_chain_on_postgres(pg_url, 
     assert problems == [] and count == 600
     assert audit.head_of(factory) == audit.Head(last.id, last.hash)  # the anchor is at the true end
     factory.kw["bind"].dispose()
+
+
+def test_database_url_from_the_environment_is_what_every_command_uses(pg_url, postgres, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    rtprop = str(Path(sys.executable).parent / "rtprop")
+    env = {**os.environ, "RTPROP__DATABASE__URL": pg_url}
+    storage = tmp_path / "storage"
+    r = subprocess.run([rtprop, "users", "add", "ada", "--role", "admin", "--password-stdin", "--storage",
+                        str(storage)], input="a-long-password\n", capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert postgres.query(pg_url, "SELECT name, role FROM users") == [("ada", "admin")]
+    assert not (storage / "rtprop.sqlite").exists()  # no SQLite file beside it
+    for args in (["audit", "verify"], ["jobs", "list"], ["audit", "head"]):
+        r = subprocess.run([rtprop, *args, "--storage", str(storage)], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, (args, r.stderr)
+    assert (storage / "rtprop-postgresql.audit-head").is_file()  # the anchor lives on the shared storage root
+    bad = subprocess.run([rtprop, "jobs", "list", "--storage", str(storage)], capture_output=True, text=True,
+                         env={**env, "RTPROP__DATABASE__URL": "mysql://x@y/z"})
+    assert bad.returncode == 2 and "database.url" in bad.stderr and "RTPROP__DATABASE__URL" in bad.stderr

@@ -104,3 +104,22 @@ def test_one_job_writes_the_same_rtstruct_uids_on_every_attempt(tmp_path):
     assert first.file_meta.MediaStorageSOPInstanceUID == first.SOPInstanceUID
     assert other.SOPInstanceUID != first.SOPInstanceUID and first.SeriesInstanceUID != first.SOPInstanceUID
     assert len(unseeded) == 2  # rtprop convert / recontour still write new UIDs each time
+
+
+def test_a_persons_resend_puts_the_same_row_back_in_the_queue(factory, tmp_path):
+    path = _result_file(tmp_path)
+    with transaction(factory) as session:
+        job = Job(series_instance_uid="1.2.3.4", state="validated", created_at=utcnow(), updated_at=utcnow())
+        session.add(job)
+        session.flush()
+        row = enqueue(session, path, TPS, job_id=job.id)
+        row.state, row.attempts, row.outcome = "dead-letter", 8, "failed: association rejected"
+        job_id, send_id = job.id, row.id
+    with transaction(factory) as session:
+        again = enqueue(session, path, TPS, job_id=job_id, again=True)
+        assert (again.id, again.state, again.attempts) == (send_id, "pending", 0)
+    with factory() as session:
+        assert session.query(Send).count() == 1
+        messages = _messages(session, queue.TASK_SEND)
+    if factory.kw["bind"].dialect.name == "postgresql":
+        assert [m[0] for m in messages] == [{"send_id": send_id}, {"send_id": send_id}]  # the first, and the re-send's

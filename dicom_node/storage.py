@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -31,7 +32,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import StorageConfig
-from converters.files import TEMP_PREFIX, fsync_dir, write_atomic
+from converters.files import TEMP_PREFIX, fsync_dir, temp_name, temp_writer, write_atomic
 from db.audit import hash_patient_id, record
 from db.engine import ensure_reserve, is_unavailable, transaction, write_with_reserve
 from db.instances import NewInstance, record_instance
@@ -278,7 +279,7 @@ class Store:
                 fsync_dir(folder.parent.parent)
             self._known_dirs.add(folder)
         # 1. bytes on disk under a temp name (outside the DB lock: associations write in parallel)
-        tmp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        tmp = folder / temp_name()
 
         def place() -> None:  # under the DB lock: the file appears with its row
             os.replace(tmp, final)
@@ -345,13 +346,40 @@ class Store:
         return IngestResult(SUCCESS, reason, path=Path(kept_path), duplicate=True, quarantined=q, **ids)
 
 
+OTHER_HOST_TEMP_AGE_S = 3600  # a temporary of another host's process is left alone this long
+
+
+def _writer_gone(tmp: Path) -> bool:
+    """Was `tmp` left by a process that is no longer writing it? Never one still running: several
+    receivers and workers may share the storage (docs/scaling.md)."""
+    writer = temp_writer(tmp.name)
+    if writer is None:
+        return True  # no writer named (an older release): as before, left by a killed process
+    host, pid = writer
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False  # running (perhaps this very process, whose workers may already be writing)
+    try:
+        return time.time() - tmp.stat().st_mtime > OTHER_HOST_TEMP_AGE_S
+    except OSError:
+        return False
+
+
 def recover(storage: StorageConfig) -> int:
-    """At start-up: delete temp files a killed process left behind (never complete instances)."""
+    """At start-up: delete temp files killed processes left behind (never complete instances, never the
+    temporaries of a process still running, here or on another host sharing the storage)."""
     removed = 0
     for root in (Path(storage.archive), Path(storage.quarantine), Path(storage.outbox)):
         if not root.is_dir():
             continue
         for tmp in root.rglob(f"{TEMP_PREFIX}*"):
+            if not _writer_gone(tmp):
+                continue
             try:
                 tmp.unlink()
                 removed += 1

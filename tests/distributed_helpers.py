@@ -40,6 +40,12 @@ class Receiver(NodeProcess):
         self.args = ["--config", str(config_path), "--storage", str(storage), "--port", str(port),
                      "--ae-title", "RTPROP", "--workers", str(workers)]
 
+    def start(self, timeout_s: float = 60) -> "Receiver":
+        """Started when its own ready line is logged (with a shared port, another receiver may answer C-ECHO)."""
+        super().start(timeout_s)
+        wait_for(lambda: "rtprop node ready" in self.log(), timeout_s, 0.1, what="the receiver's ready line")
+        return self
+
 
 class WorkerProcess:
     """`rtprop worker` on the shared storage and database, in a subprocess."""

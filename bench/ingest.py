@@ -87,10 +87,41 @@ def timed_send(port: int, files: list[Path], called_ae: str, parallel: int = 1) 
     return elapsed
 
 
+CPU: dict[str, list[float]] = {}  # receiver name -> CPU ms per instance (the receivers' processes, the database's)
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds used so far by these processes and their children (a postmaster's: its backends)."""
+    import psutil
+
+    total = 0.0
+    procs = [psutil.Process(p) for p in pids]
+    procs += [c for p in list(procs) for c in p.children(recursive=True)]
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system  # reaped children too (--fork)
+        except psutil.Error:
+            pass
+    return total
+
+
+def measured(name: str, pids: list[int], send) -> float:  # type: ignore[no-untyped-def]
+    """Run `send()` (returns seconds) and note the receivers' CPU ms per instance under `name`."""
+    before = cpu_s(pids)
+    seconds = send()
+    CPU.setdefault(name, []).append(round((cpu_s(pids) - before) * 1000 / COUNT[0], 2))
+    return seconds
+
+
+COUNT = [0]
+
+
 def storescp_rate(work: Path, files: list[Path], parallel: int) -> float:
     scp = StoreSCP(work, ae_title="STORESCP", extra=["--fork"] if parallel > 1 else []).start()
     try:
-        rate = len(files) / timed_send(scp.port, files, "STORESCP", parallel)
+        rate = len(files) / measured(f"storescp/{parallel}", [scp.proc.pid],
+                                     lambda: timed_send(scp.port, files, "STORESCP", parallel))
     finally:
         scp.stop()
     assert len(scp.files()) == len(files), f"storescp stored {len(scp.files())}"
@@ -102,7 +133,8 @@ def sqlite_node_rate(work: Path, files: list[Path], parallel: int, fsync: bool) 
     node = NodeProcess(work, config={"storage": {"min_free_mb": 100, "fsync": fsync},
                                      "node": {"series_quiet_period_s": 3600, "max_associations": 16}}).start()
     try:
-        rate = len(files) / timed_send(node.port, files, "RTPROP", parallel)
+        rate = len(files) / measured(f"rtprop_sqlite/{parallel}", [node.proc.pid],
+                                     lambda: timed_send(node.port, files, "RTPROP", parallel))
         n = node.query("select count(*) from instances")[0][0]
     finally:
         node.stop()
@@ -122,7 +154,9 @@ def postgres_node_rate(pg, work: Path, files: list[Path], parallel: int, fsync: 
     port = free_port()
     nodes = [Receiver(work / f"rx{i}", config, work / "storage", port).start() for i in range(receivers)]
     try:
-        rate = len(files) / timed_send(port, files, "RTPROP", parallel)
+        rate = len(files) / measured(f"rtprop_postgres_{receivers}/{parallel}",
+                                     [n.proc.pid for n in nodes] + [pg.postmaster_pid()],
+                                     lambda: timed_send(port, files, "RTPROP", parallel))
     finally:
         for node in nodes:
             node.stop()
@@ -143,6 +177,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
     a = ap.parse_args()
     files = series(a.data, a.count)
+    COUNT[0] = len(files)
     size_mb = sum(f.stat().st_size for f in files) / a.count / 1e6
     pg = None
     if not a.no_postgres:
@@ -178,6 +213,9 @@ def main() -> None:
         "count": a.count, "slice_mb": round(size_mb, 3), "runs": table, "images_per_s": best,
         "ratio_to_storescp": {p: {k: round(v / b["storescp"], 3) for k, v in b.items() if k != "storescp"}
                               for p, b in best.items()},
+        "cpu_ms_per_instance": {k: min(v) for k, v in CPU.items()},
+        "cpu_note": "CPU of the receiving processes (storescp: with its --fork children; rtprop_postgres_*: the "
+                    "receivers plus every PostgreSQL server process) per instance, best run",
         "node_fsync": not a.no_fsync, "storescp_parallel": "--fork",
         "receivers": {"rtprop_sqlite": "1 x rtprop serve, SQLite", "rtprop_postgres_1": "1 x rtprop serve "
                       "--workers 0, PostgreSQL", "rtprop_postgres_2": "2 x rtprop serve --workers 0 on one port "
@@ -196,6 +234,9 @@ def main() -> None:
     for p, b in best.items():
         print(f"| {p} | " + " | ".join(f"{b[k]:.0f}/s ({b[k] / b['storescp']:.2f}x)" if k in b else "-"
                                       for k in names) + " |")
+    print("\nCPU ms per instance (receivers; PostgreSQL's own processes included for rtprop_postgres_*):")
+    for k, v in sorted(out["cpu_ms_per_instance"].items()):
+        print(f"  {k}: {v}")
     print(f"({a.out})")
 
 

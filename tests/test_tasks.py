@@ -1,0 +1,47 @@
+"""The job engine's queues (pipeline/tasks.py, db/queue.py): which queue a job goes to, what a worker takes,
+and that a GPU worker runs one job at a time."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config.errors import UserError
+from config.load import load_config
+from db.engine import job_queue
+from pipeline.tasks import conninfo, worker_concurrency, worker_queues
+
+
+def test_a_job_goes_to_the_gpu_queue_only_when_this_node_propagates_with_sam2(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "sam2.pt"
+    assert job_queue(load_config(None, environ={})) == "cpu"  # auto without a checkpoint: classic
+    assert job_queue(load_config(None, environ={}, overrides={"propagation": {"checkpoint": str(checkpoint)}})) == "gpu"
+    assert job_queue(load_config(None, environ={}, overrides={"propagation": {"backend": "sam2"}})) == "gpu"
+    assert job_queue(load_config(None, environ={}, overrides={"propagation": {
+        "backend": "classic", "checkpoint": str(checkpoint)}})) == "cpu"
+
+
+def test_a_worker_takes_the_queues_it_is_given_and_a_gpu_worker_one_job_at_a_time() -> None:
+    assert worker_queues(None) == ["cpu", "gpu", "sends", "batch"]
+    assert worker_queues(["gpu"]) == ["gpu"]
+    with pytest.raises(UserError, match="unknown queue.*cuda.*cpu, gpu, sends, batch"):
+        worker_queues(["cuda"])
+    assert worker_concurrency(["gpu", "sends"], 4) == 1
+    assert worker_concurrency(["cpu", "sends"], 4) == 4
+
+
+def test_the_engine_connects_with_the_same_credentials_as_the_database() -> None:
+    assert conninfo("postgresql+psycopg://rtprop:s3cret@db.example:5433/rtprop") == \
+        "postgresql://rtprop:s3cret@db.example:5433/rtprop"
+
+
+def test_queues_without_a_postgres_database_are_a_user_error(tmp_path: Path) -> None:
+    rtprop = str(Path(sys.executable).parent / "rtprop")
+    r = subprocess.run([rtprop, "worker", "--storage", str(tmp_path), "--queues", "gpu"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "database.url" in r.stderr
+    r = subprocess.run([rtprop, "batch", "--storage", str(tmp_path), "--distributed"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "database.url" in r.stderr

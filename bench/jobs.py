@@ -57,8 +57,11 @@ def run(pg: PostgresServer, work: Path, cases: list[list[Path]], workers: int) -
     first, last = pg.query(url, "SELECT (SELECT min(at) FROM audit WHERE event = 'job.claimed'), "
                                 "(SELECT max(at) FROM audit WHERE event = 'job.sent')")[0]
     seconds = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+    timings = [t for (t,) in pg.query(url, "SELECT timings_s FROM jobs")]
+    mean = {k: round(sum(t[k] for t in timings) / len(timings), 2) for k in ("total_s", "propagate_s")}
     return {"workers": workers, "jobs": len(cases), "seconds": round(seconds, 2),
-            "jobs_per_minute": round(len(cases) / seconds * 60, 1)}
+            "jobs_per_minute": round(len(cases) / seconds * 60, 1),
+            "mean_job_s": mean["total_s"], "mean_propagate_s": mean["propagate_s"]}
 
 
 def main() -> None:
@@ -87,9 +90,11 @@ def main() -> None:
            "machine": platform.platform(), "cpus": os.cpu_count(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2))
-    print("\n| workers | jobs | seconds | jobs/min |\n| --- | --- | --- | --- |")
+    print("\n| workers | jobs | seconds | jobs/min | mean s per job (child process included) | of which propagate |"
+          "\n| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['workers']} | {r['jobs']} | {r['seconds']} | {r['jobs_per_minute']} |")
+        print(f"| {r['workers']} | {r['jobs']} | {r['seconds']} | {r['jobs_per_minute']} | {r['mean_job_s']} | "
+              f"{r['mean_propagate_s']} |")
     print(f"({a.out})")
 
 

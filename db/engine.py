@@ -119,6 +119,15 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def log_fault(log: logging.Logger, what: str, exc: BaseException) -> None:
+    """A failed pass of a loop, from its `except`: one line while the database is unreachable (it comes
+    back by itself and the loop retries), the traceback for anything else."""
+    if is_unavailable(exc):
+        log.warning("%s: database unavailable, retrying: %s", what, str(exc).strip().splitlines()[0][:200])
+    else:
+        log.exception("%s failed; retrying", what)
+
+
 def schema_revision(engine: Engine) -> str | None:
     """The Alembic revision the database is at (None: a new, empty database)."""
     with engine.connect() as connection:

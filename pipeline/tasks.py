@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config
 from db import queue
-from db.engine import transaction
+from db.engine import log_fault, transaction
 from db.heartbeat import latest
 from db.schema import Job, Send
 from pipeline import jobs as J
@@ -176,8 +176,8 @@ def start_housekeeping(factory: sessionmaker[Session], config: Config, stop: thr
         while not stop.is_set():
             try:
                 housekeeping_pass(factory, config)
-            except Exception:  # noqa: BLE001 - the database may be down: try again next pass
-                LOG.exception("housekeeping pass failed; retrying")
+            except Exception as exc:  # noqa: BLE001 - the database may be down: try again next pass
+                log_fault(LOG, "housekeeping pass", exc)
             stop.wait(config.pipeline.poll_interval_s)
 
     thread = threading.Thread(target=run, name="rtprop-housekeeping", daemon=True)
@@ -233,6 +233,6 @@ def run_engine_worker(factory: sessionmaker[Session], config: Config, stop: thre
     while not stop.is_set():
         try:
             asyncio.run(main())
-        except Exception:  # noqa: BLE001 - e.g. the database went away: start again
-            LOG.exception("engine worker stopped; starting again in %.0f s", p.heartbeat_interval_s)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away: start again
+            log_fault(LOG, f"engine worker (starting again in {p.heartbeat_interval_s:.0f} s)", exc)
             stop.wait(p.heartbeat_interval_s)

@@ -318,6 +318,9 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
         config = with_destination(config, destination)
         log.info("--destination %s: every result goes there (the configuration file's routes are not used)",
                  destination)
+        if config.database.url:
+            log.warning("--destination %s reaches only the jobs this process runs (--workers): `rtprop worker`s "
+                        "route by their own configuration (docs/scaling.md)", destination)
     stop = threading.Event()
     factory = open_configured(config)
     threads = start_job_workers(factory, config, stop, workers)

@@ -3,6 +3,7 @@ receivers `rtprop serve --workers 0`, `rtprop worker`s of the job engine, DCMTK 
 sends and DCMTK storescp as the TPS that receives (docs/scaling.md)."""
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -95,6 +96,19 @@ def test_three_workers_one_receiver_twenty_studies_each_result_once_through_two_
     print(f"C-STORE requests at the TPS: {stores} for 20 results (a re-sent instance overwrites its own file)")
     r = audit_verify(config, storage)
     assert r.returncode == 0 and '"ok": true' in r.stdout, r.stdout + r.stderr
+    # the web app reads the same database: every job, the metrics and the audit chain's state
+    from web_helpers import Client, WebProcess, rtprop
+
+    rtprop("users", "add", "ada", "--role", "admin", "--password-stdin", "--config", str(config), "--storage",
+           str(storage), stdin="a-long-password\n")
+    with WebProcess(tmp_path, storage, config) as web:
+        client = Client(web.url)
+        assert client.login("ada", "a-long-password") in (302, 303)
+        status, _, body = client.get("/api/v1/jobs")
+        assert status == 200 and sorted(j["state"] for j in json.loads(body)["jobs"]) == ["sent"] * 20
+        status, _, metrics = client.get("/metrics")
+        assert status == 200 and b'rtprop_jobs{state="sent"} 20.0' in metrics
+        assert b"rtprop_audit_chain_ok 1.0" in metrics
 
 
 def test_postgres_down_for_30_s_loses_nothing_acknowledged_and_the_node_recovers(tmp_path, postgres):
@@ -210,7 +224,6 @@ def test_batch_distributed_puts_one_item_per_study_on_the_batch_queue_and_a_work
     one message on the `batch` queue; a `--queues batch` worker re-contours both structures on the series
     each was drawn on and writes the run's drift.csv, as the one-process batch does."""
     import csv
-    import json
 
     from config.load import load_config, resolve_storage
     from db.engine import open_configured

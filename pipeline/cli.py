@@ -366,7 +366,7 @@ def start_job_workers(factory, config: Config, stop: threading.Event, count: int
 @click.option("--workers", type=click.IntRange(min=1), help="Jobs run at once (default: pipeline.workers); "
               "the same as --concurrency.")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Jobs run at once (default: pipeline.workers; "
-              "a worker on the gpu queue runs one at a time).")
+              "jobs of the gpu queue run one at a time, beside the others).")
 @click.option("--queues", "queues", multiple=True, help="Distributed mode: the job engine's queues to take work "
               "from, repeatable or comma-separated: cpu, gpu, sends, batch (default: all).")
 @click.option("--once", is_flag=True, help="Run every job that can run now, then exit (else run until SIGTERM); "

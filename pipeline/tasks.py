@@ -15,8 +15,9 @@ What each part owns:
   heartbeats, process heartbeats for sends on other hosts), re-enqueues any runnable row that has
   no message (a message lost with a crashed task), and retries messages of stalled engine workers.
 
-Queues (db/queue.py): `cpu` (weight-free propagation), `gpu` (SAM2: a worker with this queue takes
-one job at a time), `sends` (C-STORE), `batch` (nightly items, lowest priority).
+Queues (db/queue.py): `cpu` (weight-free propagation), `gpu` (SAM2: a process taking this queue runs
+one job of it at a time, beside its other queues), `sends` (C-STORE), `batch` (nightly items, lowest
+priority).
 """
 from __future__ import annotations
 
@@ -197,12 +198,12 @@ def worker_queues(queues: Iterable[str] | None) -> list[str]:
     return chosen
 
 
-def worker_concurrency(queues: list[str], concurrency: int) -> int:
-    """Jobs run at once: one on a GPU worker (a second SAM2 model would not fit the GPU), else `concurrency`."""
-    if "gpu" in queues and concurrency > 1:
-        LOG.warning("queue gpu: one job at a time (--concurrency %d ignored)", concurrency)
-        return 1
-    return concurrency
+def worker_groups(queues: list[str], concurrency: int) -> list[tuple[list[str], int]]:
+    """(queues, jobs at once) of each engine worker a process runs: `gpu` on its own, one job at a time (a
+    second SAM2 model would not fit the GPU); the other queues together, `concurrency` at once."""
+    others = [q for q in queues if q != "gpu"]
+    groups = [(["gpu"], 1)] if "gpu" in queues else []
+    return groups + ([(others, concurrency)] if others else [])
 
 
 def run_engine_worker(factory: sessionmaker[Session], config: Config, stop: threading.Event, *,
@@ -213,22 +214,22 @@ def run_engine_worker(factory: sessionmaker[Session], config: Config, stop: thre
     """
     from procrastinate.worker import Worker as EngineWorker
 
-    chosen = worker_queues(queues)
-    concurrency = worker_concurrency(chosen, concurrency)
+    groups = worker_groups(worker_queues(queues), concurrency)
     _context.update(factory=factory, config=config)
     app = make_app(config.database.url)
     p = config.pipeline
 
     async def main() -> None:
         async with app.open_async():
-            worker = EngineWorker(app, queues=chosen, name=name, concurrency=concurrency, wait=True,
-                                  fetch_job_polling_interval=p.poll_interval_s, listen_notify=True,
-                                  delete_jobs="successful", install_signal_handlers=False,
-                                  update_heartbeat_interval=p.heartbeat_interval_s,
-                                  stalled_worker_timeout=p.heartbeat_timeout_s)
-            threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True).start()
-            LOG.info("engine worker %s: queues %s, %d at a time", name, ",".join(chosen), concurrency)
-            await worker.run()
+            workers = [EngineWorker(app, queues=group, name=f"{name}-{'+'.join(group)}", concurrency=n, wait=True,
+                                    fetch_job_polling_interval=p.poll_interval_s, listen_notify=True,
+                                    delete_jobs="successful", install_signal_handlers=False,
+                                    update_heartbeat_interval=p.heartbeat_interval_s,
+                                    stalled_worker_timeout=p.heartbeat_timeout_s) for group, n in groups]
+            threading.Thread(target=lambda: (stop.wait(), [w.stop() for w in workers]), daemon=True).start()
+            for group, n in groups:
+                LOG.info("engine worker %s: queues %s, %d at a time", name, ",".join(group), n)
+            await asyncio.gather(*(w.run() for w in workers))
 
     while not stop.is_set():
         try:

@@ -11,7 +11,7 @@ import pytest
 from config.errors import UserError
 from config.load import load_config
 from db.engine import job_queue
-from pipeline.tasks import conninfo, worker_concurrency, worker_queues
+from pipeline.tasks import conninfo, worker_groups, worker_queues
 
 
 def test_a_job_goes_to_the_gpu_queue_only_when_this_node_propagates_with_sam2(tmp_path: Path) -> None:
@@ -23,13 +23,14 @@ def test_a_job_goes_to_the_gpu_queue_only_when_this_node_propagates_with_sam2(tm
         "backend": "classic", "checkpoint": str(checkpoint)}})) == "cpu"
 
 
-def test_a_worker_takes_the_queues_it_is_given_and_a_gpu_worker_one_job_at_a_time() -> None:
+def test_a_worker_takes_the_queues_it_is_given_and_gpu_jobs_one_at_a_time_beside_the_others() -> None:
     assert worker_queues(None) == ["cpu", "gpu", "sends", "batch"]
     assert worker_queues(["gpu"]) == ["gpu"]
     with pytest.raises(UserError, match="unknown queue.*cuda.*cpu, gpu, sends, batch"):
         worker_queues(["cuda"])
-    assert worker_concurrency(["gpu", "sends"], 4) == 1
-    assert worker_concurrency(["cpu", "sends"], 4) == 4
+    assert worker_groups(["gpu"], 4) == [(["gpu"], 1)]
+    assert worker_groups(["cpu", "gpu", "sends"], 4) == [(["gpu"], 1), (["cpu", "sends"], 4)]
+    assert worker_groups(["cpu", "sends"], 4) == [(["cpu", "sends"], 4)]
 
 
 def test_the_engine_connects_with_the_same_credentials_as_the_database() -> None:

@@ -102,10 +102,6 @@ def _postgres_engine(url: str) -> Engine:
     return engine
 
 
-def is_postgres(factory: sessionmaker[Session]) -> bool:
-    return factory.kw["bind"].dialect.name == "postgresql"
-
-
 def is_unavailable(exc: BaseException) -> bool:
     """The database cannot be reached (server down, connection lost): retry later, never a verdict."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
@@ -115,7 +111,7 @@ def is_unavailable(exc: BaseException) -> bool:
         return any(s in text for s in ("connection refused", "could not connect", "server closed the connection",
                                        "terminating connection", "connection is closed", "the database system is",
                                        "timeout expired", "connection timeout", "no connection to the server",
-                                       "consuming input failed", "database is locked"))
+                                       "consuming input failed"))
     return False
 
 

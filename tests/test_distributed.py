@@ -264,3 +264,34 @@ def test_batch_distributed_puts_one_item_per_study_on_the_batch_queue_and_a_work
     assert all(row["error"] == "" and 0.3 < float(row["dice"]) <= 1 for row in rows), rows
     events = [e for (e,) in postgres.query(url, "SELECT event FROM audit WHERE component = 'batch'")]
     assert events.count("batch.roi") == 2 and events.count("batch.finished") == 1
+
+
+def test_sigterm_drains_a_worker_its_running_job_finishes_and_nothing_new_starts(tmp_path, postgres):
+    url = postgres.create_database()
+    storage = tmp_path / "storage"
+    cases = []
+    for seed in range(2):
+        synthetic_case(tmp_path / f"c{seed}", seed=300 + seed)
+        cases.append(sorted((tmp_path / f"c{seed}").iterdir()))
+    with StoreSCP(tmp_path / "tps") as tps:
+        config = cluster_config(tmp_path / "cluster.yaml", url, tps_port=tps.port)
+        receiver = Receiver(tmp_path / "rx", config, storage, free_port()).start()
+        worker = WorkerProcess(tmp_path / "w", config, storage, "a", "--concurrency", "1").start()
+        try:
+            storescu(receiver.port, cases[0], calling_ae="TPS")
+            wait_for(lambda: postgres.query(url, "SELECT id FROM jobs WHERE state = 'running'"), 120, 0.05,
+                     what="the job to run")
+            worker.proc.send_signal(signal.SIGTERM)  # drain
+            storescu(receiver.port, cases[1], calling_ae="TPS")  # arrives while it drains
+            worker.proc.wait(120)
+            states = dict(postgres.query(url, "SELECT id, state FROM jobs"))
+            # the running job finished and its result is queued (or already sent); nothing else started
+            assert worker.proc.returncode == 0 and states == {1: states[1]} and states[1] in ("sending", "sent"), \
+                (states, worker.log()[-2000:])
+            assert postgres.query(url, "SELECT state FROM sends")[0][0] in ("pending", "sent")
+            nxt = WorkerProcess(tmp_path / "w", config, storage, "b").start()  # the next worker does the rest
+            wait_for(lambda: len(tps.files()) == 2, 120, 0.5, what="both results, the second from the next worker")
+            nxt.stop()
+        finally:
+            receiver.stop()
+    assert postgres.query(url, "SELECT state, attempts FROM jobs ORDER BY id") == [("sent", 1), ("sent", 1)]

@@ -180,6 +180,7 @@ def database_location(config) -> Path | str:  # type: ignore[no-untyped-def]
 def open_configured(config) -> sessionmaker[Session]:  # type: ignore[no-untyped-def]
     """The database of a (storage-resolved) configuration, as every process opens it."""
     if config.database.url:
+        Path(config.storage.root).mkdir(parents=True, exist_ok=True)  # the anchor's folder, on the shared storage
         factory = open_database(config.database.url, head_path=Path(config.storage.root) / POSTGRES_HEAD)
     else:
         factory = open_database(config.storage.database)

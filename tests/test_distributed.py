@@ -164,6 +164,8 @@ def test_postgres_down_for_30_s_loses_nothing_acknowledged_and_the_node_recovers
         storescu(receiver.port, sorted(case.iterdir()), calling_ae="TPS")
         wait_for(tps.files, 120, 0.5, what="the new case's result from the worker that lived through the outage")
     finally:
+        if not postgres.ready():  # the server is the session's: never leave it stopped for the next test
+            postgres.start()
         worker.stop()
         receiver.stop()
         tps.stop()

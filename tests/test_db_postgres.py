@@ -150,3 +150,30 @@ def test_database_url_from_the_environment_is_what_every_command_uses(pg_url, po
     bad = subprocess.run([rtprop, "jobs", "list", "--storage", str(storage)], capture_output=True, text=True,
                          env={**env, "RTPROP__DATABASE__URL": "mysql://x@y/z"})
     assert bad.returncode == 2 and "database.url" in bad.stderr and "RTPROP__DATABASE__URL" in bad.stderr
+
+
+def test_an_older_database_with_re_sent_jobs_upgrades_to_one_send_row_per_job_and_destination(location) -> None:
+    """Before 0004 a person's re-send added a row: the newest keeps the job, the older ones say what replaced them."""
+    engine = make_engine(location)
+    with engine.connect().execution_options(**{WRITE: True}) as connection:
+        command.upgrade(_alembic(engine, connection), "0003_web")
+    with engine.connect().execution_options(**{WRITE: True}) as connection:
+        connection.execute(text("INSERT INTO jobs (id, state, kind, series_instance_uid, study_instance_uid, "
+                                "rtstruct_sop_instance_uid, calling_ae, dry_run, backend, checkpoint_sha256, "
+                                "result_path, result_sha256, error, attempts, claimed_by, created_at, updated_at) "
+                                "VALUES (1, 'sent', 'prompt', '1.2', '1.3', '1.4', 'TPS', false, '', '', '', '', '', 1, "
+                                "'', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        for send_id in (1, 2, 3):
+            connection.execute(text(
+                "INSERT INTO sends (id, job_id, path, sop_instance_uid, sop_class_uid, destination_ae, "
+                "destination_host, destination_port, state, attempts, next_attempt_at, last_error, claimed_by, "
+                "created_at, outcome) VALUES (:i, 1, '/o/RS.dcm', '1.5', '', 'TPS', 'h', 104, 'sent', 1, "
+                "CURRENT_TIMESTAMP, '', '', CURRENT_TIMESTAMP, 'sent')"), {"i": send_id})
+        connection.commit()
+    with engine.connect().execution_options(**{WRITE: True}) as connection:
+        command.upgrade(_alembic(engine, connection), "head")
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT id, job_id, outcome FROM sends ORDER BY id")).all()
+    assert [(r[0], r[1]) for r in rows] == [(1, None), (2, None), (3, 1)]
+    assert all("re-sent as send 3" in r[2] for r in rows[:2])
+    engine.dispose()

@@ -38,7 +38,7 @@ def build_site(root: Path, slices: int) -> tuple[Path, int, tuple[int, int]]:
     from config.load import load_config, resolve_storage
     from converters.rtstruct_write import RoiMask, write_rtstruct
     from converters.series import read_series
-    from db.engine import open_database, transaction
+    from db.engine import open_configured, transaction
     from db.schema import Job, utcnow
     from dicom_node.storage import Received, Store
 
@@ -51,7 +51,7 @@ def build_site(root: Path, slices: int) -> tuple[Path, int, tuple[int, int]]:
     files = write_series(series_dir, image, spacing=(0.9, 0.9, 1.0), origin=(-230.0, -230.0, 0.0), seed=1)
     del image
     config = resolve_storage(load_config(None, overrides={"storage": {"root": str(root / "storage"), "fsync": False}}))
-    factory = open_database(config.storage.database)
+    factory = open_configured(config)
     store = Store(config.storage, factory, fsync=False)
     for f in files:
         result = store.ingest(f.read_bytes(), Received(calling_ae="BENCH", source="import"))

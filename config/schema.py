@@ -25,6 +25,21 @@ class StorageConfig(Section):
                         "(off: faster, but a power cut may lose instances already acknowledged)")
 
 
+class DatabaseConfig(Section):
+    """Where the rows live: unset, the SQLite file `storage.database` (one machine); a PostgreSQL URL for
+    several receivers and workers on several machines (docs/scaling.md)."""
+
+    url: str | None = Field(None, description="SQLAlchemy URL of a PostgreSQL database, "
+                            "postgresql+psycopg://USER[:PASSWORD]@HOST:PORT/DB (psycopg 3); null = the SQLite file")
+
+    @model_validator(mode="after")
+    def _postgres_only(self) -> "DatabaseConfig":
+        if self.url is not None and not self.url.startswith(("postgresql+psycopg://", "postgresql://")):
+            raise ValueError(f"database.url {self.url.split('@')[-1]!r} must be a PostgreSQL URL "
+                             "(postgresql+psycopg://USER@HOST:PORT/DB); leave it unset for the SQLite file")
+        return self
+
+
 class Destination(Section):
     ae_title: str = Field(..., min_length=1, max_length=16)
     host: str
@@ -55,6 +70,8 @@ class NodeConfig(Section):
     port: int = Field(11112, ge=1, le=65535)
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty = accept any")
     max_associations: int = Field(10, ge=1)
+    reuse_port: bool = Field(False, description="listen with SO_REUSEPORT so that several `rtprop serve` processes "
+                             "on this machine share node.port (needs database.url: they share one database)")
     series_quiet_period_s: float = Field(10.0, ge=0)
     complete_on_release: bool = False
     series_gap_timeout_s: float = Field(300.0, ge=0)
@@ -322,6 +339,7 @@ class GuardConfig(Section):
 
 class Config(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
     propagation: PropagationConfig = Field(default_factory=PropagationConfig)
     rtstruct: RTStructConfig = Field(default_factory=RTStructConfig)

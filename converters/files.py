@@ -4,19 +4,34 @@ Everything rtprop writes that another program may read (archived instances, quar
 results, masks, volumes, cine labels) goes through `atomic_path`: written under a temporary name in
 the same folder, optionally fsynced, renamed into place. Permissions follow the umask (0644 with
 the usual 022), like the archive, so a TPS import share can read the results. A temporary a killed
-process leaves behind starts with TEMP_PREFIX and is removed at the next start
-(dicom_node/storage.py `recover`).
+process leaves behind starts with TEMP_PREFIX and names its writer (`temp_name`), so the next start
+removes its own dead writers' temporaries and never those of a process still writing on the same
+shared storage (dicom_node/storage.py `recover`).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_PREFIX = ".rtprop-tmp-"
+
+
+def temp_name(suffix: str = "") -> str:
+    """A temporary's file name: TEMP_PREFIX, then its writer (`host~pid~`), then a random part."""
+    return f"{TEMP_PREFIX}{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex}{suffix}"
+
+
+def temp_writer(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that made temporary `name`; None for names without one (older releases)."""
+    parts = name[len(TEMP_PREFIX):].split("~")
+    if not name.startswith(TEMP_PREFIX) or len(parts) < 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
 
 
 def fsync_dir(path: Path) -> None:
@@ -38,7 +53,7 @@ def atomic_path(path: Path | str, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without error it becomes `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}{_suffixes(path)}"
+    tmp = path.parent / temp_name(_suffixes(path))
     try:
         yield tmp
         if fsync:

@@ -160,10 +160,11 @@ def _contour_items(volume: Volume, mask: np.ndarray, sop_class: str) -> list[Dat
 
 def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructConfig | None = None,
                    *, series_description: str = "rtprop propagated contours",
-                   now: dt.datetime | None = None) -> Dataset:
+                   now: dt.datetime | None = None, uid_seed: str | None = None) -> Dataset:
     """A complete, validated RT Structure Set dataset for `rois` drawn on `volume` (a DICOM series).
 
-    New SOP Instance and Series UIDs; patient and study modules and the Frame of Reference from the
+    New SOP Instance and Series UIDs: random, or derived from `uid_seed` (the same seed always gives
+    the same UIDs: a job that runs twice writes the same instance, which a TPS stores once); patient and study modules and the Frame of Reference from the
     images; every slice listed in the ContourImageSequence of the referenced series; one
     CLOSED_PLANAR contour per outline (holes as further contours on the same slice), each pointing
     at the image it lies on. Raises `RTStructError` naming the ROI or attribute at fault.
@@ -203,7 +204,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[uid_seed, "sop"]) if uid_seed else generate_uid()
     # Patient and General Study modules: the images' own values (Type 2 present even when empty).
     for keyword in TYPE2_EMPTY_OK:
         setattr(ds, keyword, "")
@@ -211,7 +212,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
     ds.StudyInstanceUID = study_uid
     # RT Series module
     ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series"]) if uid_seed else generate_uid()
     ds.SeriesNumber = 9901
     ds.SeriesDate = ds.InstanceCreationDate
     ds.SeriesTime = ds.InstanceCreationTime

@@ -1,16 +1,22 @@
 """The database: engine, migrations, and the two kinds of session every process uses.
 
-- `transaction(factory)`: one unit of work that writes. On SQLite it starts with BEGIN IMMEDIATE
-  (SQLAlchemy's documented pysqlite recipe), so two processes can never both read "the latest
-  audit row" or "the next queued job" and both act on it. A thread holds at most one: opening a
-  second one inside the first raises `NestedTransactionError` at once instead of waiting on itself
-  for the busy timeout (issue 10: a job failing at discovery once stalled the whole node that way).
-- `with factory() as session:` a read. It takes no write lock (WAL readers never block writers)
-  and cannot write: the connection is `query_only`, so a write slipped into a read fails loudly.
+Two dialects, one behaviour: the SQLite file under the storage root (the default, one machine) or
+PostgreSQL (`database.url`, the distributed mode of docs/scaling.md).
 
-Each process opens the database once (`open_database`): migrations run, the audit head anchor
-(db/audit.py) is attached, and a small disk reserve is kept so that refusals can still be audited
-on a full disk (`write_with_reserve`).
+- `transaction(factory)`: one unit of work that writes, serialised against every other writer of
+  every process and host. On SQLite it starts with BEGIN IMMEDIATE (SQLAlchemy's documented
+  pysqlite recipe); on PostgreSQL it takes the transaction-level advisory lock `WRITE_LOCK`
+  (`pg_advisory_xact_lock`, released at commit or rollback). Either way two processes can never
+  both read "the latest audit row" or "the next queued job" and both act on it. A thread holds at
+  most one: opening a second one inside the first raises `NestedTransactionError` at once instead
+  of waiting on itself (issue 10: a job failing at discovery once stalled the whole node that way).
+- `with factory() as session:` a read. It takes no write lock (WAL readers / MVCC snapshots never
+  block writers) and cannot write: SQLite's connection is `query_only`, PostgreSQL's transaction
+  is READ ONLY, so a write slipped into a read fails loudly.
+
+Each process opens the database once (`open_configured`, or `open_database`): migrations run, the
+audit head anchor (db/audit.py) is attached, and on SQLite a small disk reserve is kept so that
+refusals can still be audited on a full disk (`write_with_reserve`; PostgreSQL's disk is its own).
 """
 from __future__ import annotations
 
@@ -25,14 +31,16 @@ from typing import TypeVar
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 LOG = logging.getLogger("rtprop.db")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 WRITE = "rtprop_write"  # execution option that marks a connection of `transaction()`
 RESERVE_MB = 8  # room kept back on the database's disk for the audit rows of refusals
+WRITE_LOCK = 0x72747072  # "rtpr": the PostgreSQL advisory lock key every write unit of work takes
+CONNECT_TIMEOUT_S = 10  # a database host that does not answer: fail fast (the SCP answers 0xA700)
 T = TypeVar("T")
 
 
@@ -40,9 +48,16 @@ class NestedTransactionError(RuntimeError):
     """A write transaction was opened while this thread already holds one (it would wait on itself)."""
 
 
-def make_engine(path: Path | str) -> Engine:
-    """An engine on the SQLite file at `path` (parent folders created)."""
-    path = Path(path)
+def is_url(location: Path | str) -> bool:
+    """A database URL (PostgreSQL) rather than the path of a SQLite file."""
+    return isinstance(location, str) and "://" in location
+
+
+def make_engine(location: Path | str) -> Engine:
+    """An engine on the SQLite file at `location` (parent folders created), or on a PostgreSQL URL."""
+    if is_url(location):
+        return _postgres_engine(str(location))
+    path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
 
@@ -68,6 +83,47 @@ def make_engine(path: Path | str) -> Engine:
     return engine
 
 
+def _postgres_engine(url: str) -> Engine:
+    """PostgreSQL through psycopg 3: writes serialised by the advisory lock, reads READ ONLY."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(f"database.url {parsed.render_as_string()}: only PostgreSQL URLs are supported "
+                         "(postgresql+psycopg://USER@HOST:PORT/DB); leave it unset for the SQLite file")
+    engine = create_engine(parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True, pool_size=5,
+                           max_overflow=10, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        if conn.get_execution_options().get(WRITE):
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+        else:
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+    return engine
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database cannot be reached (server down, connection lost): retry later, never a verdict."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError):
+        text = str(exc).lower()
+        return any(s in text for s in ("connection refused", "could not connect", "server closed the connection",
+                                       "terminating connection", "connection is closed", "the database system is",
+                                       "timeout expired", "connection timeout", "no connection to the server",
+                                       "consuming input failed"))
+    return False
+
+
+def log_fault(log: logging.Logger, what: str, exc: BaseException) -> None:
+    """A failed pass of a loop, from its `except`: one line while the database is unreachable (it comes
+    back by itself and the loop retries), the traceback for anything else."""
+    if is_unavailable(exc):
+        log.warning("%s: database unavailable, retrying: %s", what, str(exc).strip().splitlines()[0][:200])
+    else:
+        log.exception("%s failed; retrying", what)
+
+
 def schema_revision(engine: Engine) -> str | None:
     """The Alembic revision the database is at (None: a new, empty database)."""
     with engine.connect() as connection:
@@ -78,32 +134,64 @@ def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (idempotent; safe at every start-up)."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", str(engine.url))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger("rtprop").getEffectiveLevel()))
     with engine.connect().execution_options(**{WRITE: True}) as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
 
 
-def open_database(path: Path | str, *, head_path: Path | str | None = None) -> sessionmaker[Session]:
+def open_database(location: Path | str, *, head_path: Path | str | None = None) -> sessionmaker[Session]:
     """Engine + migrations + the audit head anchor + the disk reserve: what every process calls once.
 
-    `head_path`: the audit chain's head anchor (default: beside the database, `<name>.audit-head`).
+    `location`: the SQLite file, or a PostgreSQL URL. `head_path`: the audit chain's head anchor
+    (default: beside the SQLite file, `<name>.audit-head`; required with a URL: under the shared
+    storage root, see `open_configured`).
     """
     from db import audit
 
-    path = Path(path)
-    engine = make_engine(path)
+    engine = make_engine(location)
     before = schema_revision(engine)
     migrate(engine)
-    head = Path(head_path) if head_path is not None else path.with_name(path.name + ".audit-head")
-    factory = sessionmaker(engine, expire_on_commit=False,
-                           info={"audit_head": head, "reserve": path.with_name(path.name + ".reserve")})
+    if is_url(location):
+        if head_path is None:
+            raise ValueError("a PostgreSQL database needs the path of its audit head anchor (head_path)")
+        head, reserve = Path(head_path), None
+    else:
+        path = Path(location)
+        head = Path(head_path) if head_path is not None else path.with_name(path.name + ".audit-head")
+        reserve = path.with_name(path.name + ".reserve")
+    factory = sessionmaker(engine, expire_on_commit=False, info={"audit_head": head, "reserve": reserve})
     audit.attach_head(factory)
     with transaction(factory) as session:
         audit.anchor_upgraded(session, before)
     ensure_reserve(factory)
     return factory
+
+
+POSTGRES_HEAD = "rtprop-postgresql.audit-head"  # the anchor of a PostgreSQL database, under storage.root
+
+
+def database_location(config) -> Path | str:  # type: ignore[no-untyped-def]
+    """What `config` names: `database.url` (PostgreSQL) or the SQLite file `storage.database`."""
+    return config.database.url or config.storage.database
+
+
+def open_configured(config) -> sessionmaker[Session]:  # type: ignore[no-untyped-def]
+    """The database of a (storage-resolved) configuration, as every process opens it."""
+    if config.database.url:
+        Path(config.storage.root).mkdir(parents=True, exist_ok=True)  # the anchor's folder, on the shared storage
+        factory = open_database(config.database.url, head_path=Path(config.storage.root) / POSTGRES_HEAD)
+    else:
+        factory = open_database(config.storage.database)
+    factory.kw["info"]["job_queue"] = job_queue(config)
+    return factory
+
+
+def job_queue(config) -> str:  # type: ignore[no-untyped-def]
+    """The engine queue a propagation job goes to: `gpu` when this node propagates with SAM2, else `cpu`."""
+    p = config.propagation
+    return "gpu" if p.backend == "sam2" or (p.backend == "auto" and p.checkpoint) else "cpu"
 
 
 _local = threading.local()
@@ -133,6 +221,8 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def ensure_reserve(factory: sessionmaker[Session], size_mb: int = RESERVE_MB) -> bool:
     """Keep `size_mb` of disk beside the database (a preallocated file); False if there is no room yet."""
+    if factory.kw["info"]["reserve"] is None:  # PostgreSQL: the server's disk is not ours to reserve
+        return True
     reserve = Path(factory.kw["info"]["reserve"])
     try:
         if reserve.exists() and reserve.stat().st_size >= size_mb << 20:
@@ -154,6 +244,8 @@ def write_with_reserve(factory: sessionmaker[Session], work: Callable[[Session],
         with transaction(factory) as session:
             return work(session)
     except Exception as exc:
+        if factory.kw["info"]["reserve"] is None:
+            raise
         reserve = Path(factory.kw["info"]["reserve"])
         if not is_disk_full(exc) or not reserve.exists():
             raise

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import transaction
+from db.engine import log_fault, transaction
 from db.schema import Heartbeat, aware, utcnow
 
 LOG = logging.getLogger("rtprop.db.heartbeat")
@@ -41,8 +41,8 @@ def start_heartbeat(factory: sessionmaker[Session], process: str, kind: str, sto
             if alive is None or alive():
                 try:
                     beat(factory, process, kind, details)
-                except Exception:  # noqa: BLE001 - a busy database must not kill the process
-                    LOG.exception("heartbeat of %s failed", process)
+                except Exception as exc:  # noqa: BLE001 - a busy database must not kill the process
+                    log_fault(LOG, f"heartbeat of {process}", exc)
             stop.wait(interval_s)
 
     thread = threading.Thread(target=run, name=f"rtprop-heartbeat-{kind}", daemon=True)

@@ -53,8 +53,10 @@ class Recorded:
 
 
 def record_instance(factory: sessionmaker[Session], new: NewInstance, place: Callable[[], None],
-                    component: str = "dicom_node") -> Recorded:
-    """Record `new` unless its SOP Instance UID is stored already; `place()` puts its file in place first."""
+                    component: str = "dicom_node", received_by: str = "") -> Recorded:
+    """Record `new` unless its SOP Instance UID is stored already; `place()` puts its file in place first.
+
+    `received_by`: the receiving process (host:pid), in the audit row: several receivers share a port."""
     with transaction(factory) as session:
         connection = session.connection()
         existing = connection.execute(select(Instance.sha256, Instance.path).where(
@@ -79,5 +81,6 @@ def record_instance(factory: sessionmaker[Session], new: NewInstance, place: Cal
         record(session, "instance.received", component=component, study_instance_uid=new.study_instance_uid,
                series_instance_uid=new.series_instance_uid, sop_instance_uid=new.sop_instance_uid,
                calling_ae=new.calling_ae, patient_id_hash=new.patient_id_hash,
-               sop_class_uid=new.sop_class_uid, sha256=new.sha256, peer_address=new.peer_address)
+               sop_class_uid=new.sop_class_uid, sha256=new.sha256, peer_address=new.peer_address,
+               **({"received_by": received_by} if received_by else {}))
     return Recorded(reopened_from=state if state not in (None, "receiving") else "")

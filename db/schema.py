@@ -103,7 +103,9 @@ class Send(Base):
     """One file to deliver to one destination; done only when the peer answered 0x0000."""
 
     __tablename__ = "sends"
-    __table_args__ = (Index("ix_sends_due", "state", "next_attempt_at"),)
+    __table_args__ = (Index("ix_sends_due", "state", "next_attempt_at"),
+                      Index("uq_sends_job_destination", "job_id", "destination_ae", "destination_host",
+                            "destination_port", unique=True))  # a job's result goes once to each destination
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
     path: Mapped[str] = mapped_column(Text)

@@ -26,7 +26,7 @@ from config.schema import Config
 from converters.contiguity import Contiguity
 from converters.series import check_series_files
 from db.audit import record
-from db.engine import transaction
+from db.engine import log_fault, transaction
 from db.schema import Instance, Series, aware, utcnow
 
 LOG = logging.getLogger("rtprop.node.completion")
@@ -126,7 +126,7 @@ class CompletionChecker:
         while not stop.is_set():
             try:
                 self.check()
-            except Exception:
-                LOG.exception("completion check failed; retrying")
+            except Exception as exc:  # noqa: BLE001 - e.g. the database is down: the next pass retries
+                log_fault(LOG, "completion check", exc)
             self._wake.wait(interval_s)
             self._wake.clear()

@@ -215,6 +215,12 @@ class AssociationServer(ThreadedAssociationServer):
 
     on_tls_failure: Callable[[str, str], None] = staticmethod(lambda peer, reason: None)  # type: ignore[assignment]
     handshake_timeout_s: float = 30.0
+    reuse_port: bool = False  # SO_REUSEPORT: several `rtprop serve` processes share one port (node.reuse_port)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:  # set before bind; the kernel spreads new connections over the processes
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
@@ -238,6 +244,12 @@ class AssociationServer(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class SharedPortServer(AssociationServer):
+    """The same server on a port shared with other `rtprop serve` processes (SO_REUSEPORT, Linux)."""
+
+    reuse_port = True
+
+
 def start_scp(config: Config, store: Store,
               on_release: Callable[[set[str]], None] | None = None) -> tuple[AE, ThreadedAssociationServer]:
     """Start listening on config.node.host:port (non-blocking); returns (ae, server)."""
@@ -245,7 +257,7 @@ def start_scp(config: Config, store: Store,
     handlers = build_handlers(config, store, on_release)
     ssl_ctx = server_context(config.node.tls)
     server = ae.make_server((config.node.host, config.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,
-                            server_class=AssociationServer)
+                            server_class=SharedPortServer if config.node.reuse_port else AssociationServer)
 
     def tls_failed(peer: str, reason: str) -> None:
         try:

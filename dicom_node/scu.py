@@ -14,6 +14,11 @@ States: pending -> sending -> sent | dead-letter (and sending -> pending on a re
   have stored it and we died before writing `sent`). We re-send it: the same file, the same SOP
   Instance UID, which a conforming receiver stores once (DCMTK storescp and Orthanc overwrite by
   SOP Instance UID). We never mark it `sent` without a 0x0000 in hand.
+* One row per job and destination (unique index, migration 0004): queuing a job's result twice
+  returns the row already there.
+* Distributed mode (PostgreSQL): every move to `pending` also enqueues a `rtprop.send` task for the
+  job engine in the same transaction (db/queue.py), scheduled at the row's next attempt; the task
+  (`deliver_one`) claims that one row and sends it. On SQLite the `Sender` loop polls for due rows.
 Every state change is audited: send.queued, send.attempt, send.sent, send.failed,
 send.dead_letter, send.recovered.
 """
@@ -23,6 +28,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.errors import UserError
 from config.schema import Config, Destination
+from db import queue
 from db.audit import hash_patient_id, record
 from db.engine import transaction
 from db.schema import Send, utcnow
@@ -104,10 +111,12 @@ def owner_alive(claimed_by: str) -> bool:
 
 
 def enqueue(session: Session, path: Path | str, destination: Destination, job_id: int | None = None,
-            patient_id_hash: str = "") -> Send:
+            patient_id_hash: str = "", again: bool = False) -> Send:
     """Queue `path` for C-STORE to `destination` inside the caller's transaction; returns the row.
 
     The file must stay where it is until the row is `sent` (results live under storage.outbox).
+    `again`: a person re-sends it: the job's row for that destination, sent or dead-lettered, goes back
+    to `pending` with its attempts counted from 0 (its earlier outcomes stay in the audit).
     """
     path = Path(path).resolve()
     try:
@@ -118,6 +127,28 @@ def enqueue(session: Session, path: Path | str, destination: Destination, job_id
         patient_id_hash = patient_id_hash or hash_patient_id(str(ds.get("PatientID", "") or ""))
     except Exception as exc:
         raise SendError(f"cannot queue {path}: not a readable DICOM file with SOP UIDs ({exc})") from exc
+    # a job's result: once per destination (unique index); a file without a job: not twice in the queue at once
+    same = Send.job_id == job_id if job_id is not None else (
+        (Send.sop_instance_uid == sop_uid) & Send.job_id.is_(None) & Send.state.in_(("pending", "sending")))
+    existing = session.execute(select(Send).where(
+        same, Send.destination_ae == destination.ae_title, Send.destination_host == destination.host,
+        Send.destination_port == destination.port).limit(1)).scalar()
+    if existing is not None and again and existing.state in ("sent", "dead-letter"):
+        previous = existing.outcome or existing.state
+        existing.state, existing.attempts, existing.claimed_by = "pending", 0, ""
+        existing.next_attempt_at, existing.last_error, existing.sent_at = utcnow(), "", None
+        existing.path = str(path)
+        session.flush()
+        record(session, "send.queued", component="dicom_node", job_id=job_id, sop_instance_uid=sop_uid,
+               calling_ae=destination.ae_title, patient_id_hash=existing.patient_id_hash, send_id=existing.id,
+               destination=f"{destination.ae_title}@{destination.host}:{destination.port}", path=str(path),
+               again=True, previous_outcome=previous)
+        _defer(session, existing)
+        return existing
+    if existing is not None:  # this result is queued for that destination already: once is enough
+        LOG.info("%s already queued for %s (send %s)", f"job {job_id}: result" if job_id else sop_uid,
+                 destination.ae_title, existing.id)
+        return existing
     row = Send(path=str(path), sop_instance_uid=sop_uid, sop_class_uid=sop_class, job_id=job_id,
                destination_ae=destination.ae_title, destination_host=destination.host,
                destination_port=destination.port, state="pending", attempts=0, next_attempt_at=utcnow(),
@@ -128,20 +159,37 @@ def enqueue(session: Session, path: Path | str, destination: Destination, job_id
            study_instance_uid=str(ds.get("StudyInstanceUID", "")), series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
            calling_ae=destination.ae_title, patient_id_hash=patient_id_hash, send_id=row.id, destination=f"{destination.ae_title}@{destination.host}:{destination.port}",
            path=str(path))
+    _defer(session, row)
     return row
 
 
-def recover_stale(factory: sessionmaker[Session], me: str | None = None) -> list[int]:
-    """Rows left `sending` by a dead process -> `pending` now (re-send, see module doc). Returns their ids."""
+def _defer(session: Session, row: Send) -> None:
+    """The engine's message for a row that is now pending (distributed mode; nothing on SQLite)."""
+    queue.defer(session, queue.TASK_SEND, "sends", {"send_id": row.id}, scheduled_at=row.next_attempt_at)
+
+
+def recover_stale(factory: sessionmaker[Session], me: str | None = None,
+                  alive: Callable[[str], bool] | None = None) -> list[int]:
+    """Rows left `sending` by a dead process -> `pending` now (re-send, see module doc). Returns their ids.
+
+    `alive(claimed_by)`: is that process still there (default `owner_alive`: this host's processes only).
+    """
     me = me or worker_id()
+    alive = alive or owner_alive
     recovered: list[int] = []
+    with factory() as session:  # a read first: most passes find nothing, and take no write lock
+        owners = session.execute(select(Send.claimed_by).where(Send.state == "sending")).scalars().all()
+    if all(owner == me or alive(owner) for owner in owners):
+        return recovered
     with transaction(factory) as session:
         rows = session.execute(select(Send).where(Send.state == "sending")).scalars().all()
         for row in rows:
-            if row.claimed_by == me or owner_alive(row.claimed_by):
+            if row.claimed_by == me or alive(row.claimed_by):
                 continue
             row.state = "pending"
             row.next_attempt_at = utcnow()
+            session.flush()
+            _defer(session, row)
             previous, row.claimed_by = row.claimed_by, ""
             record(session, "send.recovered", component="dicom_node", job_id=row.job_id,
                    sop_instance_uid=row.sop_instance_uid, calling_ae=row.destination_ae, send_id=row.id,
@@ -159,13 +207,16 @@ def _backoff_s(config: Config, attempts: int) -> float:
     return min(node.send_backoff_max_s, node.send_backoff_s * (2 ** max(0, attempts - 1)))
 
 
-def _claim_next(factory: sessionmaker[Session], me: str, dest: tuple[str, str, int], now: datetime) -> Send | None:
-    """Atomically take the oldest due pending row for `dest`: pending -> sending, attempts+1, audited."""
+def _claim_next(factory: sessionmaker[Session], me: str, dest: tuple[str, str, int], now: datetime,
+                send_id: int | None = None) -> Send | None:
+    """Atomically take the oldest due pending row for `dest` (or row `send_id` if due): pending -> sending,
+    attempts+1, audited."""
     ae, host, port = dest
     with transaction(factory) as session:
-        row = session.execute(select(Send).where(
-            Send.state == "pending", Send.next_attempt_at <= now, Send.destination_ae == ae,
-            Send.destination_host == host, Send.destination_port == port).order_by(Send.id).limit(1)).scalar()
+        due = [Send.state == "pending", Send.next_attempt_at <= now]
+        where = [*due, Send.id == send_id] if send_id is not None else [
+            *due, Send.destination_ae == ae, Send.destination_host == host, Send.destination_port == port]
+        row = session.execute(select(Send).where(*where).order_by(Send.id).limit(1)).scalar()
         if row is None:
             return None
         done = session.execute(update(Send).where(Send.id == row.id, Send.state == "pending").values(
@@ -213,6 +264,8 @@ def _finish(factory: sessionmaker[Session], config: Config, row: Send, me: str, 
         delay = _backoff_s(config, current.attempts)
         current.state, current.claimed_by = "pending", ""
         current.next_attempt_at = now + timedelta(seconds=delay)
+        session.flush()
+        _defer(session, current)
         record(session, "send.failed", **common, error=error, retry_in_s=delay)
         LOG.warning("send %s attempt %d to %s failed (%s, %s); retry in %.1f s", row.id, current.attempts, dest,
                     status_txt, error, delay)
@@ -283,6 +336,40 @@ def _deliver_to(factory: sessionmaker[Session], config: Config, me: str, dest: t
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def deliver_one(factory: sessionmaker[Session], config: Config, send_id: int, *, me: str | None = None) -> Outcome | None:
+    """The engine's `rtprop.send` task: send row `send_id` if it is pending and due, in an association of
+    its own. None: nothing to do (sent already, claimed by a live sender, or not due yet: its own
+    message comes then)."""
+    me = me or worker_id()
+    with factory() as session:
+        row = session.get(Send, send_id)
+        if row is None:
+            return None
+        dest = (row.destination_ae, row.destination_host, row.destination_port)
+    now = utcnow()
+    row = _claim_next(factory, me, dest, now, send_id)
+    if row is None:
+        return None
+    ae = AE(ae_title=config.node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = config.node.send_timeout_s
+    ae.connection_timeout = config.node.send_timeout_s
+    ae.add_requested_context(row.sop_class_uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    tls = client_context(config.node.tls)
+    try:
+        assoc = ae.associate(row.destination_host, row.destination_port, ae_title=row.destination_ae,
+                             tls_args=(tls, row.destination_host) if tls is not None else None)
+    except Exception as exc:  # noqa: BLE001 - e.g. TLS handshake errors
+        return _finish(factory, config, row, me, Attempt(None, f"association failed: {type(exc).__name__}: {exc}"))
+    if not assoc.is_established:
+        why = "association rejected" if assoc.is_rejected else "association aborted or peer unreachable"
+        return _finish(factory, config, row, me, Attempt(None, why))
+    try:
+        return _send_one(factory, config, me, assoc, row)
+    finally:
+        if assoc.is_established:
+            assoc.release()
 
 
 def _send_one(factory: sessionmaker[Session], config: Config, me: str, assoc, row: Send) -> Outcome:  # type: ignore[no-untyped-def]

@@ -1,6 +1,8 @@
 """One process: SCP + series completion checker + sender loop, stopped cleanly by SIGTERM/SIGINT.
 
-Started by `rtprop serve` (pipeline/cli.py), which also runs the pipeline's workers beside it.
+Started by `rtprop serve` (pipeline/cli.py), which also runs the pipeline's workers beside it. In the
+distributed mode (database.url) the sends are tasks of the job engine (pipeline/tasks.py, queue
+`sends`), so there is no sender loop here: `rtprop serve --workers 0` only receives and completes.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from config.schema import Config
 from db.audit import record
-from db.engine import open_database, transaction
+from db.engine import open_configured, transaction
 from dicom_node.completion import CompletionChecker
 from dicom_node.scp import start_scp
 from dicom_node.scu import Sender
@@ -30,7 +32,7 @@ def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
     st = config.storage
     for folder in (st.root, st.archive, st.quarantine, st.outbox):
         Path(folder).mkdir(parents=True, exist_ok=True)
-    factory = open_database(st.database)
+    factory = open_configured(config)
     removed = recover(st)
 
     previous: dict[int, Any] = {}
@@ -45,11 +47,10 @@ def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
     checker = CompletionChecker(factory, config)
     sender = Sender(factory, config)
     ae, server = start_scp(config, store, on_release=checker.notify_release)
-    threads = [
-        threading.Thread(target=checker.run, args=(stop, config.node.poll_interval_s), name="rtprop-completion",
-                         daemon=True),
-        threading.Thread(target=sender.run, args=(stop,), name="rtprop-sender", daemon=True),
-    ]
+    threads = [threading.Thread(target=checker.run, args=(stop, config.node.poll_interval_s),
+                                name="rtprop-completion", daemon=True)]
+    if not config.database.url:  # distributed: workers send (queue `sends`)
+        threads.append(threading.Thread(target=sender.run, args=(stop,), name="rtprop-sender", daemon=True))
     for t in threads:
         t.start()
     port = server.server_address[1]

@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -30,9 +32,9 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import StorageConfig
-from converters.files import TEMP_PREFIX, fsync_dir, write_atomic
+from converters.files import TEMP_PREFIX, fsync_dir, temp_name, temp_writer, write_atomic
 from db.audit import hash_patient_id, record
-from db.engine import ensure_reserve, transaction, write_with_reserve
+from db.engine import ensure_reserve, is_unavailable, transaction, write_with_reserve
 from db.instances import NewInstance, record_instance
 from db.schema import utcnow
 
@@ -40,7 +42,7 @@ LOG = logging.getLogger("rtprop.node.storage")
 
 # DIMSE C-STORE statuses (PS3.4 B.2.3, PS3.7 C) that this node returns.
 SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700        # below storage.min_free_mb, or the disk refused the write
+OUT_OF_RESOURCES = 0xA700        # below storage.min_free_mb, the disk refused the write, or the database is down
 DATASET_MISMATCH = 0xA900        # required attribute missing/invalid or not matching the command
 CANNOT_UNDERSTAND = 0xC000       # the data set cannot be parsed
 PROCESSING_FAILURE = 0x0110      # our own fault (database unavailable ...): the peer should retry
@@ -187,6 +189,7 @@ class Store:
         self.archive.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self.me = f"{socket.gethostname()}:{os.getpid()}"  # in each instance.received row (several receivers)
 
     # ------------------------------------------------------------------ space
     def has_space(self, needed: int) -> bool:
@@ -248,6 +251,11 @@ class Store:
             return IngestResult(status, f"archive write failed: {exc}",
                                 sop_instance_uid=received.affected_sop_instance_uid)
         except Exception as exc:
+            if is_unavailable(exc):  # nothing was acknowledged: the peer keeps it and sends it again later
+                LOG.error("database unavailable: refusing %s (0xA700): %s", received.affected_sop_instance_uid,
+                          str(exc).splitlines()[0][:300])
+                return IngestResult(OUT_OF_RESOURCES, "database unavailable, try again later",
+                                    sop_instance_uid=received.affected_sop_instance_uid)
             LOG.exception("ingest failed for %s", received.affected_sop_instance_uid)
             return IngestResult(PROCESSING_FAILURE, f"internal error: {type(exc).__name__}: {exc}",
                                 sop_instance_uid=received.affected_sop_instance_uid)
@@ -271,7 +279,7 @@ class Store:
                 fsync_dir(folder.parent.parent)
             self._known_dirs.add(folder)
         # 1. bytes on disk under a temp name (outside the DB lock: associations write in parallel)
-        tmp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        tmp = folder / temp_name()
 
         def place() -> None:  # under the DB lock: the file appears with its row
             os.replace(tmp, final)
@@ -290,7 +298,8 @@ class Store:
                 series_instance_uid=p.series_instance_uid, study_instance_uid=p.study_instance_uid,
                 modality=p.modality, patient_id_hash=p.patient_id_hash, path=str(final), sha256=digest,
                 transfer_syntax_uid=p.transfer_syntax_uid, calling_ae=received.calling_ae[:16],
-                peer_address=received.peer_address[:64], source=received.source, received_at=utcnow()), place)
+                peer_address=received.peer_address[:64], source=received.source, received_at=utcnow()), place,
+                received_by=self.me)
         finally:
             if tmp.exists():
                 tmp.unlink(missing_ok=True)
@@ -337,13 +346,40 @@ class Store:
         return IngestResult(SUCCESS, reason, path=Path(kept_path), duplicate=True, quarantined=q, **ids)
 
 
+OTHER_HOST_TEMP_AGE_S = 3600  # a temporary of another host's process is left alone this long
+
+
+def _writer_gone(tmp: Path) -> bool:
+    """Was `tmp` left by a process that is no longer writing it? Never one still running: several
+    receivers and workers may share the storage (docs/scaling.md)."""
+    writer = temp_writer(tmp.name)
+    if writer is None:
+        return True  # no writer named (an older release): as before, left by a killed process
+    host, pid = writer
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False  # running (perhaps this very process, whose workers may already be writing)
+    try:
+        return time.time() - tmp.stat().st_mtime > OTHER_HOST_TEMP_AGE_S
+    except OSError:
+        return False
+
+
 def recover(storage: StorageConfig) -> int:
-    """At start-up: delete temp files a killed process left behind (never complete instances)."""
+    """At start-up: delete temp files killed processes left behind (never complete instances, never the
+    temporaries of a process still running, here or on another host sharing the storage)."""
     removed = 0
     for root in (Path(storage.archive), Path(storage.quarantine), Path(storage.outbox)):
         if not root.is_dir():
             continue
         for tmp in root.rglob(f"{TEMP_PREFIX}*"):
+            if not _writer_gone(tmp):
+                continue
             try:
                 tmp.unlink()
                 removed += 1

@@ -169,12 +169,13 @@ def resend(factory: sessionmaker[Session], config: Config, job_id: int, user: st
             raise ActionError(f"job {job_id}: no destination: {exc}") from exc
         if route.destination is None or route.dry_run:
             raise ActionError(f"job {job_id}: the route for {job.calling_ae!r} is dry_run: nothing is sent")
-        send = enqueue(session, last.path, route.destination, job_id=job_id, patient_id_hash=job.patient_id_hash)
+        send = enqueue(session, last.path, route.destination, job_id=job_id, patient_id_hash=job.patient_id_hash,
+                       again=True)
         details = {"user": user, "send_id": send.id, "destination": f"{route.destination.ae_title}@"
                    f"{route.destination.host}:{route.destination.port}"}
         if job.state == "dead-letter":
             J.transition(session, job, "sending", event="job.resend", by_person=True, error="", details=details)
-        else:  # sent stays sent: the new send row shows its own outcome on the job page
+        else:  # sent stays sent: the send row shows the new attempt's outcome on the job page
             J.audit_job(session, job, "job.resend", **details)
         return Outcome(job_id, job.state, f"re-send queued (send {send.id})", details)
 

@@ -9,6 +9,7 @@ the terminal (tqdm); every run and ROI is audited (batch.started, batch.roi, bat
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -23,9 +24,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config
+from converters.files import write_atomic
 from db.audit import record
 from db.engine import transaction
-from db.schema import Instance, utcnow
+from db.schema import AuditEntry, Instance, utcnow
 
 LOG = logging.getLogger("rtprop.pipeline.batch")
 
@@ -43,7 +45,7 @@ class BatchItem:
 
 
 def select_items(factory: sessionmaker[Session], config: Config, *, since: datetime | None, until: datetime | None,
-                 roi_regex: str) -> tuple[list[BatchItem], list[dict[str, Any]]]:
+                 roi_regex: str, study: str | None = None) -> tuple[list[BatchItem], list[dict[str, Any]]]:
     """Archived RTSTRUCTs (not our own results) with a complete image series and ROIs to re-contour,
     and the ones that cannot be re-contoured (as drift.csv rows with the error: an RTSTRUCT whose
     series is ambiguous is reported, never guessed)."""
@@ -57,6 +59,8 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
             stmt = stmt.where(Instance.received_at >= since)
         if until is not None:
             stmt = stmt.where(Instance.received_at < until)
+        if study is not None:
+            stmt = stmt.where(Instance.study_instance_uid == study)
         for inst in session.execute(stmt).scalars().all():
             try:
                 ds = pydicom.dcmread(inst.path, stop_before_pixels=True, force=True)
@@ -108,7 +112,6 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: datetime
               roi_regex: str | None = None, send: bool | None = None, out: Path | None = None,
               progress: bool = True, trigger: str = "cli") -> dict[str, Any]:
     """Run one batch; returns the summary (also audited). See the module doc."""
-    from pipeline.recontour import recontour
     from pipeline.report import write_csv
 
     roi_regex = roi_regex or config.batch.roi_regex
@@ -136,33 +139,8 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: datetime
         bar = tqdm(total=total, desc="rtprop batch", unit="roi")
     for item in items:
         for roi in item.rois:
-            safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", roi)
-            roi_dir = run_dir / item.series_uid / f"{item.rtstruct_uid[-12:]}-{safe}"
-            t0 = time.perf_counter()
-            row: dict[str, Any] = {"study_instance_uid": item.study_uid, "series_instance_uid": item.series_uid,
-                                   "modality": item.modality, "rtstruct_sop_instance_uid": item.rtstruct_uid,
-                                   "roi": roi, "sent": False,
-                                   "series_folder": item.series_folder, "rtstruct_path": item.rtstruct_path}
-            try:
-                summary = recontour(item.series_folder, item.rtstruct_path, roi, config.batch.prompt_kind, roi_dir,
-                                    config)
-                m = summary["metrics"]
-                row.update(key_slice=summary["key_slice"], backend=summary["backend"], dice=m["dice"],
-                           hd95_mm=m["hd95_mm"], msd_mm=m["msd_mm"], volume_ratio=m["volume_ratio"],
-                           gt_volume_ml=m["gt_volume_ml"], pred_volume_ml=m["pred_volume_ml"],
-                           new_rtstruct=summary["rtstruct"])
-                if send:
-                    row["sent"] = _queue_send(factory, config, item, Path(summary["rtstruct"]))
-            except Exception as exc:  # noqa: BLE001 - one bad ROI never stops the night's run
-                LOG.warning("batch: %s / %s failed: %s", item.rtstruct_uid, roi, exc)
-                row["error"] = f"{type(exc).__name__}: {exc}"
-            row["seconds"] = round(time.perf_counter() - t0, 3)
+            row = recontour_roi(factory, config, item, roi, run_dir, send)
             rows.append(row)
-            with transaction(factory) as session:
-                record(session, "batch.roi", component="batch", study_instance_uid=item.study_uid,
-                       series_instance_uid=item.series_uid, sop_instance_uid=item.rtstruct_uid,
-                       calling_ae=item.calling_ae, roi=roi, dice=row.get("dice"), hd95_mm=row.get("hd95_mm"),
-                       volume_ratio=row.get("volume_ratio"), error=row.get("error", ""), queued_send=row["sent"])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"{roi} dice={row.get('dice', float('nan')):.3f}")
@@ -178,6 +156,121 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: datetime
         record(session, "batch.finished", component="batch", trigger=trigger, out=str(run_dir), rois=len(rows),
                errors=summary["errors"], csv=str(csv_path))
     return summary
+
+
+def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchItem, roi: str, run_dir: Path,
+                  send: bool) -> dict[str, Any]:
+    """Re-contour one ROI of one archived RTSTRUCT into `run_dir`; returns its drift.csv row (audited).
+
+    The new RTSTRUCT's UIDs derive from the run, the RTSTRUCT and the ROI: an item run twice (the job
+    engine delivers at least once) writes, and queues, the same instance.
+    """
+    from pipeline.recontour import recontour
+
+    safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", roi)
+    roi_dir = run_dir / item.series_uid / f"{item.rtstruct_uid[-12:]}-{safe}"
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"study_instance_uid": item.study_uid, "series_instance_uid": item.series_uid,
+                           "modality": item.modality, "rtstruct_sop_instance_uid": item.rtstruct_uid,
+                           "roi": roi, "sent": False,
+                           "series_folder": item.series_folder, "rtstruct_path": item.rtstruct_path}
+    try:
+        summary = recontour(item.series_folder, item.rtstruct_path, roi, config.batch.prompt_kind, roi_dir,
+                            config, uid_seed=f"rtprop-batch:{run_dir.name}:{item.rtstruct_uid}:{roi}")
+        m = summary["metrics"]
+        row.update(key_slice=summary["key_slice"], backend=summary["backend"], dice=m["dice"],
+                   hd95_mm=m["hd95_mm"], msd_mm=m["msd_mm"], volume_ratio=m["volume_ratio"],
+                   gt_volume_ml=m["gt_volume_ml"], pred_volume_ml=m["pred_volume_ml"],
+                   new_rtstruct=summary["rtstruct"])
+        if send:
+            row["sent"] = _queue_send(factory, config, item, Path(summary["rtstruct"]))
+    except Exception as exc:  # noqa: BLE001 - one bad ROI never stops the night's run
+        LOG.warning("batch: %s / %s failed: %s", item.rtstruct_uid, roi, exc)
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    with transaction(factory) as session:
+        record(session, "batch.roi", component="batch", study_instance_uid=item.study_uid,
+               series_instance_uid=item.series_uid, sop_instance_uid=item.rtstruct_uid,
+               calling_ae=item.calling_ae, roi=roi, dice=row.get("dice"), hd95_mm=row.get("hd95_mm"),
+               volume_ratio=row.get("volume_ratio"), error=row.get("error", ""), queued_send=row["sent"])
+    return row
+
+
+# --------------------------------------------------------------------------- distributed (PostgreSQL)
+def queue_batch(factory: sessionmaker[Session], config: Config, *, since: datetime | None = None,
+                until: datetime | None = None, roi_regex: str | None = None, send: bool | None = None,
+                out: Path | None = None) -> dict[str, Any]:
+    """`rtprop batch --distributed`: one item per study on the low-priority `batch` queue of the job
+    engine; the workers write OUT/<run>/parts/<study>.json, and the one that finishes the last study
+    writes drift.csv and the montage. Returns what was queued."""
+    from db import queue
+
+    roi_regex = roi_regex or config.batch.roi_regex
+    send = config.batch.send_results if send is None else send
+    started = utcnow()
+    run_dir = (Path(out) if out is not None else config.batch.out) / started.strftime("%Y%m%dT%H%M%SZ")
+    (run_dir / "parts").mkdir(parents=True, exist_ok=True)
+    since, until = (w.astimezone(timezone.utc) if w is not None and w.tzinfo else w for w in (since, until))
+    items, skipped = select_items(factory, config, since=since, until=until, roi_regex=roi_regex)
+    studies = sorted({i.study_uid for i in items})
+    write_atomic(run_dir / "manifest.json", json.dumps({"studies": studies, "skipped": _plain(skipped),
+                                                        "roi_regex": roi_regex}).encode())
+    with transaction(factory) as session:
+        if not queue.enabled(session):
+            from config.errors import UserError
+
+            raise UserError("--distributed needs database.url (PostgreSQL): the job engine's queue lives there")
+        for study in studies:
+            queue.defer(session, queue.TASK_BATCH, "batch", {
+                "run": str(run_dir), "study": study, "since": since.isoformat() if since else None,
+                "until": until.isoformat() if until else None, "roi_regex": roi_regex, "send": send})
+        record(session, "batch.started", component="batch", trigger="cli-distributed", since=since, until=until,
+               roi_regex=roi_regex, send=send, rtstructs=len(items), studies=len(studies),
+               rois=sum(len(i.rois) for i in items), out=str(run_dir))
+    if not studies:
+        _finish_run(factory, config, run_dir)
+    return {"out": str(run_dir), "queued_studies": len(studies), "rois": sum(len(i.rois) for i in items),
+            "skipped": len(skipped)}
+
+
+def run_study(factory: sessionmaker[Session], config: Config, run: str, study: str, *, since: str | None,
+              until: str | None, roi_regex: str, send: bool) -> str:
+    """The engine task of one study: re-contour its ROIs, write parts/<study>.json, finish the run if last."""
+    run_dir = Path(run)
+    part = run_dir / "parts" / f"{study}.json"
+    if not part.exists():  # a message delivered twice does the work once
+        when = [datetime.fromisoformat(w) if w else None for w in (since, until)]
+        items, _ = select_items(factory, config, since=when[0], until=when[1], roi_regex=roi_regex, study=study)
+        rows = [recontour_roi(factory, config, item, roi, run_dir, send) for item in items for roi in item.rois]
+        write_atomic(part, json.dumps(_plain(rows)).encode())
+    _finish_run(factory, config, run_dir)
+    return "done"
+
+
+def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: str(v) if isinstance(v, Path) else v for k, v in r.items()} for r in rows]
+
+
+def _finish_run(factory: sessionmaker[Session], config: Config, run_dir: Path) -> None:
+    """When every study of the run has its part: drift.csv, the montage, `batch.finished` (once)."""
+    from pipeline.report import write_csv
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    parts = [run_dir / "parts" / f"{s}.json" for s in manifest["studies"]]
+    if not all(p.exists() for p in parts):
+        return
+    rows = list(manifest["skipped"]) + [r for p in parts for r in json.loads(p.read_text())]
+    with transaction(factory) as session:  # under the write lock: one worker writes the report
+        done = session.execute(select(AuditEntry.details).where(AuditEntry.event == "batch.finished")
+                               .order_by(AuditEntry.id.desc()).limit(50)).scalars()
+        if any(json.loads(d).get("out") == str(run_dir) for d in done):
+            return
+        csv_path = run_dir / "drift.csv"
+        write_csv(rows, csv_path)
+        if any("dice" in r for r in rows):
+            make_montage(rows, config, run_dir / "montage.png")
+        record(session, "batch.finished", component="batch", trigger="cli-distributed", out=str(run_dir),
+               rois=len(rows), errors=sum(1 for r in rows if r.get("error")), csv=str(csv_path))
 
 
 def _queue_send(factory: sessionmaker[Session], config: Config, item: BatchItem, path: Path) -> bool:

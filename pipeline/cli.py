@@ -48,12 +48,12 @@ def _config(config_path: Path | None, storage: Path | None = None, **overrides: 
 
 def _open_existing_database(config: Config):  # type: ignore[no-untyped-def]
     """The node's database for commands that read an existing node (audit, batch, jobs): never created here."""
-    from db.engine import open_database
+    from db.engine import open_configured
 
-    if not config.storage.database.exists():
+    if not config.database.url and not config.storage.database.exists():
         raise UserError(f"no rtprop database at {config.storage.database} (--storage names the node's storage "
                         "root, the folder `rtprop serve` was started with)")
-    return open_database(config.storage.database)
+    return open_configured(config)
 
 
 def _emit(summary: dict[str, Any]) -> None:
@@ -293,7 +293,8 @@ def track(source: Path, out_dir: Path, first_label: Path | None, backend: str | 
 @click.option("--allow-ae", "allow_aes", multiple=True, help="Calling AE allowed to associate (repeatable).")
 @click.option("--destination", help="AE@HOST:PORT where every result goes (replaces the file's routes).")
 @click.option("--workers", type=click.IntRange(min=0),
-              help="Worker threads running jobs (default: pipeline.workers; 0 = node only, run `rtprop worker` apart).")
+              help="Jobs run at once in this process (default: pipeline.workers; 0 = receive and complete only, "
+              "run `rtprop worker` apart).")
 @click.option("--dropin/--no-dropin", "dropin_on", default=None,
               help="Watch the drop-in inbox (default: dropin.enabled).")
 @click.option("--scheduler/--no-scheduler", "scheduler_on", default=None,
@@ -304,12 +305,11 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
           allow_aes: tuple[str, ...], destination: str | None, workers: int | None, dropin_on: bool | None,
           scheduler_on: bool | None, http_port: int | None) -> None:
     """Run the node: Storage SCP, series completion, outbound queue, workers, drop-in watcher, nightly batch."""
-    from db.engine import open_database
+    from db.engine import open_configured
     from dicom_node.routing import with_destination
     from dicom_node.service import serve_forever
     from pipeline.dropin import start_dropin
     from pipeline.scheduler import start_scheduler
-    from pipeline.worker import start_workers
 
     _service_logging()
     overrides: dict[str, Any] = {"node.port": port, "node.ae_title": ae_title,
@@ -319,9 +319,12 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
         config = with_destination(config, destination)
         log.info("--destination %s: every result goes there (the configuration file's routes are not used)",
                  destination)
+        if config.database.url:
+            log.warning("--destination %s reaches only the jobs this process runs (--workers): `rtprop worker`s "
+                        "route by their own configuration (docs/scaling.md)", destination)
     stop = threading.Event()
-    factory = open_database(config.storage.database)
-    threads = start_workers(factory, config, stop, workers)
+    factory = open_configured(config)
+    threads = start_job_workers(factory, config, stop, workers)
     if config.dropin.enabled if dropin_on is None else dropin_on:
         threads.append(start_dropin(factory, config, stop))
     if config.batch.enabled if scheduler_on is None else scheduler_on:
@@ -336,28 +339,70 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
             t.join(timeout=config.pipeline.job_timeout_s if t.name.startswith("rtprop-worker") else 10)
 
 
+def start_job_workers(factory, config: Config, stop: threading.Event, count: int | None = None,  # type: ignore[no-untyped-def]
+                      queues: tuple[str, ...] = ()) -> list[threading.Thread]:
+    """The job workers of a process: SQLite, `count` polling threads (pipeline/worker.py); PostgreSQL, one
+    job-engine worker running `count` jobs at once on `queues` (all by default) plus housekeeping
+    (pipeline/tasks.py). No thread when `count` is 0."""
+    count = config.pipeline.workers if count is None else count
+    if count == 0:
+        return []
+    if not config.database.url:
+        from pipeline.worker import start_workers
+
+        return start_workers(factory, config, stop, count)
+    from pipeline.tasks import run_engine_worker, start_housekeeping, worker_queues
+
+    chosen = worker_queues(queues)
+    engine = threading.Thread(target=run_engine_worker, args=(factory, config, stop),
+                              kwargs={"queues": chosen, "concurrency": count}, name="rtprop-worker-engine",
+                              daemon=True)
+    engine.start()
+    return [engine, start_housekeeping(factory, config, stop)]
+
+
 @cli.command()
 @config_option
 @storage_option
-@click.option("--workers", type=click.IntRange(min=1), help="Worker threads (default: pipeline.workers).")
+@click.option("--workers", type=click.IntRange(min=1), help="Jobs run at once (default: pipeline.workers); "
+              "the same as --concurrency.")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Jobs run at once (default: pipeline.workers; "
+              "jobs of the gpu queue run one at a time, beside the others).")
+@click.option("--queues", "queues", multiple=True, help="Distributed mode: the job engine's queues to take work "
+              "from, repeatable or comma-separated: cpu, gpu, sends, batch (default: all).")
 @click.option("--once", is_flag=True, help="Run every job that can run now, then exit (else run until SIGTERM); "
-              "jobs still waiting for their images are counted as received.")
-def worker(config_path: Path | None, storage: Path | None, workers: int | None, once: bool) -> None:
-    """Run job workers alone (more cores or machines on one storage): discover, claim, propagate, hand on."""
-    from db.engine import open_database
-    from pipeline.worker import Worker, start_workers
+              "jobs still waiting for their images are counted as received. SQLite mode only.")
+def worker(config_path: Path | None, storage: Path | None, workers: int | None, concurrency: int | None,
+           queues: tuple[str, ...], once: bool) -> None:
+    """Run job workers alone (more cores or machines on one storage): discover, claim, propagate, hand on.
+
+    With database.url (PostgreSQL) this is a worker of the job engine on any machine that reaches the
+    database and the archive (docs/scaling.md); SIGTERM drains it: running jobs finish, no new one starts.
+    """
+    from db.engine import open_configured
+    from pipeline.worker import Worker
 
     _service_logging()
     config = _config(config_path, storage)
-    factory = open_database(config.storage.database)
+    chosen = tuple(q.strip() for spec in queues for q in spec.split(",") if q.strip())
+    if chosen and not config.database.url:
+        raise UserError("--queues: queues are the job engine's, in the distributed mode (set database.url to a "
+                        "PostgreSQL database); the SQLite mode runs every job in one loop")
+    if once and config.database.url:
+        raise UserError("--once is for the SQLite mode; in the distributed mode a worker runs until SIGTERM "
+                        "(which drains it)")
+    factory = open_configured(config)
     if once:
         Worker(factory, config).drain()
         _emit(_job_counts(factory))
         return
     stop = threading.Event()
-    threads = start_workers(factory, config, stop, workers)
+    threads = start_job_workers(factory, config, stop, concurrency or workers, chosen)
     start_web_and_heartbeats(factory, config, stop, threads, node=False)
-    click.echo(f"rtprop worker ready ({len(threads)} worker(s), storage {config.storage.root})", err=True)
+    mode = f"queues {','.join(chosen) or 'all'}, database {config.database.url.split('@')[-1]}" \
+        if config.database.url else f"storage {config.storage.root}"
+    click.echo(f"rtprop worker ready ({concurrency or workers or config.pipeline.workers} at a time, {mode})",
+               err=True)
     run_until_signal(stop, threads, config.pipeline.job_timeout_s)
 
 
@@ -375,12 +420,12 @@ def _job_counts(factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
               "dropin.stable_s), then exit.")
 def dropin(config_path: Path | None, storage: Path | None, once: bool) -> None:
     """Watch the drop-in inbox (and close series) without the DICOM listener; `rtprop worker` runs the jobs."""
-    from db.engine import open_database
+    from db.engine import open_configured
     from pipeline.dropin import DropIn
 
     _service_logging()
     config = _config(config_path, storage)
-    factory = open_database(config.storage.database)
+    factory = open_configured(config)
     watcher = DropIn(factory, config)
     if once:
         outcomes = watcher.take_all()
@@ -408,13 +453,21 @@ def dropin(config_path: Path | None, storage: Path | None, once: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Report folder (default: batch.out under the storage root); each run in a time-stamped subfolder.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (cron, logs).")
+@click.option("--distributed", is_flag=True, help="Put one item per study on the job engine's low-priority batch "
+              "queue and return (needs database.url); workers write the report in the run folder.")
 def batch(config_path: Path | None, storage: Path | None, since: datetime | None, until: datetime | None,
-          roi_regex: str | None, send: bool | None, out_dir: Path | None, no_progress: bool) -> None:
+          roi_regex: str | None, send: bool | None, out_dir: Path | None, no_progress: bool,
+          distributed: bool) -> None:
     """Re-contour archived ROIs from their middle slice with the current model; write a drift report."""
-    from pipeline.batch import run_batch
+    from pipeline.batch import queue_batch, run_batch
 
     config = _config(config_path, storage)
+    if distributed and not config.database.url:
+        raise UserError("--distributed needs database.url (a PostgreSQL database shared with `rtprop worker`s)")
     factory = _open_existing_database(config)
+    if distributed:
+        _emit(queue_batch(factory, config, since=since, until=until, roi_regex=roi_regex, send=send, out=out_dir))
+        return
     _emit(run_batch(factory, config, since=since, until=until, roi_regex=roi_regex, send=send, out=out_dir,
                     progress=not no_progress))
 
@@ -498,10 +551,9 @@ def audit_verify(config_path: Path | None, storage: Path | None) -> None:
     """Walk the chain and compare its end with the head anchor; exit 3 naming the rows if any row was
     altered, removed or inserted."""
     from db import audit as audit_log
-    from db.engine import transaction
 
     factory = _open_existing_database(_config(config_path, storage))
-    with transaction(factory) as session:
+    with factory() as session:  # a read: the anchor is read before the walk's snapshot, writers go on meanwhile
         count, problems = audit_log.verify(session)
     head = audit_log.head_of(factory)
     _emit({"rows": count, "ok": not problems, "problems": [p.__dict__ for p in problems],

@@ -127,7 +127,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(task["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = write_rtstruct(volume, rois, out_dir, config.rtstruct,
-                          series_description=f"rtprop job {task['job_id']}")
+                          series_description=f"rtprop job {task['job_id']}", uid_seed=task.get("uid_seed"))
     timings["write_s"] = time.perf_counter() - t
     write_atomic(out_dir / "review.json", json.dumps({"rtstruct": path.name, "structures": review}).encode())
     t = time.perf_counter()

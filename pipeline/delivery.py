@@ -76,10 +76,12 @@ def dropin_output(config: Config, job: Job, path: Path) -> Path:
     return copy_atomic(path, outbox / f"{job.dropin_case or job.study_instance_uid}__{path.name}")
 
 
-def reconcile_sends(factory: sessionmaker[Session]) -> None:
-    """`sending` jobs follow their send rows: sent when the peer stored it, dead-letter when the sender gave up."""
+def reconcile_sends(factory: sessionmaker[Session], job_ids: list[int] | None = None) -> None:
+    """`sending` jobs (or those of `job_ids`) follow their send rows: sent when the peer stored it,
+    dead-letter when the sender gave up."""
     with factory() as session:
-        ids = session.execute(select(Job.id).where(Job.state == "sending")).scalars().all()
+        stmt = select(Job.id).where(Job.state == "sending")
+        ids = session.execute(stmt if job_ids is None else stmt.where(Job.id.in_(job_ids))).scalars().all()
     for job_id in ids:
         with transaction(factory) as session:
             job = session.get(Job, job_id)

@@ -255,6 +255,11 @@ def decide(factory: sessionmaker[Session], config: Config, job_id: int, now: dat
 
 def apply(factory: sessionmaker[Session], job_id: int, decision: Decision) -> str:
     """Write one decision in its own transaction; returns the job's state afterwards."""
+    if decision.state is None:  # still waiting: a read first, no write lock when nothing changed
+        with factory() as session:
+            job = session.get(Job, job_id)
+            if job.state != "received" or job.waiting_for == decision.reason:
+                return job.state
     with transaction(factory) as session:
         job = session.get(Job, job_id)
         if job.state != "received":

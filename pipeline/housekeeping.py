@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config
@@ -22,8 +24,9 @@ def owner_alive(claimed_by: str) -> bool:
     return process_alive(claimed_by.split("#", 1)[0])
 
 
-def housekeeping(factory: sessionmaker[Session], config: Config) -> None:
-    """One pass of recovery, discovery and delivery bookkeeping."""
+def housekeeping(factory: sessionmaker[Session], config: Config,
+                 owner_alive: Callable[[str], bool] = owner_alive) -> None:
+    """One pass of recovery, discovery and delivery bookkeeping (`owner_alive`: is a claim's process there)."""
     p = config.pipeline
     J.recover_stale(factory, heartbeat_timeout_s=p.heartbeat_timeout_s, max_attempts=p.job_max_attempts,
                     owner_alive=owner_alive)

@@ -33,6 +33,10 @@ pipeline/actions.py; audited with the person's name; `PERSON_TRANSITIONS`):
     dead-letter                     -> sending    re-send the validated result
     received | queued | awaiting_review -> cancelled
 
+Every move to `queued` also enqueues the job's task for the job engine in the same transaction
+(distributed mode, PostgreSQL: db/queue.py; `claim` is then called by that task). On SQLite the
+workers' own loop polls for queued rows (`claim_next`).
+
 A dry-run job ends in `validated` with `dry_run` set: processed and audited, never sent.
 `sent`, `failed`, `dead-letter`, `ignored`, `rejected` and `cancelled` are final for the machine (a
 reviewer's reject is final; only a person's retry leaves failed/dead-letter). Every transition
@@ -48,6 +52,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import queue
 from db.audit import record
 from db.engine import transaction
 from db.schema import Job, aware, utcnow
@@ -125,6 +130,9 @@ def transition(session: Session, job: Job, target: str, *, event: str | None = N
     if not done:
         raise JobStateError(f"job {job.id}: state changed under us (was {current})")
     session.refresh(job)
+    if target == "queued":
+        queue.defer(session, queue.TASK_PROPAGATE, session.info.get("job_queue", "cpu"), {"job_id": job.id},
+                    scheduled_at=aware(job.not_before))
     logged = {k: v for k, v in fields.items() if k in ("error", "attempts", "result_sha256", "self_check_dice",
                                                         "claimed_by", "backend", "result_path", "not_before")}
     audit_job(session, job, event or EVENTS[target], previous_state=current, **logged, **(details or {}))
@@ -160,7 +168,7 @@ def create_job(session: Session, *, rtstruct_uid: str, study_uid: str, calling_a
 
 
 def claim_next(factory: sessionmaker[Session], worker: str) -> Job | None:
-    """Claim the oldest queued job for `worker`: one conditional UPDATE inside BEGIN IMMEDIATE."""
+    """Claim the oldest queued job for `worker`: one conditional UPDATE inside the write lock."""
     with transaction(factory) as session:
         now = utcnow()
         job_id = session.execute(select(Job.id).where(
@@ -168,15 +176,27 @@ def claim_next(factory: sessionmaker[Session], worker: str) -> Job | None:
             .limit(1)).scalar()
         if job_id is None:
             return None
-        done = session.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
-            state="running", claimed_by=worker, heartbeat_at=now, updated_at=now, attempts=Job.attempts + 1)
-            .execution_options(synchronize_session=False)).rowcount
-        if not done:
-            return None
-        job = session.get(Job, job_id)
-        session.refresh(job)
-        audit_job(session, job, "job.claimed", previous_state="queued", worker=worker, attempt=job.attempts)
-        return job
+        return _claim(session, job_id, worker, now)
+
+
+def claim(factory: sessionmaker[Session], job_id: int, worker: str) -> Job | None:
+    """Claim job `job_id` if it is queued and due (the engine's task does this first); None: nothing to do
+    (already run, running elsewhere, cancelled, or waiting for its backoff: another message is due then)."""
+    with transaction(factory) as session:
+        return _claim(session, job_id, worker, utcnow())
+
+
+def _claim(session: Session, job_id: int, worker: str, now: datetime) -> Job | None:
+    done = session.execute(update(Job).where(
+        Job.id == job_id, Job.state == "queued", or_(Job.not_before.is_(None), Job.not_before <= now)).values(
+        state="running", claimed_by=worker, heartbeat_at=now, updated_at=now, attempts=Job.attempts + 1)
+        .execution_options(synchronize_session=False)).rowcount
+    if not done:
+        return None
+    job = session.get(Job, job_id)
+    session.refresh(job)
+    audit_job(session, job, "job.claimed", previous_state="queued", worker=worker, attempt=job.attempts)
+    return job
 
 
 def heartbeat(factory: sessionmaker[Session], job_id: int, worker: str) -> bool:
@@ -197,11 +217,19 @@ def recover_stale(factory: sessionmaker[Session], *, heartbeat_timeout_s: float,
     """
     now = now or utcnow()
     moved: list[int] = []
+
+    def lost(job: Job) -> tuple[bool, bool]:
+        beat = aware(job.heartbeat_at)
+        stale = beat is None or (now - beat).total_seconds() > heartbeat_timeout_s
+        dead = bool(owner_alive is not None and job.claimed_by and not owner_alive(job.claimed_by))
+        return stale, dead
+
+    with factory() as session:  # a read first: most passes find nothing, and take no write lock
+        if not any(any(lost(job)) for job in session.execute(select(Job).where(Job.state == "running")).scalars()):
+            return moved
     with transaction(factory) as session:
         for job in session.execute(select(Job).where(Job.state == "running")).scalars().all():
-            beat = aware(job.heartbeat_at)
-            stale = beat is None or (now - beat).total_seconds() > heartbeat_timeout_s
-            dead = owner_alive is not None and job.claimed_by and not owner_alive(job.claimed_by)
+            stale, dead = lost(job)
             if not (stale or dead):
                 continue
             why = "owner process gone" if dead else f"no heartbeat for more than {heartbeat_timeout_s:g} s"

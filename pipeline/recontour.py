@@ -19,8 +19,10 @@ from pipeline.prompts import prompt_from_roi
 
 
 def recontour(series_dir: Path, rtstruct: Path, roi_name: str, prompt_kind: str, out_dir: Path,
-              config: Config) -> dict[str, Any]:
-    """Run the whole re-contouring of one ROI; returns the summary also written to metrics.json."""
+              config: Config, uid_seed: str | None = None) -> dict[str, Any]:
+    """Run the whole re-contouring of one ROI; returns the summary also written to metrics.json.
+
+    `uid_seed`: derive the new RTSTRUCT's UIDs from it (a batch item run twice writes the same instance)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     volume = read_series(series_dir)
@@ -37,7 +39,8 @@ def recontour(series_dir: Path, rtstruct: Path, roi_name: str, prompt_kind: str,
     out_dir.mkdir(parents=True, exist_ok=True)
     t2 = time.perf_counter()
     # the writer appends the configured suffix to the ROI name
-    out_path = write_rtstruct(volume, [RoiMask(reference.name, result.mask)], out_dir / "RS_rtprop.dcm", config.rtstruct)
+    out_path = write_rtstruct(volume, [RoiMask(reference.name, result.mask)], out_dir / "RS_rtprop.dcm", config.rtstruct,
+                              uid_seed=uid_seed)
     timings["write_s"] = time.perf_counter() - t2
 
     metrics = evaluate_masks(result.mask, reference.mask, volume.geometry.spacing_zyx)

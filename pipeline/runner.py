@@ -40,7 +40,14 @@ def task_for(factory: sessionmaker[Session], config: Config, job: Job) -> dict[s
     out_dir = (Path(config.storage.outbox) / (job.study_instance_uid or "unknown-study")
                / f"job{job.id}" / f"attempt{job.attempts}")
     return {"job_id": job.id, "series_folder": str(folder), "series_uid": job.series_instance_uid,
-            "rtstruct_path": str(rs_path), "prompts": job.prompts or [], "out_dir": str(out_dir), "config": config}
+            "rtstruct_path": str(rs_path), "prompts": job.prompts or [], "out_dir": str(out_dir), "config": config,
+            "uid_seed": uid_seed(job)}
+
+
+def uid_seed(job: Job) -> str:
+    """What a job's output UIDs are derived from: the job, its prompt RTSTRUCT and its image series, so
+    every attempt of one job writes the same SOP Instance UID (the TPS gets each result once)."""
+    return f"rtprop-job:{job.id}:{job.rtstruct_sop_instance_uid}:{job.series_instance_uid}"
 
 
 def retry_backoff_s(config: Config, attempts: int) -> float:

@@ -5,12 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # DCMTK (storescu/storescp/echoscu/dcmdump), dicom3tools (dciodvfy), Orthanc: real peers for tests;
-# Chromium: the real browser the web app tests drive (Playwright with executable_path, no browser download).
+# Chromium: the real browser the web app tests drive (Playwright with executable_path, no browser download);
+# PostgreSQL: the distributed mode's tests start throw-away servers of it on loopback (tests/pg_helpers.py).
 need_apt=()
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -q

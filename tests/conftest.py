@@ -33,3 +33,21 @@ def sts_gtv_slices(shared_data):
         k = int(slices[len(slices) // 2])
         out.append((volume.array[k].astype(np.float32), gtv[k], tuple(volume.geometry.spacing_zyx[1:]), modality))
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL server for the session (Debian's postgresql, installed when missing)."""
+    from pg_helpers import PostgresServer
+
+    server = PostgresServer().init()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres.create_database()

@@ -32,10 +32,10 @@ def load(config_path: Path | None, storage: Path | None, **web: Any) -> Config:
 
 
 def _factory(config: Config):  # type: ignore[no-untyped-def]
-    from db.engine import open_database
+    from db.engine import open_configured
 
     Path(config.storage.root).mkdir(parents=True, exist_ok=True)
-    return open_database(config.storage.database)
+    return open_configured(config)
 
 
 def process_name(kind: str) -> str:

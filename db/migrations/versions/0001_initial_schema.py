@@ -5,7 +5,8 @@ Revises:
 Create Date: 2026-11-22
 
 Tables for received instances, series, jobs, outbound sends and the hash-chained audit log.
-The audit table is append-only: triggers refuse UPDATE and DELETE.
+The audit table is append-only: triggers refuse UPDATE and DELETE (SQLite: RAISE(ABORT); PostgreSQL:
+a PL/pgSQL function raising an exception, and TRUNCATE refused too, which row triggers do not see).
 """
 from alembic import op
 import sqlalchemy as sa
@@ -140,6 +141,16 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_sends_sop_instance_uid'), ['sop_instance_uid'], unique=False)
         batch_op.create_index(batch_op.f('ix_sends_state'), ['state'], unique=False)
 
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("CREATE FUNCTION rtprop_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                   "BEGIN RAISE EXCEPTION 'audit log is append-only'; END $$")
+        op.execute("CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit "
+                   "FOR EACH ROW EXECUTE FUNCTION rtprop_audit_append_only()")
+        op.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit "
+                   "FOR EACH ROW EXECUTE FUNCTION rtprop_audit_append_only()")
+        op.execute("CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit "
+                   "FOR EACH STATEMENT EXECUTE FUNCTION rtprop_audit_append_only()")
+        return
     op.execute("CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit "
                "BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END")
     op.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit "
@@ -147,8 +158,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER IF EXISTS audit_no_update")
-    op.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+    if op.get_bind().dialect.name == "postgresql":
+        for trigger in ("audit_no_update", "audit_no_delete", "audit_no_truncate"):
+            op.execute(f"DROP TRIGGER IF EXISTS {trigger} ON audit")
+        op.execute("DROP FUNCTION IF EXISTS rtprop_audit_append_only()")
+    else:
+        op.execute("DROP TRIGGER IF EXISTS audit_no_update")
+        op.execute("DROP TRIGGER IF EXISTS audit_no_delete")
     with op.batch_alter_table('sends', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_sends_state'))
         batch_op.drop_index(batch_op.f('ix_sends_sop_instance_uid'))

@@ -232,6 +232,19 @@ class BatchConfig(Section):
     montage_cases: int = Field(6, ge=1, description="the worst ROIs (lowest Dice) drawn in the PNG montage")
 
 
+class ModelsConfig(Section):
+    """The model registry and its promotion gate (pipeline/registry.py, docs/finetune.md)."""
+
+    folder: Path = Field(Path("models"), description="registered checkpoints are copied here (relative to "
+                         "storage.root), as <sha256>.pt with their model card beside them")
+    gate_mean_dice_margin: float = Field(
+        0.01, ge=0, le=1, description="activate refuses a model whose mean Dice on the validation ROIs is lower "
+        "than the active model's by more than this")
+    gate_roi_dice_margin: float = Field(
+        0.05, ge=0, le=1, description="... or whose mean Dice on any one ROI name is lower by more than this "
+        "(the refusal names those ROIs)")
+
+
 class Config(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     node: NodeConfig = Field(default_factory=NodeConfig)
@@ -240,3 +253,4 @@ class Config(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     dropin: DropInConfig = Field(default_factory=DropInConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)

@@ -50,8 +50,8 @@ def _parse_when(text: str | None) -> datetime | None:
 
 
 def select_items(factory: sessionmaker[Session], config: Config, *, since: datetime | None, until: datetime | None,
-                 roi_regex: str) -> list[BatchItem]:
-    """Archived RTSTRUCTs (not our own results) with a complete image series and ROIs to re-contour."""
+                 roi_regex: str, include_own: bool = False) -> list[BatchItem]:
+    """Archived RTSTRUCTs (not our own results, unless `include_own`) with a complete image series and ROIs to re-contour."""
     from pipeline.discovery import OWN_MANUFACTURER, match_series, series_folder
 
     regex = re.compile(roi_regex, re.IGNORECASE)
@@ -68,7 +68,7 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
             except Exception as exc:  # noqa: BLE001
                 LOG.warning("batch: cannot read %s: %s", inst.path, exc)
                 continue
-            if str(ds.get("Manufacturer", "")).strip().lower() == OWN_MANUFACTURER:
+            if not include_own and str(ds.get("Manufacturer", "")).strip().lower() == OWN_MANUFACTURER:
                 continue
             names = [str(r.get("ROIName", "")) for r in ds.get("StructureSetROISequence", [])]
             contoured = _contoured_roi_numbers(ds)
@@ -108,6 +108,7 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: str | No
               roi_regex: str | None = None, send: bool | None = None, out: Path | None = None,
               progress: bool = True, trigger: str = "cli") -> dict[str, Any]:
     """Run one batch; returns the summary (also audited). See the module doc."""
+    from pipeline.model_routing import check_loaded, settings_for, verified_settings
     from pipeline.recontour import recontour
     from pipeline.report import write_csv
 
@@ -139,8 +140,11 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: str | No
                                    "roi": roi, "sent": False,
                                    "series_folder": item.series_folder, "rtstruct_path": item.rtstruct_path}
             try:
+                routed = settings_for(factory, config, roi, item.modality)  # the active model for this ROI
+                row["model"] = routed.name
                 summary = recontour(item.series_folder, item.rtstruct_path, roi, config.batch.prompt_kind, roi_dir,
-                                    config)
+                                    config.model_copy(update={"propagation": verified_settings(routed)}))
+                check_loaded(routed, summary["checkpoint_sha256"])
                 m = summary["metrics"]
                 row.update(key_slice=summary["key_slice"], backend=summary["backend"], dice=m["dice"],
                            hd95_mm=m["hd95_mm"], msd_mm=m["msd_mm"], volume_ratio=m["volume_ratio"],
@@ -156,7 +160,8 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: str | No
             with transaction(factory) as session:
                 record(session, "batch.roi", component="batch", study_instance_uid=item.study_uid,
                        series_instance_uid=item.series_uid, sop_instance_uid=item.rtstruct_uid,
-                       calling_ae=item.calling_ae, roi=roi, dice=row.get("dice"), hd95_mm=row.get("hd95_mm"),
+                       calling_ae=item.calling_ae, roi=roi, model=row.get("model", ""), dice=row.get("dice"),
+                       hd95_mm=row.get("hd95_mm"),
                        volume_ratio=row.get("volume_ratio"), error=row.get("error", ""), queued_send=row["sent"])
             if bar is not None:
                 bar.update(1)

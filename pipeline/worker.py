@@ -90,6 +90,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     from converters.rtstruct_write import RoiMask, write_rtstruct
     from converters.series import read_series
     from models.propagate import propagate
+    from pipeline.model_routing import check_loaded, verified_settings
     from pipeline.selfcheck import self_check
 
     config: Config = task["config"]
@@ -106,7 +107,10 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
         spec = PromptSpec.from_json(raw)
         prompt = prompt_object(spec, structure_set)
         t1 = time.perf_counter()
-        result = propagate(volume.array, volume.geometry.spacing_zyx, prompt, volume.modality, config.propagation)
+        routed = task["models"][spec.structure]  # the active model for this ROI name and modality (task_for)
+        result = propagate(volume.array, volume.geometry.spacing_zyx, prompt, volume.modality,
+                           verified_settings(routed))
+        check_loaded(routed, result.checkpoint_sha256)
         if not result.mask.any():
             raise SelfCheckError(f"propagation of {spec.structure!r} ({spec.kind} on slice {spec.slice}) gave an "
                                  "empty mask: nothing to send")
@@ -117,7 +121,8 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
                             description=f"rtprop {result.backend} from {spec.kind} on slice {spec.slice}"))
         masks.append(result.mask)
         slices = result.mask.any(axis=(1, 2)).nonzero()[0]
-        per_structure.append({"structure": spec.structure, "kind": spec.kind, "voxels": int(result.mask.sum()),
+        per_structure.append({"structure": spec.structure, "kind": spec.kind, **routed.describe(),
+                              "voxels": int(result.mask.sum()),
                               "slices": [int(slices[0]), int(slices[-1])],
                               "seconds": round(time.perf_counter() - t1, 3)})
     timings["propagate_s"] = time.perf_counter() - t
@@ -132,6 +137,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     check = self_check(path, volume, masks, config.pipeline.self_check_min_dice)
     timings["self_check_s"] = time.perf_counter() - t
     return {"path": str(path), "sha256": sha256_file(path), "backend": backend, "checkpoint_sha256": checkpoint or "",
+            "model": ",".join(dict.fromkeys(s["model"] for s in per_structure)),
             "timings_s": {k: round(v, 3) for k, v in timings.items()}, "structures": per_structure,
             "self_check": {"ok": check.ok, "dice": check.dice, "min_dice": check.min_dice, "problems": check.problems}}
 
@@ -260,14 +266,21 @@ class Worker:
 
     # ---------------------------------------------------------------- one job
     def task_for(self, job: Job) -> dict[str, Any]:
+        from db.schema import Series
+        from pipeline.model_routing import settings_for
+
         with self.factory() as session:
             folder = series_folder(session, job.series_instance_uid)
             rs_path = rtstruct_path(session, job.rtstruct_sop_instance_uid)
+            modality = session.execute(select(Series.modality).where(
+                Series.series_instance_uid == job.series_instance_uid)).scalar() or ""
         out_dir = (Path(self.config.storage.outbox) / (job.study_instance_uid or "unknown-study")
                    / f"job{job.id}" / f"attempt{job.attempts}")
+        models = {p["structure"]: settings_for(self.factory, self.config, p["structure"], modality)
+                  for p in job.prompts or []}
         return {"job_id": job.id, "series_folder": str(folder), "series_uid": job.series_instance_uid,
                 "rtstruct_path": str(rs_path), "prompts": job.prompts or [], "out_dir": str(out_dir),
-                "config": self.config}
+                "config": self.config, "models": models}
 
     def process(self, job: Job) -> str:
         """Run a claimed job to its next resting state; returns that state."""
@@ -329,11 +342,13 @@ class Worker:
         check = result["self_check"]
         timings = {**result["timings_s"], "total_s": round(seconds, 3)}
         common = dict(backend=result["backend"][:16], checkpoint_sha256=result["checkpoint_sha256"],
-                      versions=versions(), timings_s=timings, self_check_dice=check["min_dice"])
+                      versions={**versions(), "model": result["model"]}, timings_s=timings,
+                      self_check_dice=check["min_dice"])
         with transaction(self.factory) as session:
             row = session.get(Job, job.id)
-            J.audit_job(session, row, "job.propagated", backend=result["backend"], structures=result["structures"],
-                        checkpoint_sha256=result["checkpoint_sha256"], timings_s=timings)
+            J.audit_job(session, row, "job.propagated", backend=result["backend"], model=result["model"],
+                        structures=result["structures"], checkpoint_sha256=result["checkpoint_sha256"],
+                        timings_s=timings)
         if not check["ok"]:
             held = self.quarantine_result(job, Path(result["path"]), check["problems"])
             return self._finish_failed(job, "self-check failed: " + "; ".join(check["problems"])[:3000],

@@ -473,6 +473,12 @@ def audit_export(config_path: Path | None, storage: Path | None, since: str | No
             click.echo(json.dumps({c: getattr(row, c) for c in ("id",) + audit_log.CHAINED_FIELDS + ("hash",)}))
 
 
+from pipeline.cli_models import finetune, models  # noqa: E402  (fine-tuning and the model registry)
+
+cli.add_command(finetune)
+cli.add_command(models)
+
+
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors -> one line + exit 2; the unexpected -> exit 1."""

@@ -204,7 +204,9 @@ def validate(result: TrainResult, entries: list[DataEntry], folder: Path, config
     from pipeline.prompts import prompt_from_roi
 
     # the NPZ frames are already in [0, 1]: an identity CT window hands them to the model unchanged
-    settings = config.propagation.model_copy(update={"backend": "sam2", "ct_window_level": 0.5,
+    sam2 = config.propagation.sam2.model_copy(update={"model_cfg": result.loaded.config_name,
+                                                      "image_size": result.loaded.image_size})
+    settings = config.propagation.model_copy(update={"backend": "sam2", "sam2": sam2, "ct_window_level": 0.5,
                                                      "ct_window_width": 1.0})
     cache = VolumeCache(config.propagation, size=2)
     rows = []

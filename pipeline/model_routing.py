@@ -48,7 +48,9 @@ def model_settings(row: Model, config: Config) -> RoutedModel:
         return RoutedModel(row.name, CLASSIC, "", config.propagation.model_copy(update={"backend": CLASSIC}))
     sam2 = config.propagation.sam2.model_copy(update={"model_cfg": row.model_cfg or config.propagation.sam2.model_cfg,
                                                       "image_size": row.image_size or config.propagation.sam2.image_size})
-    settings = config.propagation.model_copy(update={"backend": "sam2", "checkpoint": Path(row.path), "sam2": sam2})
+    path = Path(row.path)  # relative to the storage root when registered under it (a moved storage still works)
+    path = path if path.is_absolute() else config.storage.root / path
+    settings = config.propagation.model_copy(update={"backend": "sam2", "checkpoint": path, "sam2": sam2})
     return RoutedModel(row.name, "sam2", row.sha256, settings)
 
 

@@ -98,6 +98,9 @@ def add_model(factory: sessionmaker[Session], config: Config, checkpoint: Path, 
     name = name or f"{(card or {}).get('name') or checkpoint.stem}-{digest[:8]}"
     if not NAME_RE.match(name) or name == CLASSIC:
         raise RegistryError(f"model name {name!r}: letters, digits and _.+- only, at most 64, not {CLASSIC!r}")
+    with factory() as session:
+        if session.execute(select(Model.id).where(Model.name == name)).scalar() is not None:
+            raise RegistryError(f"a model named {name!r} is already registered: give another --name")
     folder = models_folder(config)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{digest}.pt"
@@ -114,7 +117,8 @@ def add_model(factory: sessionmaker[Session], config: Config, checkpoint: Path, 
     with transaction(factory) as session:
         if session.execute(select(Model.id).where(Model.name == name)).scalar() is not None:
             raise RegistryError(f"a model named {name!r} is already registered: give another --name")
-        row = Model(name=name, backend="sam2", path=str(target), sha256=digest, model_cfg=cfg, image_size=int(size),
+        stored = target.relative_to(config.storage.root) if target.is_relative_to(config.storage.root) else target
+        row = Model(name=name, backend="sam2", path=str(stored), sha256=digest, model_cfg=cfg, image_size=int(size),
                     card=card, state="registered", roi_regex="", modality="", added_by=current_user(),
                     added_at=utcnow(), activated_by="")
         session.add(row)

@@ -181,8 +181,8 @@ def test_models_add_copies_the_checkpoint_under_the_storage_with_its_sha256(arch
     name, sha = registered["name"], trained["card"]["checkpoint_sha256"]
     assert name == f"gtv-test-{sha[:8]}"
     path, stored_sha, state = query(archive, "SELECT path, sha256, state FROM models WHERE name=?", (name,))[0]
-    assert Path(path).parent.parent == archive and Path(path).name == f"{sha}.pt" and stored_sha == sha
-    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha
+    assert path == f"models/{sha}.pt" and stored_sha == sha  # under the storage root
+    assert hashlib.sha256((archive / path).read_bytes()).hexdigest() == sha
     again = run("models", "add", str(trained["out"]), "--storage", str(archive))
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == name  # same weights: same model
     assert [r["model"] for r in audit_rows(archive, "model.registered")] == [name]
@@ -266,6 +266,7 @@ def test_jobs_are_routed_to_the_active_model_and_a_changed_checkpoint_is_refused
 
     state, backend, sha, versions, error = job_for("first")
     registered_sha, path = query(archive, "SELECT sha256, path FROM models WHERE name=?", (name,))[0]
+    path = archive / path
     assert backend == "sam2" and sha == registered_sha, (state, error)
     assert json.loads(versions)["model"] == name
     propagated = [json.loads(d) for (d,) in query(archive, "SELECT details FROM audit WHERE event='job.propagated'")]

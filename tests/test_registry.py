@@ -87,15 +87,16 @@ def test_registration_copies_with_the_sha256_and_a_changed_file_is_refused_at_lo
     with pytest.raises(RegistryError, match="not its card"):
         add_model(factory, config, ckpt, card_path=card)
     row, created = add_model(factory, config, ckpt, model_cfg="tiny", image_size=256)
-    assert created and row.name == f"weights-{digest[:8]}" and row.path.endswith(f"{digest}.pt")
+    assert created and row.name == f"weights-{digest[:8]}" and row.path == f"models/{digest}.pt"
+    assert (config.storage.root / row.path).read_bytes() == ckpt.read_bytes()
     again, created = add_model(factory, config, ckpt)
     assert not created and again.name == row.name
     listed = {m["name"]: m for m in list_models(factory, config)}
     assert listed["classic"]["default"] and listed[row.name]["state"] == "registered"
     add_row(factory, "live", path=row.path, sha256=digest)
     routed = settings_for(factory, config, "GTV", "CT")
-    assert verified_settings(routed).checkpoint is not None  # the registered file: accepted
-    with open(row.path, "ab") as fh:
+    assert verified_settings(routed).checkpoint == config.storage.root / row.path  # the registered file: accepted
+    with open(config.storage.root / row.path, "ab") as fh:
         fh.write(b"!")
     with pytest.raises(CheckpointError, match="changed after registration"):
         verified_settings(routed)

@@ -335,6 +335,17 @@ class GuardConfig(Section):
 
     hold_implausible: bool = Field(True, description="hold such a job for a person (awaiting_review) instead of "
                                    "sending it; the reasons are on the job, in the audit and in the RTSTRUCT")
+class ModelsConfig(Section):
+    """The model registry and its promotion gate (pipeline/registry.py, docs/finetune.md)."""
+
+    folder: Path = Field(Path("models"), description="registered checkpoints are copied here (relative to "
+                         "storage.root), as <sha256>.pt with their model card beside them")
+    gate_mean_dice_margin: float = Field(
+        0.01, ge=0, le=1, description="activate refuses a model whose mean Dice on the validation ROIs is lower "
+        "than the active model's by more than this")
+    gate_roi_dice_margin: float = Field(
+        0.05, ge=0, le=1, description="... or whose mean Dice on any one ROI name is lower by more than this "
+        "(the refusal names those ROIs)")
 
 
 class Config(Section):
@@ -349,3 +360,4 @@ class Config(Section):
     web: WebConfig = Field(default_factory=WebConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)

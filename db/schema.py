@@ -195,3 +195,29 @@ class Review(Base):
     comment: Mapped[str] = mapped_column(Text, default="")
     user: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+class Model(Base):
+    """A propagation model in the registry: a registered checkpoint (or the built-in `classic`) and where it is active.
+
+    state: registered -> active (for ROIs matching `roi_regex`, '' = all, and `modality`, '' = any)
+    -> registered (superseded) | retired. `sha256` is the checkpoint's at registration: a file that
+    differs at load time is refused. `evaluation` holds the last `rtprop models evaluate` result.
+    """
+
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    backend: Mapped[str] = mapped_column(String(16), default="sam2")  # sam2 | classic
+    path: Mapped[str] = mapped_column(Text, default="")  # checkpoint under storage (models.folder)
+    sha256: Mapped[str] = mapped_column(String(64), default="", index=True)
+    model_cfg: Mapped[str] = mapped_column(String(255), default="")
+    image_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    card: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="registered", index=True)
+    roi_regex: Mapped[str] = mapped_column(String(255), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    evaluation: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    evaluated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    added_by: Mapped[str] = mapped_column(String(64), default="")
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    activated_by: Mapped[str] = mapped_column(String(64), default="")
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

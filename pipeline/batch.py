@@ -45,10 +45,11 @@ class BatchItem:
 
 
 def select_items(factory: sessionmaker[Session], config: Config, *, since: datetime | None, until: datetime | None,
-                 roi_regex: str, study: str | None = None) -> tuple[list[BatchItem], list[dict[str, Any]]]:
-    """Archived RTSTRUCTs (not our own results) with a complete image series and ROIs to re-contour,
-    and the ones that cannot be re-contoured (as drift.csv rows with the error: an RTSTRUCT whose
-    series is ambiguous is reported, never guessed)."""
+                 roi_regex: str, study: str | None = None,
+                 include_own: bool = False) -> tuple[list[BatchItem], list[dict[str, Any]]]:
+    """Archived RTSTRUCTs (not our own results, unless `include_own`) with a complete image series and
+    ROIs to re-contour, and the ones that cannot be re-contoured (as drift.csv rows with the error: an
+    RTSTRUCT whose series is ambiguous is reported, never guessed)."""
     from pipeline.discovery import is_own_result, match_series, series_folder
 
     regex = re.compile(roi_regex, re.IGNORECASE)
@@ -67,7 +68,7 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
             except Exception as exc:  # noqa: BLE001
                 LOG.warning("batch: cannot read %s: %s", inst.path, exc)
                 continue
-            if is_own_result(ds):
+            if not include_own and is_own_result(ds):
                 continue
             names = [str(r.get("ROIName", "")) for r in ds.get("StructureSetROISequence", [])]
             contoured = _contoured_roi_numbers(ds)
@@ -165,6 +166,7 @@ def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchIte
     The new RTSTRUCT's UIDs derive from the run, the RTSTRUCT and the ROI: an item run twice (the job
     engine delivers at least once) writes, and queues, the same instance.
     """
+    from pipeline.model_routing import check_loaded, settings_for, verified_settings
     from pipeline.recontour import recontour
 
     safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", roi)
@@ -175,8 +177,12 @@ def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchIte
                            "roi": roi, "sent": False,
                            "series_folder": item.series_folder, "rtstruct_path": item.rtstruct_path}
     try:
+        routed = settings_for(factory, config, roi, item.modality)  # the active model for this ROI
+        row["model"] = routed.name
         summary = recontour(item.series_folder, item.rtstruct_path, roi, config.batch.prompt_kind, roi_dir,
-                            config, uid_seed=f"rtprop-batch:{run_dir.name}:{item.rtstruct_uid}:{roi}")
+                            config.model_copy(update={"propagation": verified_settings(routed)}),
+                            uid_seed=f"rtprop-batch:{run_dir.name}:{item.rtstruct_uid}:{roi}")
+        check_loaded(routed, summary["checkpoint_sha256"])
         m = summary["metrics"]
         row.update(key_slice=summary["key_slice"], backend=summary["backend"], dice=m["dice"],
                    hd95_mm=m["hd95_mm"], msd_mm=m["msd_mm"], volume_ratio=m["volume_ratio"],
@@ -192,7 +198,8 @@ def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchIte
         record(session, "batch.roi", component="batch", study_instance_uid=item.study_uid,
                series_instance_uid=item.series_uid, sop_instance_uid=item.rtstruct_uid,
                calling_ae=item.calling_ae, roi=roi, dice=row.get("dice"), hd95_mm=row.get("hd95_mm"),
-               volume_ratio=row.get("volume_ratio"), error=row.get("error", ""), queued_send=row["sent"])
+               volume_ratio=row.get("volume_ratio"), error=row.get("error", ""), queued_send=row["sent"],
+               model=row.get("model", ""))
     return row
 
 

@@ -610,6 +610,11 @@ from web.commands import start_web_and_heartbeats, users as _users, web as _web 
 cli.add_command(_web)
 cli.add_command(_users)
 
+from pipeline.cli_models import finetune, models  # noqa: E402  (fine-tuning and the model registry)
+
+cli.add_command(finetune)
+cli.add_command(models)
+
 
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:

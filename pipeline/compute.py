@@ -85,6 +85,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     from converters.series import read_series
     from converters.tps import output_style
     from models.propagate import propagate
+    from pipeline.model_routing import check_loaded, verified_settings
     from pipeline.prompt_rois import PromptSpec, prompt_objects
     from pipeline.selfcheck import self_check
 
@@ -102,7 +103,10 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
         spec = PromptSpec.from_json(raw)
         prompts = prompt_objects(spec, structure_set)
         t1 = time.perf_counter()
-        result = propagate(volume.array, volume.geometry.spacing_zyx, prompts, volume.modality, config.propagation)
+        routed = task["models"][spec.structure]  # the active model for this ROI name and modality (task_for)
+        result = propagate(volume.array, volume.geometry.spacing_zyx, prompts, volume.modality,
+                           verified_settings(routed))
+        check_loaded(routed, result.checkpoint_sha256)
         if not result.mask.any():
             raise SelfCheckError(f"propagation of {spec.structure!r} ({spec.describe()}) gave an empty mask: "
                                  "nothing to send")
@@ -116,6 +120,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
         masks.append(result.mask)
         slices = result.mask.any(axis=(1, 2)).nonzero()[0]
         per_structure.append({"structure": spec.structure, "prompt": spec.describe(), "warnings": result.warnings,
+                              **routed.describe(),
                               "voxels": int(result.mask.sum()),
                               "slices": [int(slices[0]), int(slices[-1])],
                               "seconds": round(time.perf_counter() - t1, 3)})
@@ -134,6 +139,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     check = self_check(path, volume, masks, config.pipeline.self_check_min_dice)
     timings["self_check_s"] = time.perf_counter() - t
     return {"path": str(path), "sha256": sha256_file(path), "backend": backend, "checkpoint_sha256": checkpoint or "",
+            "model": ",".join(dict.fromkeys(s["model"] for s in per_structure)),
             "timings_s": {k: round(v, 3) for k, v in timings.items()}, "structures": per_structure,
             "self_check": {"ok": check.ok, "dice": check.dice, "min_dice": check.min_dice, "problems": check.problems}}
 

@@ -19,11 +19,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config
 from db.engine import transaction
-from db.schema import Job, utcnow
+from db.schema import Job, Series, utcnow
 from pipeline import jobs as J
 from pipeline.compute import JobLost, outcome, run_child, versions
 from pipeline.delivery import deliver
@@ -33,15 +34,21 @@ LOG = logging.getLogger("rtprop.pipeline.runner")
 
 
 def task_for(factory: sessionmaker[Session], config: Config, job: Job) -> dict[str, Any]:
-    """What the child needs: file paths, prompts, where to write, the configuration."""
+    """What the child needs: file paths, prompts, where to write, the configuration, and per structure the
+    model active for its ROI name and the series' modality (pipeline/model_routing.py)."""
+    from pipeline.model_routing import settings_for
+
     with factory() as session:
         folder = series_folder(session, job.series_instance_uid)
         rs_path = rtstruct_path(session, job.rtstruct_sop_instance_uid)
+        modality = session.execute(select(Series.modality).where(
+            Series.series_instance_uid == job.series_instance_uid)).scalar() or ""
+    models = {p["structure"]: settings_for(factory, config, p["structure"], modality) for p in job.prompts or []}
     out_dir = (Path(config.storage.outbox) / (job.study_instance_uid or "unknown-study")
                / f"job{job.id}" / f"attempt{job.attempts}")
     return {"job_id": job.id, "series_folder": str(folder), "series_uid": job.series_instance_uid,
             "rtstruct_path": str(rs_path), "prompts": job.prompts or [], "out_dir": str(out_dir), "config": config,
-            "uid_seed": uid_seed(job)}
+            "uid_seed": uid_seed(job), "models": models}
 
 
 def uid_seed(job: Job) -> str:
@@ -134,11 +141,12 @@ def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str
     check = result["self_check"]
     timings = {**result["timings_s"], "total_s": round(seconds, 3)}
     common = dict(backend=result["backend"][:16], checkpoint_sha256=result["checkpoint_sha256"],
-                  versions=versions(), timings_s=timings, self_check_dice=check["min_dice"])
+                  versions={**versions(), "model": result["model"]}, timings_s=timings,
+                  self_check_dice=check["min_dice"])
     with transaction(factory) as session:
         row = session.get(Job, job.id)
-        J.audit_job(session, row, "job.propagated", backend=result["backend"], structures=result["structures"],
-                    checkpoint_sha256=result["checkpoint_sha256"], timings_s=timings)
+        J.audit_job(session, row, "job.propagated", backend=result["backend"], model=result["model"],
+                    structures=result["structures"], checkpoint_sha256=result["checkpoint_sha256"], timings_s=timings)
     if not check["ok"]:
         held = quarantine_result(config, job, Path(result["path"]), check["problems"])
         return _failed(factory, job, me, "self-check failed: " + "; ".join(check["problems"])[:3000],

@@ -1,0 +1,106 @@
+"""Which model contours an ROI: the active registered model for its name and modality, else the configuration.
+
+A model row active for (roi_regex, modality) serves an ROI whose name fully matches the regex
+(case-insensitive; '' = every ROI) and whose series has that modality ('' = any). When several
+match, the most specific wins (regex and modality, then regex, then modality, then neither), then
+the most recently activated. No match: the configuration's `propagation` section, named `classic`
+when it resolves to the weight-free backend (the default active model) and `config-default`
+otherwise. Jobs (pipeline/worker.py), the nightly batch and `rtprop models evaluate` route here.
+
+The checkpoint of a registered model is checked against the sha256 recorded at registration
+before every use (`verified_settings`) and against what the loader actually read (`check_loaded`):
+a file changed on disk after registration is refused, never used.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.schema import Config, PropagationConfig
+from db.schema import Model, aware
+from models.propagate import choose_backend
+from models.sam2_loader import CheckpointError, sha256_of
+
+CLASSIC = "classic"
+CONFIG_DEFAULT = "config-default"
+
+
+@dataclass(frozen=True)
+class RoutedModel:
+    """The model chosen for one ROI: its registry name, backend, checkpoint sha256 ('' = none) and settings."""
+
+    name: str
+    backend: str
+    sha256: str
+    settings: PropagationConfig
+
+    def describe(self) -> dict[str, str]:
+        return {"model": self.name, "backend": self.backend, "checkpoint_sha256": self.sha256}
+
+
+def model_settings(row: Model, config: Config) -> RoutedModel:
+    """The propagation settings that run registered model `row` (the configuration's, with its backend and weights)."""
+    if row.backend == CLASSIC:
+        return RoutedModel(row.name, CLASSIC, "", config.propagation.model_copy(update={"backend": CLASSIC}))
+    sam2 = config.propagation.sam2.model_copy(update={"model_cfg": row.model_cfg or config.propagation.sam2.model_cfg,
+                                                      "image_size": row.image_size or config.propagation.sam2.image_size})
+    path = Path(row.path)  # relative to the storage root when registered under it (a moved storage still works)
+    path = path if path.is_absolute() else config.storage.root / path
+    settings = config.propagation.model_copy(update={"backend": "sam2", "checkpoint": path, "sam2": sam2})
+    return RoutedModel(row.name, "sam2", row.sha256, settings)
+
+
+def default_model(config: Config) -> RoutedModel:
+    """What runs when no registered model is active for an ROI: the configuration as it stands."""
+    backend = choose_backend(config.propagation)
+    return RoutedModel(CLASSIC if backend == CLASSIC else CONFIG_DEFAULT, backend, "", config.propagation)
+
+
+def scope_matches(row: Model, roi_name: str, modality: str) -> bool:
+    if row.modality and row.modality.upper() != (modality or "").upper():
+        return False
+    return not row.roi_regex or re.fullmatch(row.roi_regex, roi_name.strip(), re.IGNORECASE) is not None
+
+
+def active_row(session: Session, roi_name: str, modality: str) -> Model | None:
+    """The active model row serving (roi_name, modality), most specific scope first; None = the default."""
+    rows = session.execute(select(Model).where(Model.state == "active")).scalars().all()
+    matching = [r for r in rows if scope_matches(r, roi_name, modality)]
+    if not matching:
+        return None
+    return max(matching, key=lambda r: (bool(r.roi_regex) and bool(r.modality), bool(r.roi_regex), bool(r.modality),
+                                        aware(r.activated_at) or aware(r.added_at), r.id))
+
+
+def settings_for(factory: sessionmaker[Session], config: Config, roi_name: str, modality: str) -> RoutedModel:
+    """The model (and its PropagationConfig in `.settings`) that contours `roi_name` on a `modality` series."""
+    with factory() as session:
+        row = active_row(session, roi_name, modality)
+        return model_settings(row, config) if row is not None else default_model(config)
+
+
+def verified_settings(routed: RoutedModel) -> PropagationConfig:
+    """`routed.settings`, after checking its checkpoint is still the file registered (CheckpointError if not)."""
+    if routed.sha256 and routed.settings.checkpoint is not None:
+        path = Path(routed.settings.checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path.name} of model {routed.name!r} is missing from {path.parent}")
+        digest = sha256_of(path)
+        if digest != routed.sha256:
+            raise CheckpointError(f"checkpoint {path.name} in {path.parent} of model {routed.name!r} changed after "
+                                  f"registration (sha256 {digest[:12]}..., registered {routed.sha256[:12]}...): "
+                                  "refused; register the new file as a new model")
+    return routed.settings
+
+
+def check_loaded(routed: RoutedModel, loaded_sha256: str | None) -> None:
+    """The weights the loader read (`PropagationResult.checkpoint_sha256`) are the registered ones: the file
+    could change between `verified_settings` and the load."""
+    if routed.sha256 and loaded_sha256 != routed.sha256:
+        raise CheckpointError(f"model {routed.name!r}: the loaded checkpoint has sha256 "
+                              f"{(loaded_sha256 or 'none')[:12]}..., registered {routed.sha256[:12]}...: "
+                              "result discarded")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config.errors import UserError
 from config.schema import PropagationConfig
 from converters.volume_io import read_mask, read_npz
 from models.preprocess import normalise
@@ -57,7 +58,7 @@ RUN_IDENTITY = ("model_cfg", "image_size", "seed", "steps", "lr", "weight_decay"
                 "grad_clip", "random_init")
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError):
     """Training cannot start or resume (bad data, a different run in the same output); says which file or key."""
 
 

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import click
 from config.errors import UserError
 from config.load import load_config, resolve_storage
 from config.schema import Config
+from pipeline.cli_params import ISO_DATE
 from pipeline.compute import LOG_FORMAT
 
 log = logging.getLogger("rtprop")
@@ -77,24 +78,6 @@ def run_until_signal(stop: threading.Event, threads: list[threading.Thread], joi
         t.join(timeout=join_s)
 
 
-class IsoDateTime(click.ParamType):
-    """An ISO 8601 date or date-time (2026-11-30, 2026-11-30T18:00, 2026-11-30T18:00+01:00); UTC unless an
-    offset is given."""
-
-    name = "ISO-DATE"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
-        if isinstance(value, datetime):
-            return value
-        try:
-            when = datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 date or date-time (e.g. 2026-11-30 or 2026-11-30T18:00; UTC "
-                      "unless an offset such as +01:00 is given)", param, ctx)
-        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-
-
-ISO_DATE = IsoDateTime()
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                              help="YAML configuration file (see config/example.yaml).")
 storage_option = click.option("--storage", type=click.Path(file_okay=False, path_type=Path),

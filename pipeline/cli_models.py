@@ -14,6 +14,7 @@ import click
 
 from config.load import load_config, resolve_storage
 from config.schema import Config
+from pipeline.cli_params import ISO_DATE
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                              help="YAML configuration file (see config/example.yaml).")
@@ -45,7 +46,7 @@ def _factory(config: Config):  # type: ignore[no-untyped-def]
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Train on these NPZ files (MedSAM2 layout) instead of the archive.")
 @click.option("--roi-regex", help="Archived ROIs to learn: case-insensitive full match, e.g. 'GTV.*' (with --storage).")
-@click.option("--since", help="Only RTSTRUCTs received from this ISO date/time (UTC unless an offset is given).")
+@click.option("--since", type=ISO_DATE, help="Only RTSTRUCTs received from this ISO 8601 date or date-time (UTC unless an offset is given).")
 @click.option("--include-own", is_flag=True, help="Also learn from RTSTRUCTs rtprop wrote (default: clinic contours only).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write; OUT.card.json/.card.md beside it. Started again with the same OUT, a run "

@@ -289,7 +289,7 @@ def card_markdown(card: dict[str, Any]) -> str:
 def make_card(result: TrainResult, settings: FinetuneSettings, entries: list[DataEntry], train_p: list[str],
               val_p: list[str], source: dict[str, Any], validation: dict[str, Any], split_seed: int,
               fraction: float, user: str) -> dict[str, Any]:
-    from pipeline.worker import versions
+    from pipeline.compute import versions
 
     train_set = set(train_p)
     rois: dict[str, dict[str, int]] = {}
@@ -354,7 +354,7 @@ def work_folder(config: Config, out: Path) -> Path:
 
 
 def run_finetune(config: Config, out: Path, settings: FinetuneSettings, *, data: Path | None = None,
-                 roi_regex: str | None = None, since: str | None = None, include_own: bool = False,
+                 roi_regex: str | None = None, since: datetime | None = None, include_own: bool = False,
                  validation_fraction: float = 0.2, progress: bool = True) -> dict[str, Any]:
     """Collect (or read) the data, split by patient, train, validate, write the card; returns a summary."""
     from db.audit import record
@@ -373,7 +373,8 @@ def run_finetune(config: Config, out: Path, settings: FinetuneSettings, *, data:
         if not roi_regex:
             raise FinetuneError("--roi-regex is required with --storage (which ROIs to learn, e.g. 'GTV.*')")
         folder = work_folder(config, out)
-        source = {"kind": "archive", "storage": str(config.storage.root), "roi_regex": roi_regex, "since": since,
+        source = {"kind": "archive", "storage": str(config.storage.root), "roi_regex": roi_regex,
+                  "since": since.isoformat() if since else None,
                   "include_own": include_own, "folder": str(folder)}
         if (folder / "dataset.json").is_file():  # a run started again: the same data as its first start
             entries, saved = read_data_folder(folder)
@@ -382,12 +383,10 @@ def run_finetune(config: Config, out: Path, settings: FinetuneSettings, *, data:
                                     "--out or remove that folder")
             LOG.info("reusing the converted data in %s", folder)
         else:
-            from pipeline.batch import _parse_when
-
-            rois = archived_rois(factory, config, roi_regex, since=_parse_when(since), include_own=include_own)
+            rois = archived_rois(factory, config, roi_regex, since=since, include_own=include_own)
             if not rois:
                 raise FinetuneError(f"no archived, fully contoured ROI matches {roi_regex!r}"
-                                    + (f" since {since}" if since else "") + f" in {config.storage.root}")
+                                    + (f" since {since.isoformat()}" if since else "") + f" in {config.storage.root}")
             entries = convert(rois, folder, config, progress)
             write_manifest(folder, entries, source)
     train_p, val_p = split_patients([e.patient for e in entries], validation_fraction, settings.seed)

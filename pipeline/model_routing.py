@@ -5,7 +5,7 @@ A model row active for (roi_regex, modality) serves an ROI whose name fully matc
 match, the most specific wins (regex and modality, then regex, then modality, then neither), then
 the most recently activated. No match: the configuration's `propagation` section, named `classic`
 when it resolves to the weight-free backend (the default active model) and `config-default`
-otherwise. Jobs (pipeline/worker.py), the nightly batch and `rtprop models evaluate` route here.
+otherwise. Jobs (pipeline/runner.py), the nightly batch and `rtprop models evaluate` route here.
 
 The checkpoint of a registered model is checked against the sha256 recorded at registration
 before every use (`verified_settings`) and against what the loader actually read (`check_loaded`):

@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.errors import UserError
 from config.schema import Config
 from db.audit import record
 from db.engine import transaction
@@ -42,7 +43,7 @@ from pipeline.model_routing import (CLASSIC, check_loaded, default_model, model_
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """A registry request that cannot be done (unknown model, bad name, no validation data); says why."""
 
 

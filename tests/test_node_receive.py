@@ -36,7 +36,10 @@ def test_echo_and_real_ct_series_with_rtstruct(tmp_path: Path, shared_data: Path
         assert node.query("select count(*) from audit where event='instance.duplicate'")[0][0] == 5
         rows = node.query("select path, sha256, calling_ae, peer_address from instances")
         events = dict(node.query("select event, count(*) from audit group by event"))
-        ends = [json.loads(d) for (d,) in node.query("select details from audit where event='association.released'")]
+        # the release is audited after the peer has its answer: wait for both stores' ends
+        ends = wait_for(lambda: (e := [json.loads(d) for (d,) in node.query(
+            "select details from audit where event='association.released'")])
+            and sum(1 for x in e if x["instances_stored"]) >= 2 and e, 10, what="both releases audited")
     files = [p for p in (node.storage / "archive").rglob("*") if p.is_file()]
     assert len(files) == 60 and not [p for p in files if p.name.startswith(".rtprop-tmp-")]
     for path, sha, ae, peer in rows:

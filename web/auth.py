@@ -26,6 +26,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from config.errors import UserError
 from db.schema import ApiToken, User, utcnow
 
 ROLES = ("viewer", "reviewer", "admin")
@@ -38,7 +39,7 @@ _HASHER = PasswordHasher()
 _DUMMY_HASH = _HASHER.hash("rtprop-no-such-user")
 
 
-class AuthError(ValueError):
+class AuthError(UserError):
     """A user-management request that cannot be done (unknown user, weak password, bad role)."""
 
 

@@ -1,7 +1,7 @@
 """The review page: the series with the propagated contour drawn over it, and Accept / Reject per structure.
 
 Per-slice confidence comes from the job's result side-file `review.json` (written by
-pipeline/worker.py `compute` beside the RTSTRUCT: per structure its output ROI name, prompt
+pipeline/compute.py beside the RTSTRUCT: per structure its output ROI name, prompt
 slice, warnings and one confidence value per slice); a job without it shows no confidence.
 """
 from __future__ import annotations

@@ -61,6 +61,10 @@ TEMPLATE_SEARCH_MM = 10.0  # how far a cross-section may shift between neighbour
 TEMPLATE_PENALTY = 0.02  # correlation given up per mm of shift (per slice gap): small shifts win ties
 GAP_CONFIDENCE = 0.5  # slices filled by interpolation between prompts, not by a chain: neither sure nor unsure
 OPENING_FRACTION = 0.1  # per-slice opening radius, as a fraction of the cross-section's equivalent diameter
+# A box candidate filling more than this share of its box found no boundary inside it (a structure as
+# dense as its neighbours): a tight box's corners are then taken as background, the inscribed ellipse
+# being the shape of a structure touching all four sides (sts-001 GTV, key slice 0.86 -> 0.94 on CT and MR).
+BOX_FULL_FILL = 0.9
 
 
 # ----------------------------------------------------------------------------- key slice
@@ -179,6 +183,21 @@ def _box_coverage(mask: np.ndarray, box: BoxPrompt) -> float:
     return 0.5 * (float(sub.any(axis=1).mean()) + float(sub.any(axis=0).mean()))
 
 
+def _inscribed_ellipse(shape: tuple[int, int], box: BoxPrompt) -> np.ndarray:
+    """The ellipse touching the box's four sides (pixel centres within it), on an image of `shape`."""
+    yy, xx = np.ogrid[:shape[0], :shape[1]]
+    ry, rx = (box.y1 - box.y0 + 1) / 2.0, (box.x1 - box.x0 + 1) / 2.0
+    return ((yy - (box.y0 + box.y1) / 2.0) / ry) ** 2 + ((xx - (box.x0 + box.x1) / 2.0) / rx) ** 2 <= 1.0
+
+
+def _cut_full_box(mask: np.ndarray, box: BoxPrompt) -> np.ndarray:
+    """`mask` cut to the box's inscribed ellipse if it fills more than BOX_FULL_FILL of the box (see there)."""
+    if mask[box.y0:box.y1 + 1, box.x0:box.x1 + 1].mean() <= BOX_FULL_FILL:
+        return mask
+    cut = mask & _inscribed_ellipse(mask.shape, box)
+    return cut if cut.any() else mask
+
+
 def key_mask_from_box(feature2d: np.ndarray, box: BoxPrompt,
                       spacing_yx: tuple[float, float] = (1.0, 1.0), method: str = "tight_select") -> np.ndarray:
     """Segment the structure inside a tight box.
@@ -187,7 +206,8 @@ def key_mask_from_box(feature2d: np.ndarray, box: BoxPrompt,
     (that model, and GrabCut with the tightness prior on two feature sets); the one that reaches
     most of the box's rows and columns wins (the tight box's own guarantee, compared in steps of
     0.1 so noise at the box's edge does not decide), ties going to the one standing out most from
-    the 10 mm ring around it (mean-difference over pooled SD). No per-structure choice is made.
+    the 10 mm ring around it (mean-difference over pooled SD). A winner filling nearly all of the box
+    is cut to the box's inscribed ellipse (`BOX_FULL_FILL`). No per-structure choice is made.
     """
     hist = _histogram_candidate(feature2d, box)
     if method == "histogram":
@@ -200,7 +220,7 @@ def key_mask_from_box(feature2d: np.ndarray, box: BoxPrompt,
         score = (round(_box_coverage(cand, box), 1), ring_contrast(feature2d, cand, spacing_yx))
         if score > best_score:
             best, best_score = cand, score
-    return best
+    return _cut_full_box(best, box)
 
 
 # ----------------------------------------------------------------------------- propagation step

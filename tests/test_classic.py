@@ -193,6 +193,23 @@ def test_key_slice_reaches_every_row_and_column_of_a_tight_box():
     assert sub.any(axis=1).all() and sub.any(axis=0).all()
 
 
+def test_structure_as_dense_as_its_neighbours_is_cut_to_the_box_s_ellipse():
+    # A round tumour inside muscle of the same density: nothing inside the tight box marks a boundary,
+    # every candidate fills the box; its corners are then background (a filled box scores ~0.88 here).
+    yy, xx = np.mgrid[:96, :96]
+    disc = (yy - 48) ** 2 + (xx - 48) ** 2 <= 20 ** 2
+    truth = np.repeat(disc[None], 9, axis=0)
+    muscle = np.zeros_like(truth)
+    muscle[:, 16:80, 12:84] = True
+    rng = np.random.default_rng(10)
+    image = np.full(truth.shape, -100.0, np.float32)  # fat around ...
+    image[muscle] = 50.0  # ... a muscle block holding the tumour at the same density
+    image += rng.normal(0.0, 10.0, truth.shape).astype(np.float32)
+    prompt = prompt_from_roi(truth, "box")
+    key = classic.key_mask_from_box(slice_features(image, "CT")(4), prompt)
+    assert dice(key, truth[4]) > 0.95
+
+
 def test_point_on_tissue_next_to_air_is_accepted(ct):
     # the air check must look at the click, not reject everything in an image that has air
     result = classic.propagate(ct, (2.5, 1.0, 1.0), PointPrompt(20, ((48, 48, True),)), "CT")

@@ -309,50 +309,45 @@ def _structure_at_scale(feature2d: np.ndarray, prompt: PointPrompt, spacing_yx: 
     A textured structure (a sarcoma on fine-pixel MR) breaks into grains on its own pixels and the
     click finds one grain; averaged to ~2 mm the texture is gone and the structure is whole. The
     coarse result wins only when the fine one is less than SPECK_FRACTION of it (a speck inside the
-    structure) and does not fit a trusted ray outline (`_fits_outline`); otherwise the fine one keeps
+    structure) and does not fit the clicks' trusted ray outline (`_disagrees`); otherwise the fine one keeps
     its detail. On pixels of 1 mm and more nothing changes.
     """
-    fine = _clicked_structure(feature2d, prompt, spacing_yx, competitor)
+    feature2d = np.asarray(feature2d, dtype=np.float32)
+    ratio = _outline_ratio(feature2d, _positives(prompt), spacing_yx)  # once: the fine walk and the speck test
+    fine = _clicked_structure(feature2d, prompt, spacing_yx, competitor, ratio)
     fy, fx = (max(1, int(COARSE_GRID_MM / s)) for s in spacing_yx)
     if fy == 1 and fx == 1:
         return fine
     ny, nx = feature2d.shape
-    h, w = -(-ny // fy) * fy, -(-nx // fx) * fx
-
-    def shrink(image: np.ndarray) -> np.ndarray:
-        padded = np.pad(np.asarray(image, dtype=np.float32), ((0, h - ny), (0, w - nx)), mode="edge")
-        return padded.reshape(h // fy, fy, w // fx, fx).mean(axis=(1, 3))
-
     small_prompt = PointPrompt(prompt.slice_index, tuple((x // fx, y // fy, p) for x, y, p in prompt.points))
-    small = _clicked_structure(shrink(feature2d), small_prompt, (spacing_yx[0] * fy, spacing_yx[1] * fx),
-                               None if competitor is None else shrink(competitor) > 0.5, outline=False)
+    small = _clicked_structure(_block_mean(feature2d, fy, fx), small_prompt, (spacing_yx[0] * fy, spacing_yx[1] * fx),
+                               None if competitor is None else _block_mean(competitor, fy, fx) > 0.5)
     coarse = ndimage.zoom(small.astype(np.float32), (fy, fx), order=1, grid_mode=True, mode="nearest")[:ny, :nx] > 0.5
     for x, y, positive in prompt.points:  # the clicks themselves, whatever the rounding
         coarse[y, x] = positive
-    if fine.sum() >= SPECK_FRACTION * coarse.sum() or _fits_outline(feature2d, fine, prompt, spacing_yx):
+    if fine.sum() >= SPECK_FRACTION * coarse.sum():
         return fine
-    return coarse
+    # a fine result fitting the trusted ray outline is the structure, not a speck of it, however much
+    # larger the ~2 mm walk (which can blur a thin rim away and fill same-intensity muscle) came out
+    fits = ratio is not None and not _disagrees(fine, ratio, _positives(prompt), spacing_yx)
+    return fine if fits else coarse
 
 
-def _fits_outline(feature2d: np.ndarray, mask: np.ndarray, prompt: PointPrompt,
-                  spacing_yx: tuple[float, float]) -> bool:
-    """Whether `mask` fits the positive clicks' trusted ray outline (`_ray_outline`, `_disagrees`): then it
-    is the structure, not a speck of it, however much larger the ~2 mm walk (which can blur a thin rim
-    away and fill the same-intensity muscle around a tumour) came out."""
-    pos = [(y, x) for x, y, p in prompt.points if p]
-    ratio = _outline_ratio(np.asarray(feature2d, dtype=np.float32), pos, spacing_yx)
-    return ratio is not None and not _disagrees(mask, ratio, pos, spacing_yx)
+def _positives(prompt: PointPrompt) -> list[tuple[int, int]]:
+    """(y, x) of the positive clicks not covered by a negative click on the same pixel."""
+    negatives = {(x, y) for x, y, p in prompt.points if not p}
+    return [(y, x) for x, y, p in prompt.points if p and (x, y) not in negatives]
 
 
 def _clicked_structure(feature2d: np.ndarray, prompt: PointPrompt, spacing_yx: tuple[float, float],
-                       competitor: np.ndarray | None = None, outline: bool = True) -> np.ndarray:
+                       competitor: np.ndarray | None = None, ratio: np.ndarray | None = None) -> np.ndarray:
     """The random walk at the clicks' own scale (module docstring), around the positive clicks.
 
     `competitor`: a region whose pixels beyond RING_RADII[1] inscribed radii of the clicks are
-    surroundings seeds (negative_region). `outline`: a walk disagreeing with a trusted ray outline is
-    re-run within it (`_disagrees`); not on the ~2 mm blocks, which blur away the rim the rays find."""
+    surroundings seeds (negative_region). `ratio`: the clicks' trusted ray outline on these pixels
+    (`_outline_ratio`), or None; a walk disagreeing with it is re-run within it (`_disagrees`). Not given
+    on the ~2 mm blocks, which blur away the rim the rays find."""
     feature2d = np.asarray(feature2d, dtype=np.float32)
-    pos = [(y, x) for x, y, p in prompt.points if p]
     seeds = np.zeros(feature2d.shape, dtype=bool)
     negatives = np.zeros(feature2d.shape, dtype=bool)
     for x, y, positive in prompt.points:
@@ -361,7 +356,7 @@ def _clicked_structure(feature2d: np.ndarray, prompt: PointPrompt, spacing_yx: t
     if not seeds.any():
         raise PromptError(f"the points on slice {prompt.slice_index} give an empty region "
                           "(negative points cover the positive ones?)")
-    pos = [(y, x) for y, x in pos if seeds[y, x]]
+    pos = _positives(prompt)
     noise = _noise(feature2d, spacing_yx)  # once per slice: the rays, the walks and the negative clicks share it
     rho = _scale_map(_click_radii(feature2d, pos, spacing_yx, noise), pos, feature2d.shape, spacing_yx)
     negatives = _negative_discs(feature2d, negatives, seeds, spacing_yx, noise)
@@ -369,7 +364,6 @@ def _clicked_structure(feature2d: np.ndarray, prompt: PointPrompt, spacing_yx: t
     if competitor is not None:
         negatives |= competitor & (to_click > RING_RADII[1] * rho)
     mask = _walk(feature2d, seeds, negatives, rho, to_click, spacing_yx, noise)
-    ratio = _outline_ratio(feature2d, pos, spacing_yx) if outline else None
     if ratio is not None and _disagrees(mask, ratio, pos, spacing_yx):
         mask = _walk(feature2d, seeds, negatives | (ratio > RAY_OUTLINE_BOUND), rho, to_click, spacing_yx, noise,
                      core=ratio <= RAY_OUTLINE_CORE, reseeds=0)

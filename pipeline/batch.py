@@ -133,20 +133,16 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: datetime
         for row in skipped:
             record(session, "batch.skipped", component="batch", study_instance_uid=row["study_instance_uid"],
                    sop_instance_uid=row["rtstruct_sop_instance_uid"], roi=row["roi"], error=row["error"])
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="rtprop batch", unit="roi")
+    bar = tqdm(total=total, desc="rtprop batch", unit="roi", disable=not progress)  # disabled: every call a no-op
     for item in items:
         for roi in item.rois:
             row = recontour_roi(factory, config, item, roi, run_dir, send)
             rows.append(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"{roi} dice={row.get('dice', float('nan')):.3f}")
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+            bar.set_postfix_str(f"{roi} dice={row.get('dice', float('nan')):.3f}")
+    bar.close()
     csv_path = run_dir / "drift.csv"
     write_csv(rows, csv_path)
     montage_path = make_montage(rows, config, run_dir / "montage.png") if any("dice" in r for r in rows) else None

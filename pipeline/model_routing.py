@@ -83,15 +83,20 @@ def settings_for(factory: sessionmaker[Session], config: Config, roi_name: str, 
         return model_settings(row, config) if row is not None else default_model(config)
 
 
+class CheckpointChangedError(CheckpointError):
+    """A registered model's checkpoint file is no longer the one registered: refused, never scored."""
+
+
 def verified_settings(routed: RoutedModel) -> PropagationConfig:
-    """`routed.settings`, after checking its checkpoint is still the file registered (CheckpointError if not)."""
+    """`routed.settings`, after checking its checkpoint is still the file registered (CheckpointChangedError if
+    not; CheckpointError if it is missing)."""
     if routed.sha256 and routed.settings.checkpoint is not None:
         path = Path(routed.settings.checkpoint)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path.name} of model {routed.name!r} is missing from {path.parent}")
         digest = sha256_of(path)
         if digest != routed.sha256:
-            raise CheckpointError(f"checkpoint {path.name} in {path.parent} of model {routed.name!r} changed after "
+            raise CheckpointChangedError(f"checkpoint {path.name} in {path.parent} of model {routed.name!r} changed after "
                                   f"registration (sha256 {digest[:12]}..., registered {routed.sha256[:12]}...): "
                                   "refused; register the new file as a new model")
     return routed.settings

@@ -37,8 +37,8 @@ from db.audit import record
 from db.engine import transaction
 from db.schema import Model, aware, utcnow
 from models.sam2_loader import sha256_of
-from pipeline.model_routing import (CLASSIC, check_loaded, default_model, model_settings, settings_for,
-                                    verified_settings)
+from pipeline.model_routing import (CLASSIC, CheckpointChangedError, check_loaded, default_model, model_settings,
+                                    settings_for, verified_settings)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
@@ -183,11 +183,9 @@ def evaluate_model(factory: sessionmaker[Session], config: Config, name: str, *,
                             f"matching {roi_regex!r} in {config.storage.root}")
     run_dir = Path(out) if out else (models_folder(config) / "evaluations" / name
                                      / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=len(rois), desc=f"rtprop models evaluate {name}", unit="roi")
+    bar = tqdm(total=len(rois), desc=f"rtprop models evaluate {name}", unit="roi", disable=not progress)
     rows = []
     for a in rois:
         active = settings_for(factory, config, a.roi, a.modality)
@@ -208,16 +206,14 @@ def evaluate_model(factory: sessionmaker[Session], config: Config, name: str, *,
                 m = summary["metrics"]
                 results[role] = {"dice": round(float(m["dice"]), 4), "hd95_mm": round(float(m["hd95_mm"]), 2)}
             except Exception as exc:  # noqa: BLE001 - an ROI the model cannot contour scores 0, with the reason
-                if role == "candidate" and "changed after registration" in str(exc):
+                if role == "candidate" and isinstance(exc, CheckpointChangedError):
                     raise
                 results[role] = {"dice": 0.0, "hd95_mm": None, "error": f"{type(exc).__name__}: {exc}"}
         row_out["candidate"], row_out["active"] = results["candidate"], results["active"]
         rows.append(row_out)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{a.roi} {results['candidate']['dice']:.3f} vs {results['active']['dice']:.3f}")
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        bar.set_postfix_str(f"{a.roi} {results['candidate']['dice']:.3f} vs {results['active']['dice']:.3f}")
+    bar.close()
     evaluation = {
         "model": name, "sha256": candidate.sha256, "roi_regex": roi_regex, "prompt": config.batch.prompt_kind,
         "patients": len({r["patient"] for r in rows}), "out": str(run_dir),

@@ -197,3 +197,21 @@ def synthetic_case(folder: Path, seed: int, *, size: int = 24, slices: int = 12,
     make_prompt_rtstruct(volume, folder / "RS_prompt.dcm",
                          boxes=[("Tumour", z, (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])))])
     return {"mask": mask, "volume": volume}
+
+
+def ingest_sts_archive(config, factory) -> None:
+    """sts-001 CT + MR and their GTV RTSTRUCTs taken in as the node does, the series then completed.
+
+    CT and MR share one Frame of Reference and neither RTSTRUCT names a series that is here: the
+    structure sets arrive after both image series, so only the instances their contours reference
+    (CT Image Storage vs MR Image Storage) can tell which series each was drawn on."""
+    from dicom_node.completion import CompletionChecker
+    from dicom_node.storage import Received, Store
+
+    store = Store(config.storage, factory, fsync=False)
+    paths = [p for series in (STS_CT, STS_MR) for p in sorted((series / "image").iterdir())]
+    paths += [p for series in (STS_MR, STS_CT) for p in sorted((series / "rtstruct").iterdir())]
+    for path in paths:
+        assert store.ingest(path.read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
+    CompletionChecker(factory, config).check()
+    factory.kw["bind"].dispose()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from node_helpers import VENV_BIN
-from pipeline_helpers import STS_CT, STS_MR
+from pipeline_helpers import STS_CT, ingest_sts_archive
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +20,11 @@ def archive(tmp_path_factory):
     """A storage root with sts-001 CT + MR and their GTV RTSTRUCTs taken in as the node does."""
     from config.load import load_config, resolve_storage
     from db.engine import open_database
-    from dicom_node.completion import CompletionChecker
-    from dicom_node.storage import Received, Store
 
     root = tmp_path_factory.mktemp("storage")
     config = resolve_storage(load_config(None, overrides={"storage": {"root": str(root), "fsync": False},
                                                           "node": {"series_quiet_period_s": 0}}))
-    factory = open_database(config.storage.database)
-    store = Store(config.storage, factory, fsync=False)
-    # CT and MR share one Frame of Reference and neither RTSTRUCT names a series that is here: the
-    # structure sets arrive after both image series, so only the instances their contours reference
-    # (CT Image Storage vs MR Image Storage) can tell which series each was drawn on.
-    paths = [p for series in (STS_CT, STS_MR) for p in sorted((series / "image").iterdir())]
-    paths += [p for series in (STS_MR, STS_CT) for p in sorted((series / "rtstruct").iterdir())]
-    for path in paths:
-        assert store.ingest(path.read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
-    CompletionChecker(factory, config).check()
-    factory.kw["bind"].dispose()
+    ingest_sts_archive(config, open_database(config.storage.database))
     return root
 
 

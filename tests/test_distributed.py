@@ -229,22 +229,13 @@ def test_batch_distributed_puts_one_item_per_study_on_the_batch_queue_and_a_work
 
     from config.load import load_config, resolve_storage
     from db.engine import open_configured
-    from dicom_node.completion import CompletionChecker
-    from dicom_node.storage import Received, Store
-    from pipeline_helpers import STS_CT, STS_MR
+    from pipeline_helpers import ingest_sts_archive
 
     url = postgres.create_database()
     storage = tmp_path / "storage"
     config_path = cluster_config(tmp_path / "cluster.yaml", url, node={"series_quiet_period_s": 0})
     config = resolve_storage(load_config(config_path, overrides={"storage": {"root": str(storage)}}))
-    factory = open_configured(config)
-    store = Store(config.storage, factory, fsync=False)
-    paths = [p for series in (STS_CT, STS_MR) for p in sorted((series / "image").iterdir())]
-    paths += [p for series in (STS_MR, STS_CT) for p in sorted((series / "rtstruct").iterdir())]
-    for path in paths:
-        assert store.ingest(path.read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
-    CompletionChecker(factory, config).check()
-    factory.kw["bind"].dispose()
+    ingest_sts_archive(config, open_configured(config))
 
     out = tmp_path / "report"
     r = subprocess.run([str(VENV_BIN / "rtprop"), "batch", "--config", str(config_path), "--storage", str(storage),

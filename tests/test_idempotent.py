@@ -35,6 +35,14 @@ def _result_file(tmp_path: Path) -> Path:
     return path
 
 
+def _job(session, state: str) -> Job:  # type: ignore[no-untyped-def]
+    """A job of series 1.2.3.4 in `state`, with its id."""
+    job = Job(series_instance_uid="1.2.3.4", state=state, created_at=utcnow(), updated_at=utcnow())
+    session.add(job)
+    session.flush()
+    return job
+
+
 def _messages(session, task: str) -> list[tuple]:  # type: ignore[no-untyped-def]
     if not queue.enabled(session):
         return []
@@ -45,9 +53,7 @@ def _messages(session, task: str) -> list[tuple]:  # type: ignore[no-untyped-def
 def test_a_jobs_result_is_queued_once_per_destination_however_often_it_is_handed_on(factory, tmp_path):
     path = _result_file(tmp_path)
     with transaction(factory) as session:
-        job = Job(series_instance_uid="1.2.3.4", state="validated", created_at=utcnow(), updated_at=utcnow())
-        session.add(job)
-        session.flush()
+        job = _job(session, "validated")
         first = enqueue(session, path, TPS, job_id=job.id)
     with transaction(factory) as session:
         again = enqueue(session, path, TPS, job_id=job.id)  # a second run of the same job
@@ -67,9 +73,7 @@ def test_a_jobs_result_is_queued_once_per_destination_however_often_it_is_handed
 
 def test_the_engine_message_commits_and_rolls_back_with_its_row(factory, tmp_path):
     with transaction(factory) as session:
-        job = Job(series_instance_uid="1.2.3.4", state="received", created_at=utcnow(), updated_at=utcnow())
-        session.add(job)
-        session.flush()
+        job = _job(session, "received")
         job_id = job.id
     with pytest.raises(RuntimeError):
         with transaction(factory) as session:
@@ -109,9 +113,7 @@ def test_one_job_writes_the_same_rtstruct_uids_on_every_attempt(tmp_path):
 def test_a_persons_resend_puts_the_same_row_back_in_the_queue(factory, tmp_path):
     path = _result_file(tmp_path)
     with transaction(factory) as session:
-        job = Job(series_instance_uid="1.2.3.4", state="validated", created_at=utcnow(), updated_at=utcnow())
-        session.add(job)
-        session.flush()
+        job = _job(session, "validated")
         row = enqueue(session, path, TPS, job_id=job.id)
         row.state, row.attempts, row.outcome = "dead-letter", 8, "failed: association rejected"
         job_id, send_id = job.id, row.id

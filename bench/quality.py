@@ -198,13 +198,16 @@ GROUPS = (("organs", lambda r: r["structure"].startswith("totalseg_")),
           ("all", lambda r: True))
 
 
+def grouped(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(group, its rows) for each of GROUPS that has any."""
+    pairs = [(group, [r for r in rows if member(r)]) for group, member in GROUPS]
+    return [(group, chosen) for group, chosen in pairs if chosen]
+
+
 def summarise(rows: list[dict]) -> dict:
     """Mean Dice (and key-slice Dice, baselines, share flagged by the guard) per group of cases."""
     summary = {}
-    for group, member in GROUPS:
-        chosen = [r for r in rows if member(r)]
-        if not chosen:
-            continue
+    for group, chosen in grouped(rows):
         s = {"n": len(chosen)}
         for key in ("dice", "key_slice_dice", "baseline_copy_everywhere_dice", "baseline_copy_within_extent_dice"):
             s[key] = float(np.mean([r[key] for r in chosen]))

@@ -407,21 +407,11 @@ class _Chain:
         Returns ({z: mask}, {z: confidence}, stop record).
         """
         features, settings, spacing_yx = self.features, self.settings, self.spacing_yx
-        dy, dx = spacing_yx
         ring = ring_around(key, spacing_yx)
         fg_key = histogram(features(k)[key])
         bg_key = histogram(features(k)[ring] if ring.any() else features(k)[~key])
         fg, bg = fg_key.copy(), bg_key.copy()
         key_area = int(key.sum())
-        # How far a boundary may move between slices, and how soft the shape prior is: both scale with
-        # the slice gap (an oblique surface moves ~ gap x slope) but never drop below a pixel or two.
-        # The prior is firm (half a pixel or a quarter gap): the carried mask is already registered, so
-        # intensities only have to settle the boundary (bench/quality.py --prompt mask, mean Dice over the
-        # 41 cases before the patch-matched carry: 0.676 at this width, 0.660 at twice it).
-        search_mm = max(2.0 * dy, self.dz)
-        prior_width_mm = 0.5 * max(dy, 0.5 * self.dz)
-        margin_px = int(np.ceil(search_mm / min(dy, dx))) + 3
-        use_registration = settings.classic.method == "register_refine"
         alpha = settings.classic.model_update
         masks: dict[int, np.ndarray] = {}
         confidence: dict[int, float] = {}
@@ -438,19 +428,7 @@ class _Chain:
                 reason = "max_extent_mm"
                 break
             self.visited += 1
-            shift = _template_shift(features(z - direction), features(z), previous, spacing_yx, self.dz)
-            moved = ndimage.shift(previous.astype(np.uint8), shift, order=0) > 0 if shift != (0, 0) else previous
-            rows, cols = _bbox(moved | previous, margin_px + (20 if use_registration else 0))
-            prior = moved[rows, cols]
-            if use_registration:
-                carried = _demons_warp(features(z)[rows, cols], _shifted(features(z - direction), shift, rows, cols),
-                                       prior, settings.classic.registration_iterations)
-                prior = carried if carried.any() else prior
-            new_crop, conf = _refine(features(z)[rows, cols], prior, fg, bg, spacing_yx, prior_width_mm, search_mm)
-            if new_crop.any():
-                new_crop = _open_relative(new_crop)
-            new = np.zeros_like(previous)
-            new[rows, cols] = new_crop
+            new, conf = self.step(previous, z, direction, fg, bg)
             if z in self.cuts and new.any():
                 new = self.cut(z, new)
                 if not new.any():
@@ -476,6 +454,47 @@ class _Chain:
                     bg = (1 - alpha) * bg + alpha * histogram(features(z)[around])
         last = z - direction
         return masks, confidence, {"reason": reason, "last_slice": int(last), "slices": int(abs(last - k))}
+
+    def step(self, previous: np.ndarray, z: int, direction: int, fg: np.ndarray, bg: np.ndarray,
+             stages: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+        """Slice z's mask from `previous` (slice z - direction) and the intensity model (fg, bg): moved by
+        the patch shift, registered (`register_refine`), refined, opened. Returns (mask, confidence);
+        `stages`, if given, receives each of those masks ("shifted", "registered", "refined", "opened")
+        so bench/propagation_step.py can tell which one loses what.
+        """
+        features, settings, spacing_yx = self.features, self.settings, self.spacing_yx
+        dy, dx = spacing_yx
+        # How far a boundary may move between slices, and how soft the shape prior is: both scale with
+        # the slice gap (an oblique surface moves ~ gap x slope) but never drop below a pixel or two.
+        # The prior is firm (half a pixel or a quarter gap): the carried mask is already registered, so
+        # intensities only have to settle the boundary (bench/quality.py --prompt mask, mean Dice over the
+        # 41 cases before the patch-matched carry: 0.676 at this width, 0.660 at twice it).
+        search_mm = max(2.0 * dy, self.dz)
+        prior_width_mm = 0.5 * max(dy, 0.5 * self.dz)
+        margin_px = int(np.ceil(search_mm / min(dy, dx))) + 3
+        use_registration = settings.classic.method == "register_refine"
+        shift = _template_shift(features(z - direction), features(z), previous, spacing_yx, self.dz)
+        moved = ndimage.shift(previous.astype(np.uint8), shift, order=0) > 0 if shift != (0, 0) else previous
+        rows, cols = _bbox(moved | previous, margin_px + (20 if use_registration else 0))
+        prior = moved[rows, cols]
+        stage_crops = {"shifted": prior}
+        if use_registration:
+            carried = _demons_warp(features(z)[rows, cols], _shifted(features(z - direction), shift, rows, cols),
+                                   prior, settings.classic.registration_iterations)
+            prior = carried if carried.any() else prior
+            stage_crops["registered"] = prior
+        new_crop, conf = _refine(features(z)[rows, cols], prior, fg, bg, spacing_yx, prior_width_mm, search_mm)
+        stage_crops["refined"] = new_crop
+        if new_crop.any():
+            new_crop = _open_relative(new_crop)
+        stage_crops["opened"] = new_crop
+        new = np.zeros_like(previous)
+        new[rows, cols] = new_crop
+        if stages is not None:
+            for name, crop in stage_crops.items():
+                stages[name] = np.zeros_like(previous)
+                stages[name][rows, cols] = crop
+        return new, conf
 
     def cut(self, z: int, mask: np.ndarray) -> np.ndarray:
         """`mask` on slice z less what that slice's negative clicks mark (`negative_region`)."""

@@ -6,7 +6,7 @@ import pytest
 
 from config.schema import PropagationConfig
 from models import classic
-from models.intensity_model import slice_features
+from models.intensity_model import histogram, slice_features
 from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, PromptError
 from pipeline.metrics import dice
 from phantoms import ellipsoid, extent, phantom
@@ -74,6 +74,24 @@ def test_cylinder_moving_between_slices_is_tracked(method):
     assert dice(copied, truth) < 0.5  # the phantom really demands tracking
     assert dice(result.mask, truth) > 0.85
     assert dice(result.mask[0], truth[0]) > 0.7 and dice(result.mask[-1], truth[-1]) > 0.7
+
+
+def test_one_step_reports_each_stage_and_ends_on_the_moved_structure():
+    # A disc moving 6 px between two slices: the copy misses half of it, the patch shift recentres it,
+    # and the step's result (what the chain keeps) is the last stage reported to bench/propagation_step.py.
+    yy, xx = np.mgrid[:64, :96]
+    truth = np.stack([(yy - 32) ** 2 + (xx - 40 - 6 * z) ** 2 <= 8 ** 2 for z in range(2)])
+    image = phantom(truth, seed=5)
+    features = slice_features(image, "CT")
+    chain = classic._Chain(features, 2, 2.0, (1.0, 1.0), PropagationConfig(backend="classic"), cuts={})
+    fg, bg = histogram(features(0)[truth[0]]), histogram(features(0)[~truth[0]])
+    stages: dict[str, np.ndarray] = {}
+    mask, confidence = chain.step(truth[0], 1, 1, fg, bg, stages)
+    assert list(stages) == ["shifted", "registered", "refined", "opened"]
+    assert dice(truth[0], truth[1]) < 0.7
+    assert dice(stages["shifted"], truth[1]) > 0.9
+    assert np.array_equal(stages["opened"], mask) and dice(mask, truth[1]) > 0.9
+    assert 0.5 < confidence <= 1.0
 
 
 def test_small_structure_moving_further_than_its_width_is_followed():

@@ -1,7 +1,8 @@
 """Quality of the classic propagator on the real data in ../shared/data (a script, not a test).
 
-Cases: every organ of totalseg-ct/ct_3mm that spans >= 5 axial slices, and the GTV of sts-001 on
-CT and MR T1. Prompts, as a planner would give them, propagated by models.propagate.propagate
+Cases (the 41 shared ones): every organ of totalseg-ct/ct_3mm that spans >= 5 axial slices, and the
+GTV of sts-001 on CT and MR T1; with --cases totalseg512, the organs of totalseg-ct/dicom at 512 x 512
+(0.98 mm pixels, as most clinical CT) instead. Prompts, as a planner would give them, propagated by models.propagate.propagate
 with backend classic:
 - box: the tight bounding box of the reference on its middle slice (pipeline.prompts.prompt_from_roi);
 - point: one click at the deepest point of the middle slice; mask: the middle slice's outline;
@@ -13,17 +14,18 @@ Baselines: the middle-slice mask copied to every slice, and copied within the tr
 Each result's guard warnings (models/guard.py) are kept; the summary gives the share flagged.
 
     .venv/bin/python bench/quality.py [--data ../shared/data] [--prompt box|point|mask|multi|corrective]
+                                      [--cases shared|totalseg512]
                                       [--method register_refine|intensity]
                                       [--key-slice tight_select|histogram]
                                       [--only totalseg_label5,sts001_GTV_Mass_CT]
-                                      [--out bench/results/quality.json, quality_point.json, ...]
+                                      [--out bench/results/quality.json, quality_point.json,
+                                             quality_point_totalseg512.json, ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -55,6 +57,27 @@ def totalseg_cases(data: Path) -> list[dict]:
         if int(mask.any(axis=(1, 2)).sum()) >= MIN_SLICES:
             cases.append(dict(name=f"totalseg_label{int(value)}", image=array, spacing=spacing, mask=mask,
                               modality="CT"))
+    return cases
+
+
+def totalseg512_cases(data: Path) -> list[dict]:
+    """Each organ spanning >= MIN_SLICES slices of totalseg-ct/dicom (20 slices, 512 x 512, 0.98 mm, 2 mm
+    apart): the same kind of organs at a clinical resolution. Its labels are resampled onto the series
+    through physical coordinates (the NIfTI's y axis is flipped against the DICOM rows)."""
+    from converters.series import read_series
+    from converters.volume_io import volume_to_sitk
+
+    volume = read_series(data / "totalseg-ct" / "dicom")
+    labels = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(data / "totalseg-ct" / "dicom_labels.nii.gz")),
+                                                  volume_to_sitk(volume), sitk.Transform(),
+                                                  sitk.sitkNearestNeighbor, 0))
+    array = volume.array.astype(np.float32)
+    cases = []
+    for value in np.unique(labels)[1:]:
+        mask = labels == value
+        if int(mask.any(axis=(1, 2)).sum()) >= MIN_SLICES:
+            cases.append(dict(name=f"totalseg512_label{int(value)}", image=array, spacing=volume.geometry.spacing_zyx,
+                              mask=mask, modality="CT"))
     return cases
 
 
@@ -193,6 +216,7 @@ def _describe(prompt: Prompt) -> str:
 
 
 GROUPS = (("organs", lambda r: r["structure"].startswith("totalseg_")),
+          ("organs_512", lambda r: r["structure"].startswith("totalseg512_")),
           ("gtv_ct", lambda r: r["structure"].startswith("sts001_") and r["modality"] == "CT"),
           ("gtv_mr", lambda r: r["structure"].startswith("sts001_") and r["modality"] != "CT"),
           ("all", lambda r: True))
@@ -234,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="classic method (default: the config default)")
     parser.add_argument("--key-slice", choices=["tight_select", "histogram"], default=None,
                         help="classic key-slice segmentation for box prompts (default: the config default)")
+    parser.add_argument("--cases", choices=["shared", "totalseg512"], default="shared",
+                        help="shared: the 41 cases above (default); totalseg512: the organs of totalseg-ct/dicom "
+                             "at 512 x 512")
     parser.add_argument("--only", default="", help="comma-separated structure names to run (default: all)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results (default bench/results/quality.json, quality_<prompt>.json if not box)")
@@ -244,11 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.classic.method = args.method
     if args.key_slice:
         settings.classic.key_slice = args.key_slice
-    cases = totalseg_cases(args.data)
-    try:
-        cases += sts_cases(args.data)
-    except ImportError as exc:
-        print(f"sts-001 skipped: {exc} (converters.series / converters.rtstruct_read not available)", file=sys.stderr)
+    cases = (totalseg_cases(args.data) + sts_cases(args.data) if args.cases == "shared"
+             else totalseg512_cases(args.data))
     if args.only:
         wanted = set(args.only.split(","))
         cases = [c for c in cases if c["name"] in wanted]
@@ -278,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
               f"copy-within-extent={s['baseline_copy_within_extent_dice']:.3f}  "
               f"flagged={s['flagged']}/{s['n']} (Dice>=0.5: {s['false_flags']}, Dice<0.2: {s['caught_failures']}){after}")
     if args.out is None:
-        name = "quality.json" if args.prompt == "box" else f"quality_{args.prompt}.json"
+        name = "quality" + ("" if args.prompt == "box" else f"_{args.prompt}")
+        name += ("" if args.cases == "shared" else f"_{args.cases}") + ".json"
         args.out = REPO / "bench" / "results" / name
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"prompt": args.prompt, "method": settings.classic.method,

@@ -596,8 +596,8 @@ def propagate(
     pass from the box/outline slices, or else from the clicked slice with the most positive clicks)
     plus what the positive clicks find, less what the negative ones mark. The same prompts always
     give the same result.
-    Raises PromptError for unusable prompts (outside the image, zero-area box, point on air,
-    mask on a missing slice or empty).
+    Raises PromptError for unusable prompts (outside the image, zero-area box, point on the air around
+    the patient, mask on a missing slice or empty).
     """
     settings = settings or PropagationConfig()
     t_start = time.perf_counter()

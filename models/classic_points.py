@@ -46,7 +46,7 @@ from skimage.segmentation import random_walker
 from models.intensity_model import SMOOTH_PX, histogram, llr
 from models.prompts import PointPrompt, PromptError
 
-AIR_HU = -900.0  # a positive click whose neighbourhood is below this on CT is on air
+AIR_HU = -900.0  # below this on CT is air: a click there is refused if that air reaches the image's edge
 N_RAYS = 32  # directions sampled from each click to find the structure's nearest edge
 RAY_TOLERANCE = 2.5  # a ray stops where the intensity leaves the click's level by this many noise SDs,
 RAY_RUN = 2  # averaged over the next RAY_RUN pixels (one odd pixel is noise, not an edge),
@@ -82,16 +82,27 @@ SPECK_FRACTION = 0.25  # ...whose result wins when the fine one is less than thi
 
 
 def _check_on_tissue(raw2d: np.ndarray, points: list[tuple[int, int]], slice_index: int, modality: str) -> None:
-    """A positive click on air (CT) or on the empty background (MR) has no structure to grow."""
+    """A positive click on the air around the patient (CT) or on the empty background (MR) has no
+    structure to grow. Gas inside the patient (bowel, stomach, airway: air the body encloses on the
+    slice) is a structure's content a planner may click: it is accepted."""
     ny, nx = raw2d.shape
     for y, x in points:
-        patch = raw2d[max(0, y - 2):min(ny, y + 3), max(0, x - 2):min(nx, x + 3)]
-        if modality.upper() == "CT" and float(np.median(patch)) < AIR_HU:
-            raise PromptError(f"positive point (x={x}, y={y}) on slice {slice_index} is on air "
-                              f"({float(raw2d[y, x]):.0f} HU, nothing structure-like around it)")
-        if modality.upper() != "CT" and float(patch.max()) <= float(raw2d.min()):
+        rows, cols = slice(max(0, y - 2), min(ny, y + 3)), slice(max(0, x - 2), min(nx, x + 3))
+        on_air = modality.upper() == "CT" and float(np.median(raw2d[rows, cols])) < AIR_HU
+        if on_air and _outside_air(raw2d, rows, cols):
+            raise PromptError(f"positive point (x={x}, y={y}) on slice {slice_index} is on air outside the "
+                              f"patient ({float(raw2d[y, x]):.0f} HU, reaching the image's edge)")
+        if modality.upper() != "CT" and float(raw2d[rows, cols].max()) <= float(raw2d.min()):
             raise PromptError(f"positive point (x={x}, y={y}) on slice {slice_index} is on "
                               "empty background (the image's minimum intensity all around it)")
+
+
+def _outside_air(raw2d: np.ndarray, rows: slice, cols: slice) -> bool:
+    """Whether the air (< AIR_HU) under the patch (rows, cols) connects to the slice's edge."""
+    labels, _ = ndimage.label(raw2d < AIR_HU)
+    under = np.unique(labels[rows, cols])
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return bool(np.intersect1d(under[under > 0], edge).size)
 
 
 def _noise(feature2d: np.ndarray, spacing_yx: tuple[float, float]) -> float:
@@ -281,7 +292,7 @@ def key_mask_from_points(feature2d: np.ndarray, raw2d: np.ndarray, prompt: Point
     feature2d: the slice's [0, 1] feature image, smoothed; raw2d: its raw intensities (HU on CT).
     Several positive clicks may sit on separate pieces of one structure; negative clicks are
     surroundings and the pieces they fall on are cut away. Raises PromptError for a positive
-    click on air/background or when the negative clicks leave nothing.
+    click on the air around the patient or on empty background, or when the negative clicks leave nothing.
     """
     _check_on_tissue(raw2d, [(y, x) for x, y, p in prompt.points if p], prompt.slice_index, modality)
     return _structure_at_scale(feature2d, prompt, spacing_yx)

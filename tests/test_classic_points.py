@@ -114,6 +114,20 @@ def test_click_on_air_and_on_empty_mr_background_are_refused():
         segment(mr, ((5, 5, True),), modality="MR")
 
 
+def test_click_on_gas_inside_the_patient_is_accepted_and_outside_refused():
+    # A body (fat) in air, holding a bowel loop: a 4 mm soft-tissue wall around gas. A planner clicking
+    # the gas means the loop (the deepest point of a gas-filled colon is its gas); the air around the
+    # body is still refused.
+    body = ((YY - 64) / 58.0) ** 2 + ((XX - 64) / 58.0) ** 2 <= 1
+    loop = (YY - 64) ** 2 + (XX - 64) ** 2 <= 16 ** 2
+    gas = (YY - 64) ** 2 + (XX - 64) ** 2 <= 12 ** 2
+    raw = ct_slice([(body, -90.0), (loop, 40.0), (gas, -1000.0)], background_hu=-1000.0, noise_hu=5.0)
+    found = segment(raw, ((64, 64, True),))
+    assert found[gas].mean() > 0.9 and not found[~loop].any()
+    with pytest.raises(PromptError, match="outside the patient"):
+        segment(raw, ((3, 3, True),))
+
+
 def test_negative_click_on_the_positive_one_leaves_nothing():
     organ = (YY - 64) ** 2 + (XX - 64) ** 2 <= 20 ** 2
     raw = ct_slice([(organ, 40.0)], seed=4)

@@ -2,8 +2,8 @@
 
 Cases (the 41 shared ones): every organ of totalseg-ct/ct_3mm that spans >= 5 axial slices, and the
 GTV of sts-001 on CT and MR T1; with --cases totalseg512, the organs of totalseg-ct/dicom at 512 x 512
-(0.98 mm pixels, as most clinical CT) instead. Prompts, as a planner would give them, propagated by models.propagate.propagate
-with backend classic:
+(0.98 mm pixels, as most clinical CT) instead. Prompts, as a planner would give them, propagated by
+models.propagate.propagate with backend classic:
 - box: the tight bounding box of the reference on its middle slice (pipeline.prompts.prompt_from_roi);
 - point: one click at the deepest point of the middle slice; mask: the middle slice's outline;
 - multi: tight boxes on the slices at 25 %, 50 % and 75 % of the reference's extent;

@@ -219,10 +219,7 @@ def click_scale_mm(feature2d: np.ndarray, y: int, x: int, spacing_yx: tuple[floa
     rho = _inscribed_radius(feature2d, y, x, _noise(feature2d, spacing_yx), spacing_yx)
     fy, fx = (max(1, int(COARSE_GRID_MM / s)) for s in spacing_yx)
     if fy > 1 or fx > 1:
-        ny, nx = feature2d.shape
-        h, w = -(-ny // fy) * fy, -(-nx // fx) * fx
-        small = np.pad(feature2d, ((0, h - ny), (0, w - nx)), mode="edge").reshape(h // fy, fy, w // fx, fx)
-        small = small.mean(axis=(1, 3))
+        small = _block_mean(feature2d, fy, fx)
         coarse_spacing = (spacing_yx[0] * fy, spacing_yx[1] * fx)
         rho = max(rho, _inscribed_radius(small, y // fy, x // fx, _noise(small, coarse_spacing), coarse_spacing))
     return max(rho, max(spacing_yx))

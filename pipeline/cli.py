@@ -25,7 +25,7 @@ import click
 from config.errors import UserError
 from config.load import load_config, resolve_storage
 from config.schema import Config
-from pipeline.cli_params import ISO_DATE
+from pipeline.cli_params import ISO_DATE, config_option, storage_option
 from pipeline.compute import LOG_FORMAT
 
 log = logging.getLogger("rtprop")
@@ -78,10 +78,6 @@ def run_until_signal(stop: threading.Event, threads: list[threading.Thread], joi
         t.join(timeout=join_s)
 
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-                             help="YAML configuration file (see config/example.yaml).")
-storage_option = click.option("--storage", type=click.Path(file_okay=False, path_type=Path),
-                              help="Storage root: archive, quarantine and database live under it.")
 backend_option = click.option("--backend", type=click.Choice(["auto", "sam2", "classic"]),
                               help="Propagator (default: propagation.backend, auto = sam2 if a checkpoint is set).")
 checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path),

@@ -14,12 +14,8 @@ import click
 
 from config.load import load_config, resolve_storage
 from config.schema import Config
-from pipeline.cli_params import ISO_DATE
+from pipeline.cli_params import ISO_DATE, config_option, storage_option
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-                             help="YAML configuration file (see config/example.yaml).")
-storage_option = click.option("--storage", type=click.Path(file_okay=False, path_type=Path),
-                              help="Storage root of the node: archive, database and registered models live under it.")
 
 
 def _config(config_path: Path | None, storage: Path | None) -> Config:

@@ -1,7 +1,8 @@
-"""Click parameter types shared by the `rtprop` subcommands (one definition of what a date is)."""
+"""Click parameter types and options shared by the `rtprop` subcommands (one definition each)."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import click
@@ -25,3 +26,9 @@ class IsoDateTime(click.ParamType):
 
 
 ISO_DATE = IsoDateTime()
+
+config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                             help="YAML configuration file (see config/example.yaml).")
+storage_option = click.option("--storage", type=click.Path(file_okay=False, path_type=Path),
+                              help="Storage root of the node: archive, quarantine, database and registered "
+                                   "models live under it.")

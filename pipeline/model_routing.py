@@ -96,9 +96,10 @@ def verified_settings(routed: RoutedModel) -> PropagationConfig:
             raise CheckpointError(f"checkpoint {path.name} of model {routed.name!r} is missing from {path.parent}")
         digest = sha256_of(path)
         if digest != routed.sha256:
-            raise CheckpointChangedError(f"checkpoint {path.name} in {path.parent} of model {routed.name!r} changed after "
-                                  f"registration (sha256 {digest[:12]}..., registered {routed.sha256[:12]}...): "
-                                  "refused; register the new file as a new model")
+            raise CheckpointChangedError(
+                f"checkpoint {path.name} in {path.parent} of model {routed.name!r} changed after registration "
+                f"(sha256 {digest[:12]}..., registered {routed.sha256[:12]}...): refused; register the new file as a "
+                "new model")
     return routed.settings
 
 

@@ -1,6 +1,6 @@
 """`rtprop web` and `rtprop users add|token|disable`: registered on the CLI group in pipeline/cli.py.
 
-Only click and the configuration are imported here at module level; the app itself is imported
+Only click, the configuration and the shared options are imported here at module level; the app itself is imported
 when a command runs, so `rtprop --help` stays fast.
 """
 from __future__ import annotations
@@ -14,11 +14,8 @@ import click
 
 from config.load import load_config, resolve_storage
 from config.schema import Config
+from pipeline.cli_params import config_option, storage_option
 
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-                             help="YAML configuration file (see config/example.yaml).")
-storage_option = click.option("--storage", type=click.Path(file_okay=False, path_type=Path),
-                              help="Storage root: the node's database lives under it.")
 
 
 def load(config_path: Path | None, storage: Path | None, **web: Any) -> Config:

@@ -230,6 +230,53 @@ class ArrayCine(CineSource):
         return np.asarray(self._frames[t], dtype=np.float32)
 
 
+def affine_motion_cine(n_frames: int = 24, shape: tuple[int, int] = (128, 128), spacing_mm: float = 1.5,
+                       period_frames: int = 16, rotation_deg: float = 20.0, stretch: float = 0.15,
+                       shift_mm: float = 8.0, noise: float = 0.04, seed: int = 0) -> tuple[ArrayCine, np.ndarray]:
+    """A tumour that rotates and changes shape as it moves: (cine, truth masks (t, rows, cols)).
+
+    An elongated tumour (ellipse of 16 x 7 mm semi-axes with a 5 mm lobe, so its rotation is
+    visible) in textured tissue; the whole neighbourhood moves by a known affine per frame about the
+    image centre: rotation rotation_deg * s, rows x (1 + stretch * s), columns x (1 - stretch * s / 2),
+    then shifted by shift_mm * s (rows) and 0.3 of it (columns), s = sin(2 pi t / period_frames).
+    Truth is the analytic shape mapped back through the affine, so no tracker output is involved.
+    """
+    rng = np.random.default_rng(seed)
+    pad = 32
+    tissue = ndimage.gaussian_filter(rng.normal(size=(shape[0] + 2 * pad, shape[1] + 2 * pad)), 2.0) * 0.08
+    inner = ndimage.gaussian_filter(rng.normal(size=tissue.shape), 1.2) * 0.1
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(float) * spacing_mm
+    cy, cx = (shape[0] - 1) / 2 * spacing_mm, (shape[1] - 1) / 2 * spacing_mm
+    frames, truths = [], []
+    for t in range(n_frames):
+        s = np.sin(2 * np.pi * t / period_frames)
+        angle = np.deg2rad(rotation_deg * s)
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        inverse = np.linalg.inv(rotation @ np.diag([1 + stretch * s, 1 - 0.5 * stretch * s]))  # (row, col) mm
+        ry, rx = yy - cy - shift_mm * s, xx - cx - 0.3 * shift_mm * s
+        qy, qx = inverse[0, 0] * ry + inverse[0, 1] * rx, inverse[1, 0] * ry + inverse[1, 1] * rx  # frame-0 mm
+        tumour = ((qy / 16.0) ** 2 + (qx / 7.0) ** 2 <= 1) | ((qy - 6.0) ** 2 + (qx - 8.0) ** 2 <= 5.0 ** 2)
+        where = np.array([(qy + cy) / spacing_mm + pad, (qx + cx) / spacing_mm + pad])
+        image = np.where(tumour, 0.75 + ndimage.map_coordinates(inner, where, order=1, mode="reflect"),
+                         0.4 + ndimage.map_coordinates(tissue, where, order=1, mode="reflect"))
+        frame_rng = np.random.default_rng(seed * 1009 + t)
+        image = np.abs(image + frame_rng.normal(0, noise, shape) + 1j * frame_rng.normal(0, noise, shape))
+        frames.append((1000 * image).astype(np.float32))
+        truths.append(tumour)
+    return ArrayCine(np.stack(frames), (spacing_mm, spacing_mm), 4.0, name="affine"), np.stack(truths)
+
+
+def best_translation_dice(first: np.ndarray, truth: np.ndarray, search_px: int = 3) -> float:
+    """The best Dice any whole-pixel shift of `first` reaches on `truth` (around the centroids' offset)."""
+    offset = np.round(np.array(ndimage.center_of_mass(truth)) - ndimage.center_of_mass(first)).astype(int)
+    best = 0.0
+    for dy in range(-search_px, search_px + 1):
+        for dx in range(-search_px, search_px + 1):
+            shifted = ndimage.shift(first, offset + (dy, dx), order=0)
+            best = max(best, 2.0 * (shifted & truth).sum() / (shifted.sum() + truth.sum()))
+    return float(best)
+
+
 # --------------------------------------------------------------------------- propagator phantoms
 def phantom(mask: np.ndarray, inside_hu: float = 60.0, outside_hu: float = -80.0, noise_hu: float = 15.0,
             seed: int = 0) -> np.ndarray:

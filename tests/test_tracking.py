@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from converters.cine import (CineError, CineLabelWriter, DicomCine, MhaCine,
                              open_trackrad_case, read_stack_frames)
 from models.prompts import PromptError
 from models.tracking import track
-from phantoms import ArrayCine, SyntheticCine
+from phantoms import ArrayCine, SyntheticCine, affine_motion_cine, best_translation_dice
 from pipeline.metrics import dice
 from pipeline.track import track_case
 
@@ -30,6 +32,15 @@ CLASSIC = PropagationConfig(backend="classic")
 
 def centroid_mm(mask: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
     return np.array(ndimage.center_of_mass(mask)) * np.asarray(spacing)
+
+
+def track_recorded(source, first: np.ndarray, settings: PropagationConfig = CLASSIC):
+    """Track; return the summary, each frame's (mask, confidence) and the warnings raised."""
+    frames: list[tuple[np.ndarray, float]] = []
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        summary = track(source, first, settings, lambda t, mask, confidence, ms: frames.append((mask, confidence)))
+    return summary, frames, [str(w.message) for w in raised]
 
 
 @pytest.mark.parametrize("amplitude_mm", [10.0, 20.0])
@@ -44,6 +55,8 @@ def test_classic_tracking_on_respiratory_phantom(amplitude_mm):
 
     summary = track(source, source.truth(0), CLASSIC, sink)
     assert summary.backend == "classic" and summary.method == "ecc" and len(dices) == 48
+    # An elliptic tumour fits a family of affines (rotations/shears mapping it onto itself): none refused.
+    assert summary.details.get("affine_frames") == 47, summary.details
     baseline = np.mean([dice(source.truth(0), source.truth(t)) for t in range(48)])
     assert np.mean(dices) >= 0.90, (np.mean(dices), baseline)
     assert np.mean(errors) <= 1.5 and np.max(errors) <= 1.5, errors
@@ -71,6 +84,44 @@ def test_trackrad_case_layout_and_beats_no_motion_baseline(shared_data, tmp_path
         rows = list(csv.DictReader(handle))
     assert len(rows) == 10 and float(rows[1]["time_s"]) == pytest.approx(1 / 8.0)
     assert float(rows[0]["area_mm2"]) == pytest.approx(reference[0].sum() * 1.0 * 1.0)
+    # every frame tracked by the affine stage, and its confidence says so (not 0.0)
+    assert min(float(row["confidence"]) for row in rows) >= 0.8, [row["confidence"] for row in rows]
+    assert summary.details.get("affine_frames") == 9 and summary.warnings == []
+
+
+def test_affine_stage_follows_rotation_and_shape_change_that_translation_cannot():
+    source, truths = affine_motion_cine()
+    summary, frames, raised = track_recorded(source, truths[0])
+    tracked = np.array([dice(mask, truths[t]) for t, (mask, _) in enumerate(frames)])
+    translation = np.array([best_translation_dice(truths[0], truths[t]) for t in range(source.n_frames)])
+    assert translation.min() < 0.85  # the phantom's motion is beyond any shift of frame 0's mask
+    assert tracked.min() >= 0.93, np.round(tracked, 3)
+    turned = translation < 0.9
+    assert np.all(tracked[turned] > translation[turned] + 0.05), (np.round(tracked, 3), np.round(translation, 3))
+    assert summary.details.get("affine_frames") == source.n_frames - 1, summary.details
+    assert not [m for m in raised if "translation only" in m], raised
+    assert min(confidence for _, confidence in frames[1:]) >= 0.8, [round(c, 3) for _, c in frames]
+
+
+def test_frames_the_affine_stage_fails_on_say_so(caplog):
+    """A blank frame (an acquisition drop-out) defeats ECC: translation only, announced, lower confidence."""
+    source, truths = affine_motion_cine()
+    blank = [5, 12]
+    source._frames[blank] = 0.0
+    with caplog.at_level(logging.WARNING, logger="rtprop.models.tracking"):
+        summary, frames, raised = track_recorded(source, truths[0])
+    said = [m for m in raised if "translation only" in m]
+    assert len(said) == 1 and "frames 5, 12" in said[0] and "2 of 23" in said[0], raised
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("frames 5, 12" in line for line in logged), logged
+    assert summary.warnings == said
+    assert summary.details["affine_frames"] == 21
+    assert list(summary.details["translation_only_frames"].values()) == ["5, 12"]
+    confidence = np.array([c for _, c in frames])
+    others = np.delete(confidence[1:], [t - 1 for t in blank])
+    assert confidence[blank].max() <= 0.25 < 0.8 <= others.min(), np.round(confidence, 3)
+    # the tracker picks the tumour up again on the next frames
+    assert min(dice(frames[t + 1][0], truths[t + 1]) for t in blank) >= 0.93
 
 
 def test_mha_streaming_reader_matches_simpleitk(shared_data, tmp_path):
@@ -126,6 +177,16 @@ def _write_cine_dicom(folder: Path, frames: np.ndarray, positions: list[tuple[fl
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = frame.astype(np.uint16).tobytes()
         ds.save_as(folder / f"img{order[t]:03d}.dcm", enforce_file_format=True)
+
+
+def test_flow_confidence_drops_on_the_frames_flow_loses():
+    source = SyntheticCine(n_frames=24, frame_rate_hz=4.0, period_s=4.0, amplitude_mm=20.0)
+    flow = PropagationConfig(backend="classic", cine={"classic_method": "flow"})
+    summary, frames, _ = track_recorded(source, source.truth(0), flow)
+    tracked = np.array([dice(mask, source.truth(t)) for t, (mask, _) in enumerate(frames)])[1:]
+    confidence = np.array([c for _, c in frames])[1:]
+    assert summary.method == "flow" and (tracked < 0.5).any() and (tracked > 0.9).any()  # both kinds occur
+    assert confidence[tracked < 0.5].max() < confidence[tracked > 0.9].min(), (tracked, confidence)
 
 
 def test_dicom_cine_series_ordered_by_time_and_tracked(tmp_path):

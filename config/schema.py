@@ -336,7 +336,7 @@ class GuardConfig(Section):
     hold_implausible: bool = Field(True, description="hold such a job for a person (awaiting_review) instead of "
                                    "sending it; the reasons are on the job, in the audit and in the RTSTRUCT")
 class ModelsConfig(Section):
-    """The model registry and its promotion gate (pipeline/registry.py, docs/finetune.md)."""
+    """The model registry and its promotion gate (model_lifecycle/registry.py, docs/finetune.md)."""
 
     folder: Path = Field(Path("models"), description="registered checkpoints are copied here (relative to "
                          "storage.root), as <sha256>.pt with their model card beside them")

@@ -1,6 +1,6 @@
 """One process: SCP + series completion checker + sender loop, stopped cleanly by SIGTERM/SIGINT.
 
-Started by `rtprop serve` (pipeline/cli.py), which also runs the pipeline's workers beside it. In the
+Started by `rtprop serve` (cli/main.py), which also runs the pipeline's workers beside it. In the
 distributed mode (database.url) the sends are tasks of the job engine (pipeline/tasks.py, queue
 `sends`), so there is no sender loop here: `rtprop serve --workers 0` only receives and completes.
 """

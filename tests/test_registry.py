@@ -12,7 +12,7 @@ from db.engine import open_database, transaction
 from db.schema import Model, utcnow
 from models.sam2_loader import CheckpointError
 from pipeline.model_routing import settings_for, verified_settings
-from pipeline.registry import RegistryError, add_model, gate, list_models
+from model_lifecycle.registry import RegistryError, add_model, gate, list_models
 
 
 @pytest.fixture

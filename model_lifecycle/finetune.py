@@ -41,7 +41,7 @@ from config.schema import Config
 from db.schema import Instance
 from models.finetune import FinetuneError, FinetuneSettings, TrainItem, TrainResult, VolumeCache, npz_items, train
 
-LOG = logging.getLogger("rtprop.pipeline.finetune")
+LOG = logging.getLogger("rtprop.model_lifecycle.finetune")
 DATA_FORMAT = "rtprop-finetune-data/1"
 CARD_FORMAT = "rtprop-model-card/1"
 

@@ -1,8 +1,8 @@
 """`rtprop finetune` and `rtprop models ...`: fine-tuning on the archive, the model registry, the promotion gate.
 
-Registered on the main group by pipeline/cli.py (`cli.add_command`); thin shells over
-pipeline/finetune.py and pipeline/registry.py. Same conventions as the other subcommands: one JSON
-summary on stdout, progress and tables on stderr, user-fixable errors exit 2 (pipeline.cli.main).
+Registered on the main group by cli/main.py (`cli.add_command`); thin shells over
+model_lifecycle/finetune.py and model_lifecycle/registry.py. Same conventions as the other subcommands: one JSON
+summary on stdout, progress and tables on stderr, user-fixable errors exit 2 (cli.main.main).
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
+from cli.params import ISO_DATE, config_option, storage_option
 from config.load import load_config, resolve_storage
 from config.schema import Config
-from pipeline.cli_params import ISO_DATE, config_option, storage_option
 
 
 
@@ -76,7 +76,7 @@ def finetune(config_path: Path | None, storage: Path | None, data_dir: Path | No
              validation_fraction: float, save_every: int, device: str | None, no_progress: bool) -> None:
     """Fine-tune SAM2 on the clinic's approved contours (split by patient); write the checkpoint and its model card."""
     from models.finetune import FinetuneSettings
-    from pipeline.finetune import run_finetune
+    from model_lifecycle.finetune import run_finetune
 
     if data_dir is None and storage is None and config_path is None:
         raise click.UsageError("give --storage DIR (with --roi-regex) or --data DIR")
@@ -110,7 +110,7 @@ def models() -> None:
 def models_add(checkpoint: Path, card: Path | None, name: str | None, model_cfg: str | None,
                image_size: int | None, config_path: Path | None, storage: Path | None) -> None:
     """Register CHECKPOINT (copied under the storage with its sha256); prints the model's name on the last line."""
-    from pipeline.registry import add_model
+    from model_lifecycle.registry import add_model
 
     config = _config(config_path, storage)
     row, created = add_model(_factory(config), config, checkpoint, card_path=card, name=name, model_cfg=model_cfg,
@@ -126,7 +126,7 @@ def models_add(checkpoint: Path, card: Path | None, name: str | None, model_cfg:
 @storage_option
 def models_list(as_json: bool, config_path: Path | None, storage: Path | None) -> None:
     """Registered models, where each is active, and their last validation Dice."""
-    from pipeline.registry import list_models
+    from model_lifecycle.registry import list_models
 
     config = _config(config_path, storage)
     rows = list_models(_factory(config), config)
@@ -156,7 +156,7 @@ def models_list(as_json: bool, config_path: Path | None, storage: Path | None) -
 def models_evaluate(name: str, out_dir: Path | None, no_progress: bool, config_path: Path | None,
                     storage: Path | None) -> None:
     """Re-contour the validation patients' ROIs with NAME and with the active model; Dice/HD95 per ROI."""
-    from pipeline.registry import evaluate_model
+    from model_lifecycle.registry import evaluate_model
 
     config = _config(config_path, storage)
     ev = evaluate_model(_factory(config), config, name, out=out_dir, progress=not no_progress)
@@ -186,7 +186,7 @@ def _mm(value: float | None) -> str:
 def models_activate(name: str, for_roi: str, modality: str | None, force: bool, reason: str, no_progress: bool,
                     config_path: Path | None, storage: Path | None) -> None:
     """Let NAME contour (ROIs matching --for-roi, --modality) if it is not worse than the active model."""
-    from pipeline.registry import activate_model
+    from model_lifecycle.registry import activate_model
 
     config = _config(config_path, storage)
     _emit(activate_model(_factory(config), config, name, roi_regex=for_roi, modality=modality or "", force=force,
@@ -200,7 +200,7 @@ def models_activate(name: str, for_roi: str, modality: str | None, force: bool, 
 @storage_option
 def models_retire(name: str, reason: str, config_path: Path | None, storage: Path | None) -> None:
     """Never use NAME again (its file and card stay for the record)."""
-    from pipeline.registry import retire_model
+    from model_lifecycle.registry import retire_model
 
     config = _config(config_path, storage)
     _emit(retire_model(_factory(config), name, reason))

@@ -22,10 +22,10 @@ from typing import Any
 
 import click
 
+from cli.params import ISO_DATE, config_option, storage_option
 from config.errors import UserError
 from config.load import load_config, resolve_storage
 from config.schema import Config
-from pipeline.cli_params import ISO_DATE, config_option, storage_option
 from pipeline.compute import LOG_FORMAT
 
 log = logging.getLogger("rtprop")
@@ -583,13 +583,13 @@ def audit_export(config_path: Path | None, storage: Path | None, since: datetime
             click.echo(json.dumps({c: getattr(row, c) for c in ("id",) + audit_log.CHAINED_FIELDS + ("hash",)}))
 
 
-# ---------------------------------------------------------------- web app (web/commands.py)
-from web.commands import start_web_and_heartbeats, users as _users, web as _web  # noqa: E402 - after `cli`
+# ---------------------------------------------------------------- web app (cli/web_app.py)
+from cli.web_app import start_web_and_heartbeats, users as _users, web as _web  # noqa: E402 - after `cli`
 
 cli.add_command(_web)
 cli.add_command(_users)
 
-from pipeline.cli_models import finetune, models  # noqa: E402  (fine-tuning and the model registry)
+from cli.model_lifecycle import finetune, models  # noqa: E402  (fine-tuning and the model registry)
 
 cli.add_command(finetune)
 cli.add_command(models)

@@ -163,7 +163,7 @@ def retire_model(factory: sessionmaker[Session], name: str, reason: str = "") ->
 def evaluate_model(factory: sessionmaker[Session], config: Config, name: str, *, out: Path | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Re-contour the card's validation patients' ROIs with the candidate and the active model; store and return."""
-    from pipeline.finetune import archived_rois, safe_name, summarise_scores
+    from model_lifecycle.finetune import archived_rois, safe_name, summarise_scores
     from pipeline.recontour import recontour
 
     with factory() as session:

@@ -1,4 +1,4 @@
-"""`rtprop web` and `rtprop users add|token|disable`: registered on the CLI group in pipeline/cli.py.
+"""`rtprop web` and `rtprop users add|token|disable`: registered on the CLI group in cli/main.py.
 
 Only click, the configuration and the shared options are imported here at module level; the app itself is imported
 when a command runs, so `rtprop --help` stays fast.
@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
+from cli.params import config_option, storage_option
 from config.load import load_config, resolve_storage
 from config.schema import Config
-from pipeline.cli_params import config_option, storage_option
 
 
 

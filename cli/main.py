@@ -26,6 +26,7 @@ from cli.params import ISO_DATE, config_option, storage_option
 from config.errors import UserError
 from config.load import load_config, resolve_storage
 from config.schema import Config
+from models import backends
 from pipeline.compute import LOG_FORMAT
 
 log = logging.getLogger("rtprop")
@@ -78,8 +79,9 @@ def run_until_signal(stop: threading.Event, threads: list[threading.Thread], joi
         t.join(timeout=join_s)
 
 
-backend_option = click.option("--backend", type=click.Choice(["auto", "sam2", "classic"]),
-                              help="Propagator (default: propagation.backend, auto = sam2 if a checkpoint is set).")
+backend_option = click.option("--backend", type=click.Choice([backends.AUTO, *backends.names()]),
+                              help="Propagator (default: propagation.backend; auto = the one that takes weights if a "
+                              "checkpoint is set, else the weight-free one).")
 checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path),
                                  help="SAM2 checkpoint file on this node (never downloaded).")
 
@@ -270,7 +272,8 @@ def track(source: Path, out_dir: Path, first_label: Path | None, backend: str | 
 @click.option("--port", type=int, help="DICOM port to listen on.")
 @click.option("--ae-title", help="The node's AE title.")
 @click.option("--allow-ae", "allow_aes", multiple=True, help="Calling AE allowed to associate (repeatable).")
-@click.option("--destination", help="AE@HOST:PORT where every result goes (replaces the file's routes).")
+@click.option("--destination", help="AE@HOST:PORT where the result of every job this node receives goes "
+              "(replaces the file's routes; kept on each job, so `rtprop worker`s need no routes).")
 @click.option("--workers", type=click.IntRange(min=0),
               help="Jobs run at once in this process (default: pipeline.workers; 0 = receive and complete only, "
               "run `rtprop worker` apart).")
@@ -287,6 +290,7 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
     from db.engine import open_configured
     from dicom_node.routing import with_destination
     from dicom_node.service import serve_forever
+    from pipeline.discovery import jobs_on_completion
     from pipeline.dropin import start_dropin
     from pipeline.scheduler import start_scheduler
 
@@ -296,11 +300,8 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
     config = _config(config_path, storage, **overrides)
     if destination:
         config = with_destination(config, destination)
-        log.info("--destination %s: every result goes there (the configuration file's routes are not used)",
-                 destination)
-        if config.database.url:
-            log.warning("--destination %s reaches only the jobs this process runs (--workers): `rtprop worker`s "
-                        "route by their own configuration (docs/scaling.md)", destination)
+        log.info("--destination %s: the result of every job this node receives goes there (the configuration "
+                 "file's routes are not used)", destination)
     stop = threading.Event()
     factory = open_configured(config)
     threads = start_job_workers(factory, config, stop, workers)
@@ -311,7 +312,8 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
         threads.append(start_scheduler(factory, config, stop))
     threads += start_web_and_heartbeats(factory, config, stop, threads)
     try:
-        serve_forever(config, stop)  # returns on SIGTERM/SIGINT, having set `stop`
+        # returns on SIGTERM/SIGINT, having set `stop`; the jobs of completed series get this node's routes
+        serve_forever(config, stop, on_series_complete=jobs_on_completion(config))
     finally:
         stop.set()
         for t in threads:
@@ -489,13 +491,16 @@ def jobs_show(job_id: int, config_path: Path | None, storage: Path | None) -> No
 
     from db.audit import query
     from db.schema import Job, Send
+    from pipeline.delivery import destination_text
 
-    factory = _open_existing_database(_config(config_path, storage))
+    config = _config(config_path, storage)
+    factory = _open_existing_database(config)
     with factory() as session:
         job = session.get(Job, job_id)
         if job is None:
             raise UserError(f"no job {job_id}")
         row = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+        row["destination"] = destination_text(config, job)
         sends = [{c.name: getattr(s, c.name) for c in Send.__table__.columns}
                  for s in session.execute(select(Send).where(Send.job_id == job_id)).scalars()]
         timeline = [{"at": e.at, "event": e.event, "details": json.loads(e.details)}

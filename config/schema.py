@@ -183,7 +183,9 @@ class ConfigDeprecationWarning(UserWarning):
 
 
 class PropagationConfig(Section):
-    backend: Literal["auto", "sam2", "classic"] = "auto"
+    backend: str = Field("auto", min_length=1, description="a propagator registered in models/backends.py "
+                         "(sam2, classic) or auto: sam2 when a checkpoint is set, else classic; checked when the "
+                         "configuration is loaded")
     checkpoint: Path | None = None
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     cpu_threads: int = Field(2, ge=1)

@@ -11,12 +11,16 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from config.schema import Config
 from db.audit import record
 from db.engine import open_configured, transaction
+from db.schema import Series
 from dicom_node.completion import CompletionChecker
 from dicom_node.scp import start_scp
 from dicom_node.scu import Sender
@@ -26,8 +30,12 @@ LOG = logging.getLogger("rtprop.node.service")
 READY_LINE = "rtprop node ready"
 
 
-def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
-    """Run the node until `stop` is set or SIGTERM/SIGINT arrives (storage paths already resolved)."""
+def serve_forever(config: Config, stop: threading.Event | None = None,
+                  on_series_complete: Callable[[Session, Series], Any] | None = None) -> None:
+    """Run the node until `stop` is set or SIGTERM/SIGINT arrives (storage paths already resolved).
+
+    `on_series_complete`: called in the transaction that completes a series (the jobs of its prompts
+    are created there, with this node's routes: `rtprop serve` passes pipeline/discovery.py's hook)."""
     stop = stop or threading.Event()
     st = config.storage
     for folder in (st.root, st.archive, st.quarantine, st.outbox):
@@ -44,7 +52,7 @@ def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
             previous[sig] = signal.signal(sig, _on_signal)
 
     store = Store(st, factory, fsync=st.fsync)
-    checker = CompletionChecker(factory, config)
+    checker = CompletionChecker(factory, config, on_series_complete)
     sender = Sender(factory, config)
     ae, server = start_scp(config, store, on_release=checker.notify_release)
     threads = [threading.Thread(target=checker.run, args=(stop, config.node.poll_interval_s),

@@ -39,7 +39,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config
 from db.schema import Instance
-from models.finetune import FinetuneError, FinetuneSettings, TrainItem, TrainResult, VolumeCache, npz_items, train
+from models import backends
+from models.finetune import BACKEND, FinetuneError, FinetuneSettings, TrainItem, TrainResult, VolumeCache, npz_items, train
 
 LOG = logging.getLogger("rtprop.model_lifecycle.finetune")
 DATA_FORMAT = "rtprop-finetune-data/1"
@@ -204,10 +205,9 @@ def validate(result: TrainResult, entries: list[DataEntry], folder: Path, config
     from pipeline.prompts import prompt_from_roi
 
     # the NPZ frames are already in [0, 1]: an identity CT window hands them to the model unchanged
-    sam2 = config.propagation.sam2.model_copy(update={"model_cfg": result.loaded.config_name,
-                                                      "image_size": result.loaded.image_size})
-    settings = config.propagation.model_copy(update={"backend": "sam2", "sam2": sam2, "ct_window_level": 0.5,
-                                                     "ct_window_width": 1.0})
+    settings = backends.get(BACKEND).with_weights(config.propagation, result.checkpoint, result.loaded.config_name,
+                                                  result.loaded.image_size)
+    settings = settings.model_copy(update={"ct_window_level": 0.5, "ct_window_width": 1.0})
     cache = VolumeCache(config.propagation, size=2)
     rows = []
     for e in entries:
@@ -314,7 +314,7 @@ def make_card(result: TrainResult, settings: FinetuneSettings, entries: list[Dat
         "name": result.checkpoint.stem,
         "checkpoint": result.checkpoint.name,
         "checkpoint_sha256": result.checkpoint_sha256,
-        "backend": "sam2",
+        "backend": BACKEND,
         "model_cfg": settings.model_cfg,
         "image_size": settings.image_size,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

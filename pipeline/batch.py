@@ -6,6 +6,11 @@ match) is re-propagated from its middle slice by `pipeline.recontour.recontour` 
 as `rtprop recontour`). Outputs under OUT/<run>/: one RTSTRUCT per ROI (not sent unless asked),
 drift.csv (Dice, HD95, MSD, volume ratio per ROI) and montage.png of the worst ROIs. Progress in
 the terminal (tqdm); every run and ROI is audited (batch.started, batch.roi, batch.finished).
+
+Sent (`--send`, batch.send_results), each new RTSTRUCT becomes a job of kind `batch` handed to the
+one exit of the node (pipeline/delivery.py `deliver`): review before send, the guard's hold, the
+self-check, the TPS profile, the dry run and the route decided when the job is created all apply
+to it as to any job's result; with review.before_send it waits in the review queue.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from converters.files import write_atomic
 from db.audit import record
 from db.engine import transaction
 from db.schema import AuditEntry, Instance, utcnow
+from dicom_node.routing import JobRoute, route_for_job
 
 LOG = logging.getLogger("rtprop.pipeline.batch")
 
@@ -42,6 +48,7 @@ class BatchItem:
     calling_ae: str
     modality: str
     rois: list[str]
+    patient_id_hash: str = ""
 
 
 def select_items(factory: sessionmaker[Session], config: Config, *, since: datetime | None, until: datetime | None,
@@ -88,7 +95,7 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
             items.append(BatchItem(Path(inst.path), inst.sop_instance_uid,
                                    series_folder(session, match.series.series_instance_uid),
                                    match.series.series_instance_uid, inst.study_instance_uid, inst.calling_ae,
-                                   match.series.modality, rois))
+                                   match.series.modality, rois, inst.patient_id_hash))
     return items, skipped
 
 
@@ -156,11 +163,13 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: datetime
 
 
 def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchItem, roi: str, run_dir: Path,
-                  send: bool) -> dict[str, Any]:
+                  send: bool, routes: dict[str, JobRoute] | None = None) -> dict[str, Any]:
     """Re-contour one ROI of one archived RTSTRUCT into `run_dir`; returns its drift.csv row (audited).
 
     The new RTSTRUCT's UIDs derive from the run, the RTSTRUCT and the ROI: an item run twice (the job
-    engine delivers at least once) writes, and queues, the same instance.
+    engine delivers at least once) writes, and hands on, the same instance. `send`: the result becomes
+    a job of kind `batch` handed to the one exit (`_hand_on`), routed by `routes` (calling AE -> route,
+    decided when the run was queued) or else by `config`'s routes.
     """
     from pipeline.model_routing import check_loaded, settings_for, verified_settings
     from pipeline.recontour import recontour
@@ -185,7 +194,8 @@ def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchIte
                    gt_volume_ml=m["gt_volume_ml"], pred_volume_ml=m["pred_volume_ml"],
                    new_rtstruct=summary["rtstruct"])
         if send:
-            row["sent"] = _queue_send(factory, config, item, Path(summary["rtstruct"]))
+            route = (routes or {}).get(item.calling_ae) or route_for_job(config, item.calling_ae)
+            row.update(_hand_on(factory, config, item, roi, summary, route))
     except Exception as exc:  # noqa: BLE001 - one bad ROI never stops the night's run
         LOG.warning("batch: %s / %s failed: %s", item.rtstruct_uid, roi, exc)
         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -195,7 +205,7 @@ def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchIte
                series_instance_uid=item.series_uid, sop_instance_uid=item.rtstruct_uid,
                calling_ae=item.calling_ae, roi=roi, dice=row.get("dice"), hd95_mm=row.get("hd95_mm"),
                volume_ratio=row.get("volume_ratio"), error=row.get("error", ""), queued_send=row["sent"],
-               model=row.get("model", ""))
+               model=row.get("model", ""), job=row.get("job"), delivery=row.get("delivery", ""))
     return row
 
 
@@ -216,6 +226,8 @@ def queue_batch(factory: sessionmaker[Session], config: Config, *, since: dateti
     since, until = (w.astimezone(timezone.utc) if w is not None and w.tzinfo else w for w in (since, until))
     items, skipped = select_items(factory, config, since=since, until=until, roi_regex=roi_regex)
     studies = sorted({i.study_uid for i in items})
+    # where each calling AE's results go, decided now by this node's routes: the workers need none of their own
+    routes = {ae: route_for_job(config, ae).to_json() for ae in sorted({i.calling_ae for i in items})} if send else {}
     write_atomic(run_dir / "manifest.json", json.dumps({"studies": studies, "skipped": _plain(skipped),
                                                         "roi_regex": roi_regex}).encode())
     with transaction(factory) as session:
@@ -226,7 +238,8 @@ def queue_batch(factory: sessionmaker[Session], config: Config, *, since: dateti
         for study in studies:
             queue.defer(session, queue.TASK_BATCH, "batch", {
                 "run": str(run_dir), "study": study, "since": since.isoformat() if since else None,
-                "until": until.isoformat() if until else None, "roi_regex": roi_regex, "send": send})
+                "until": until.isoformat() if until else None, "roi_regex": roi_regex, "send": send,
+                "routes": routes})
         record(session, "batch.started", component="batch", trigger="cli-distributed", since=since, until=until,
                roi_regex=roi_regex, send=send, rtstructs=len(items), studies=len(studies),
                rois=sum(len(i.rois) for i in items), out=str(run_dir))
@@ -237,14 +250,17 @@ def queue_batch(factory: sessionmaker[Session], config: Config, *, since: dateti
 
 
 def run_study(factory: sessionmaker[Session], config: Config, run: str, study: str, *, since: str | None,
-              until: str | None, roi_regex: str, send: bool) -> str:
-    """The engine task of one study: re-contour its ROIs, write parts/<study>.json, finish the run if last."""
+              until: str | None, roi_regex: str, send: bool, routes: dict[str, dict[str, Any]] | None = None) -> str:
+    """The engine task of one study: re-contour its ROIs, write parts/<study>.json, finish the run if last.
+    `routes`: calling AE -> route (JSON), decided by the node that queued the run."""
     run_dir = Path(run)
     part = run_dir / "parts" / f"{study}.json"
     if not part.exists():  # a message delivered twice does the work once
         when = [datetime.fromisoformat(w) if w else None for w in (since, until)]
         items, _ = select_items(factory, config, since=when[0], until=when[1], roi_regex=roi_regex, study=study)
-        rows = [recontour_roi(factory, config, item, roi, run_dir, send) for item in items for roi in item.rois]
+        decided = {ae: JobRoute.from_json(r) for ae, r in (routes or {}).items()}
+        rows = [recontour_roi(factory, config, item, roi, run_dir, send, decided) for item in items
+                for roi in item.rois]
         write_atomic(part, json.dumps(_plain(rows)).encode())
     _finish_run(factory, config, run_dir)
     return "done"
@@ -276,21 +292,30 @@ def _finish_run(factory: sessionmaker[Session], config: Config, run_dir: Path) -
                rois=len(rows), errors=sum(1 for r in rows if r.get("error")), csv=str(csv_path))
 
 
-def _queue_send(factory: sessionmaker[Session], config: Config, item: BatchItem, path: Path) -> bool:
-    """--send: queue the new RTSTRUCT to the route of the calling AE the archived case came from."""
-    from dicom_node.routing import RoutingError, resolve_destination
-    from dicom_node.scu import enqueue
+def _hand_on(factory: sessionmaker[Session], config: Config, item: BatchItem, roi: str, summary: dict[str, Any],
+             route: JobRoute) -> dict[str, Any]:
+    """--send: the new RTSTRUCT as a job of kind `batch`, handed to the one exit (pipeline/delivery.py
+    `deliver`): review before send, the guard's hold, the dry run, the route and the durable send apply to
+    it as to any job's result. A result that failed its self-check is never handed on. Returns the
+    drift.csv fields: `sent` (queued for C-STORE or delivered), `job`, `delivery` (the job's state)."""
+    from pipeline.delivery import deliver
+    from pipeline.jobs import create_batch_job
 
-    try:
-        route = resolve_destination(config, item.calling_ae)
-    except RoutingError as exc:
-        LOG.warning("batch: not sent: %s", exc)
-        return False
-    if route.dry_run or route.destination is None:
-        return False
+    check = summary["self_check"]
+    if not check["ok"]:
+        return {"sent": False, "delivery": "not sent: self-check failed: " + "; ".join(check["problems"])[:500]}
+    prompt = {"structure": roi, "kind": config.batch.prompt_kind, "slice": summary["key_slice"], "sources": [roi],
+              "mode": "batch"}
     with transaction(factory) as session:
-        enqueue(session, path, route.destination)
-    return True
+        job, created = create_batch_job(
+            session, rtstruct_uid=item.rtstruct_uid, result_uid=summary["sop_instance_uid"],
+            result_path=summary["rtstruct"], result_sha256=summary["sha256"], study_uid=item.study_uid,
+            series_uid=item.series_uid, calling_ae=item.calling_ae, patient_id_hash=item.patient_id_hash,
+            prompts=[prompt], route=route, backend=summary["backend"][:16],
+            checkpoint_sha256=summary["checkpoint_sha256"] or "", self_check_dice=check.get("min_dice"))
+        state = deliver(session, config, job, Path(summary["rtstruct"]),
+                        implausible=[f"{roi}: {w}" for w in summary["warnings"]]) if created else job.state
+    return {"sent": state in ("sending", "sent"), "job": job.id, "delivery": state}
 
 
 def make_montage(rows: list[dict[str, Any]], config: Config, path: Path) -> Path:

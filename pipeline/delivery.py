@@ -1,8 +1,13 @@
-"""Delivery: where a validated result goes, and how its job follows the send.
+"""Delivery: the one exit of every RTSTRUCT that leaves the node, and how its job follows the send.
 
-- `deliver`: validated -> sending (a row in the durable outbound queue, dicom_node/scu.py, in the
-  same transaction), -> sent (a drop-in case: the file goes to the drop-in outbox), or stays
-  validated (dry run: processed and audited, never sent).
+- `deliver` is THE exit: a job's result (pipeline/runner.py), a nightly batch result
+  (pipeline/batch.py, a job of kind `batch`) and a reviewer's accepted result (pipeline/actions.py)
+  are all handed to it, so every rule applies to each of them: the dry run, the guard's hold, review
+  before send, the check that the file is the one written and self-checked, and the route stored on
+  the job when it was created (dicom_node/routing.py `JobRoute`). It moves the job validated ->
+  sending (a row in the durable outbound queue, dicom_node/scu.py, in the same transaction), -> sent
+  (a drop-in case: the file goes to the drop-in outbox), -> awaiting_review, -> failed (no
+  destination), or leaves it validated (dry run: processed and audited, never sent).
 - `reconcile_sends`: a `sending` job follows its send row: sent (with or without a warning),
   or dead-letter when the sender gave up.
 - `report_dropin_failures`: a dropped case whose job failed gets `<case>.job<N>.failed.json` in
@@ -21,24 +26,48 @@ from config.schema import Config
 from converters.files import copy_atomic
 from db.engine import transaction
 from db.schema import Job, Send
+from dicom_node.routing import JobRoute, route_for_job
 from pipeline import jobs as J
 
 LOG = logging.getLogger("rtprop.pipeline.delivery")
 
 
+def job_route(config: Config, job: Job) -> JobRoute:
+    """Where `job`'s result goes: the route stored when it was created; a job created before routes were
+    stored (revision 0006) is routed now, by `config`."""
+    if job.route is not None:
+        return JobRoute.from_json(job.route)
+    return route_for_job(config, job.calling_ae, dropin=bool(job.dropin_case))
+
+
+def destination_text(config: Config, job: Job) -> str:
+    """Where `job`'s result goes, in one line for people (`rtprop jobs show`, the web app's job page)."""
+    text = job_route(config, job).describe()
+    return text if job.route is not None else f"{text} (by the routes of the process that delivers it)"
+
+
 def deliver(session: Session, config: Config, job: Job, path: Path, *, reviewed: bool = False,
             implausible: list[str] | None = None) -> str:
-    """Hand a validated job's RTSTRUCT on, inside the caller's transaction; returns the job's new state.
+    """Hand a validated job's RTSTRUCT `path` to the exit, inside the caller's transaction; returns the job's
+    new state. The one way out of the node for every result (see the module doc).
 
-    Before anything leaves, a person may have to look (-> awaiting_review): review.before_send for the
-    calling AE, or a result that looks implausible (`implausible`: the guard's reasons) while
-    guard.hold_implausible is on. `reviewed`: a reviewer accepted it (pipeline/actions.py).
+    `path` must be the job's checked result (`job.result_path`, unchanged since: its sha256), or a file
+    made from it by a reviewer (`reviewed`). Before anything leaves, a person may have to look
+    (-> awaiting_review): review.before_send for the calling AE, or a result that looks implausible
+    (`implausible`: the guard's reasons) while guard.hold_implausible is on. `reviewed`: a reviewer
+    accepted it (pipeline/actions.py).
     """
-    from dicom_node.routing import RoutingError, resolve_destination
     from dicom_node.scu import enqueue
 
-    if job.dry_run:
-        J.audit_job(session, job, "job.dry_run", result_path=str(path), decision="shadow mode: not sent")
+    route = job_route(config, job)
+    problem = _not_as_checked(job, Path(path))
+    if problem:
+        J.transition(session, job, "failed", error=f"not sent: {problem}")
+        LOG.error("job %s: not sent: %s", job.id, problem)
+        return "failed"
+    if job.dry_run or route.dry_run:
+        J.audit_job(session, job, "job.dry_run", result_path=str(path), route=route.describe(),
+                    decision="shadow mode: not sent")
         return "validated"
     if not reviewed and implausible and config.guard.hold_implausible:
         reason = "held, the result looks implausible: " + "; ".join(implausible)
@@ -49,24 +78,27 @@ def deliver(session: Session, config: Config, job: Job, path: Path, *, reviewed:
     if not reviewed and config.review.required_for(job.calling_ae):
         J.transition(session, job, "awaiting_review", details={"result_path": str(path)})
         return "awaiting_review"
-    if job.dropin_case:
+    if route.kind == "dropin":
         target = dropin_output(config, job, path)
         J.transition(session, job, "sent", details={"delivered_to": str(target), "via": "dropin-outbox"})
         return "sent"
-    try:
-        route = resolve_destination(config, job.calling_ae)
-    except RoutingError as exc:
-        J.transition(session, job, "failed", error=f"no destination: {exc}; result kept at {path}")
+    if route.destination is None:
+        J.transition(session, job, "failed", error=f"no destination: {route.error}; result kept at {path}")
         return "failed"
-    if route.dry_run or route.destination is None:
-        J.audit_job(session, job, "job.dry_run", result_path=str(path), route=route.name,
-                    decision="route dry_run: not sent")
-        return "validated"
     send = enqueue(session, path, route.destination, job_id=job.id, patient_id_hash=job.patient_id_hash)
-    J.transition(session, job, "sending", details={
-        "send_id": send.id, "destination": f"{route.destination.ae_title}@{route.destination.host}:"
-                                          f"{route.destination.port}"})
+    J.transition(session, job, "sending", details={"send_id": send.id, "destination": route.describe()})
     return "sending"
+
+
+def _not_as_checked(job: Job, path: Path) -> str:
+    """Why `path` may not leave as `job`'s result ('' = it may): gone, or not the file that was self-checked."""
+    from pipeline.write_result import sha256_file
+
+    if not path.is_file():
+        return f"the result {path} is no longer there"
+    if str(path) == job.result_path and job.result_sha256 and sha256_file(path) != job.result_sha256:
+        return f"the result {path} changed after its self-check (sha256 differs from the one recorded)"
+    return ""
 
 
 def dropin_output(config: Config, job: Job, path: Path) -> Path:

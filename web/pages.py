@@ -17,6 +17,7 @@ from db import audit as audit_log
 from db.heartbeat import latest
 from db.schema import AuditEntry, Job, Send, aware, utcnow
 from pipeline import actions
+from pipeline.delivery import destination_text
 from pipeline.jobs import STATES
 from web.routing import Ctx, route
 
@@ -130,7 +131,8 @@ def job_detail(ctx: Ctx) -> Response:
                 attempts.setdefault(int(d["send_id"]), []).append({"at": r.at[:19].replace("T", " "), "event": r.event,
                                                                    **d})
     return ctx.render("job.html", job=job, timeline=timeline, sends=sends, attempts=attempts, reviews=reviews,
-                      structures=[p.get("structure") for p in (job.prompts or [])])
+                      structures=[p.get("structure") for p in (job.prompts or [])],
+                      destination=destination_text(ctx.state.config, job))
 
 
 def _job_action(ctx: Ctx, name: str) -> Response:

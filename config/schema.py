@@ -285,6 +285,10 @@ class BatchConfig(Section):
     prompt_kind: Literal["box", "point", "mask"] = Field("box", description="prompt taken from each ROI's middle slice")
     lookback_days: float = Field(1.0, gt=0, description="scheduled runs cover series received this many days back")
     montage_cases: int = Field(6, ge=1, description="the worst ROIs (lowest Dice) drawn in the PNG montage")
+    patient_label: Literal["hash", "patient_id"] = Field(
+        "hash", description="how drift.csv, the montage and the web app's batch page name a case's patient: 'hash' = "
+        "the first 12 characters of the hashed Patient ID (what the audit keeps); 'patient_id' = the Patient ID as "
+        "the TPS shows it, where the site allows it in reports")
 
 
 class WebConfig(Section):

@@ -353,23 +353,24 @@ def work_folder(config: Config, out: Path) -> Path:
     return config.storage.root / "finetune" / f"{Path(out).stem}-{tag}"
 
 
-def run_finetune(config: Config, out: Path, settings: FinetuneSettings, *, data: Path | None = None,
+def run_finetune(config: Config, out: Path, settings: FinetuneSettings, *,
+                 factory: sessionmaker[Session] | None = None, data: Path | None = None,
                  roi_regex: str | None = None, since: datetime | None = None, include_own: bool = False,
                  validation_fraction: float = 0.2, progress: bool = True) -> dict[str, Any]:
-    """Collect (or read) the data, split by patient, train, validate, write the card; returns a summary."""
+    """Collect (or read) the data, split by patient, train, validate, write the card; returns a summary.
+
+    `factory`: the node's database (SQLite or PostgreSQL, as every command opens it): the archive to learn
+    from (needed unless `data`), and where the run is audited (none: not audited)."""
     from db.audit import record
-    from db.engine import open_database, transaction
+    from db.engine import transaction
 
     out = Path(out)
-    factory = None
-    if config.storage.database.exists():
-        factory = open_database(config.storage.database)
     if data is not None:
         folder = Path(data)
         entries, source = read_data_folder(folder)
     else:
         if factory is None:
-            raise FinetuneError(f"no database at {config.storage.database}: give --storage DIR of a node, or --data")
+            raise FinetuneError("no node database: give --storage DIR of a node, or --data")
         if not roi_regex:
             raise FinetuneError("--roi-regex is required with --storage (which ROIs to learn, e.g. 'GTV.*')")
         folder = work_folder(config, out)

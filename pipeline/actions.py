@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -110,8 +111,17 @@ def review(factory: sessionmaker[Session], config: Config, job_id: int, user: st
         path = Path(job.result_path)
         if len(accepted) < len(names):
             from converters.rtstruct_subset import keep_rois
+            from pipeline.write_result import sha256_file
 
+            full = path
             path = keep_rois(path, accepted, path.with_name(f"{path.stem}_accepted.dcm"))
+            # the job's result is now what leaves: the accepted ROIs (the full file stays beside it, in the audit)
+            job.result_path, job.result_sha256 = str(path), sha256_file(path)
+            job.result_sop_instance_uid = str(pydicom.dcmread(path, stop_before_pixels=True,
+                                                              specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            session.flush()  # before the exit's transition refreshes the row
+            J.audit_job(session, job, "job.result_subset", full_result=str(full), result_path=str(path),
+                        result_sha256=job.result_sha256, rois=accepted)
         state = _deliver_reviewed(factory, config, session, job, path)
         J.audit_job(session, job, "job.accepted", user=user, rois=accepted, sent_path=str(path), state=state)
         return Outcome(job_id, state, f"accepted ({', '.join(accepted)}): {state}", {"rois": accepted,

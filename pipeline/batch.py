@@ -28,6 +28,7 @@ from pydicom.uid import RTStructureSetStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.errors import UserError
 from config.schema import Config
 from converters.files import write_atomic
 from db.audit import record
@@ -49,6 +50,7 @@ class BatchItem:
     modality: str
     rois: list[str]
     patient_id_hash: str = ""
+    patient: str = ""  # how reports name the patient (batch.patient_label)
 
 
 def select_items(factory: sessionmaker[Session], config: Config, *, since: datetime | None, until: datetime | None,
@@ -59,7 +61,11 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
     RTSTRUCT whose series is ambiguous is reported, never guessed)."""
     from pipeline.discovery import is_own_result, match_series, series_folder
 
-    regex = re.compile(roi_regex, re.IGNORECASE)
+    try:
+        regex = re.compile(roi_regex, re.IGNORECASE)
+    except re.error as exc:
+        raise UserError(f"ROI regex {roi_regex!r} (--roi-regex, batch.roi_regex) is not a valid regular "
+                        f"expression: {exc}") from None
     items, skipped = [], []
     with factory() as session:
         stmt = select(Instance).where(Instance.sop_class_uid == RTStructureSetStorage).order_by(Instance.id)
@@ -88,15 +94,31 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
                 why = (f"series {match.series.series_instance_uid} is {match.series.state}" if match.series
                        else ("" if match.ambiguous else "no ") + match.reason)
                 LOG.warning("batch: RTSTRUCT %s skipped: %s", inst.sop_instance_uid, why)
-                skipped.extend({"study_instance_uid": inst.study_instance_uid, "series_instance_uid": "",
+                skipped.extend({"patient": patient_label(config, ds, inst.patient_id_hash),
+                                "study_instance_uid": inst.study_instance_uid, "series_instance_uid": "",
                                 "modality": "", "rtstruct_sop_instance_uid": inst.sop_instance_uid, "roi": roi,
                                 "sent": False, "error": f"not re-contoured: {why}"} for roi in rois)
                 continue
             items.append(BatchItem(Path(inst.path), inst.sop_instance_uid,
                                    series_folder(session, match.series.series_instance_uid),
                                    match.series.series_instance_uid, inst.study_instance_uid, inst.calling_ae,
-                                   match.series.modality, rois, inst.patient_id_hash))
+                                   match.series.modality, rois, inst.patient_id_hash,
+                                   patient_label(config, ds, inst.patient_id_hash)))
     return items, skipped
+
+
+def patient_label(config: Config, ds: pydicom.Dataset, patient_id_hash: str) -> str:
+    """A case's patient as reports name it (batch.patient_label): the hashed ID's first 12 characters, or the
+    Patient ID as the TPS shows it where the site allows it."""
+    if config.batch.patient_label == "patient_id" and str(ds.get("PatientID", "")).strip():
+        return str(ds.PatientID).strip()
+    return (patient_id_hash or "unknown")[:12]
+
+
+def case_key(row: dict[str, Any]) -> str:
+    """One ROI of one case, for the run's summary: patient, study, modality and ROI (ROIs of two patients never
+    share a key)."""
+    return f"{row.get('patient', '')}/{row['study_instance_uid']}/{row['modality']}:{row['roi']}"
 
 
 def _contoured_roi_numbers(ds: pydicom.Dataset) -> set[int]:
@@ -155,11 +177,21 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: datetime
     montage_path = make_montage(rows, config, run_dir / "montage.png") if any("dice" in r for r in rows) else None
     summary = {"out": str(run_dir), "csv": str(csv_path), "montage": str(montage_path) if montage_path else None,
                "rois": len(rows), "errors": sum(1 for r in rows if r.get("error")),
-               "dice": {f"{r['modality']}:{r['roi']}": round(r["dice"], 4) for r in rows if "dice" in r}}
+               "dice": _dice_by_case(rows)}
     with transaction(factory) as session:
         record(session, "batch.finished", component="batch", trigger=trigger, out=str(run_dir), rois=len(rows),
                errors=summary["errors"], csv=str(csv_path))
     return summary
+
+
+def _dice_by_case(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Dice per case key; an ROI name twice in one study (two structure sets) is told apart by its RTSTRUCT."""
+    out: dict[str, float] = {}
+    for r in rows:
+        if "dice" in r:
+            key = case_key(r)
+            out[key if key not in out else f"{key} ({r['rtstruct_sop_instance_uid']})"] = round(r["dice"], 4)
+    return out
 
 
 def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchItem, roi: str, run_dir: Path,
@@ -177,7 +209,8 @@ def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchIte
     safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", roi)
     roi_dir = run_dir / item.series_uid / f"{item.rtstruct_uid[-12:]}-{safe}"
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"study_instance_uid": item.study_uid, "series_instance_uid": item.series_uid,
+    row: dict[str, Any] = {"patient": item.patient, "study_instance_uid": item.study_uid,
+                           "series_instance_uid": item.series_uid,
                            "modality": item.modality, "rtstruct_sop_instance_uid": item.rtstruct_uid,
                            "roi": roi, "sent": False,
                            "series_folder": item.series_folder, "rtstruct_path": item.rtstruct_path}
@@ -232,8 +265,6 @@ def queue_batch(factory: sessionmaker[Session], config: Config, *, since: dateti
                                                         "roi_regex": roi_regex}).encode())
     with transaction(factory) as session:
         if not queue.enabled(session):
-            from config.errors import UserError
-
             raise UserError("--distributed needs database.url (PostgreSQL): the job engine's queue lives there")
         for study in studies:
             queue.defer(session, queue.TASK_BATCH, "batch", {
@@ -333,8 +364,9 @@ def make_montage(rows: list[dict[str, Any]], config: Config, path: Path) -> Path
         volumes[r["series_instance_uid"]] = volume
         original = read_rtstruct(original_path, volume).roi(r["roi"]).mask
         new = read_rtstruct(r["new_rtstruct"], volume).rois[0].mask
-        cases.append(MontageCase(f"{r['modality']} {r['roi']}\nDice {r['dice']:.3f}  HD95 {r['hd95_mm']:.1f} mm\n"
-                                 f"vol ratio {r['volume_ratio']:.2f}", volume.array, original, new, r["modality"],
-                                 r.get("key_slice")))
+        cases.append(MontageCase(f"{r.get('patient', '')} {r['modality']} {r['roi']}\nstudy "
+                                 f"...{r['study_instance_uid'][-12:]}\nDice {r['dice']:.3f}  HD95 "
+                                 f"{r['hd95_mm']:.1f} mm  vol ratio {r['volume_ratio']:.2f}", volume.array, original,
+                                 new, r["modality"], r.get("key_slice")))
     return montage(cases, path)
 

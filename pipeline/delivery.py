@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select
@@ -88,6 +89,49 @@ def deliver(session: Session, config: Config, job: Job, path: Path, *, reviewed:
     send = enqueue(session, path, route.destination, job_id=job.id, patient_id_hash=job.patient_id_hash)
     J.transition(session, job, "sending", details={"send_id": send.id, "destination": route.describe()})
     return "sending"
+
+
+def prompt_received_again(session: Session, config: Config, sop_uid: str, calling_ae: str) -> str:
+    """A TPS sent prompt RTSTRUCT `sop_uid` again (an identical copy: the archive keeps the first). If its job
+    delivered by C-STORE, its result goes again, the same SOP Instance UID (a TPS that lost it gets it; one
+    that has it stores it once); otherwise the log and the audit say what the job is doing. Returns that."""
+    from dicom_node.scu import enqueue
+
+    job = J.find_job_for_rtstruct(session, sop_uid)
+    if job is None:
+        return ""  # no job yet: the series is being completed, the job comes then
+    route = job_route(config, job)
+    last = session.execute(select(Send).where(Send.job_id == job.id).order_by(Send.id.desc()).limit(1)).scalar()
+    if job.state == "sent" and last is not None and route.destination is not None and Path(last.path).is_file():
+        send = enqueue(session, last.path, route.destination, job_id=job.id, patient_id_hash=job.patient_id_hash,
+                       again=True)
+        said = f"result {job.result_sop_instance_uid or Path(last.path).name} sent again to {route.describe()} " \
+               f"(send {send.id})"
+    elif job.state == "sent":
+        said = f"already delivered to {route.describe()}: nothing sent again"
+    elif job.dry_run and job.state == "validated":
+        said = f"{route.describe()}: nothing is sent"
+    elif job.state in ("received", "queued", "running", "validated", "sending"):
+        said = f"still running ({job.state}): its result goes out when it is done"
+    elif job.state == "awaiting_review":
+        said = "waiting for a reviewer: its result goes out when accepted"
+    else:
+        said = f"{job.state}{': ' + job.error[:300] if job.error else ''}: nothing sent (`rtprop jobs retry {job.id}`)"
+    J.audit_job(session, job, "job.prompt_again", calling_ae_again=calling_ae[:16], state=job.state, outcome=said)
+    LOG.info("job %s: prompt RTSTRUCT %s received again from %s: %s", job.id, sop_uid, calling_ae, said)
+    return said
+
+
+def prompt_again_handler(factory: sessionmaker[Session], config: Config) -> Callable[[str, str, str], None]:
+    """The receive path's hook (dicom_node/storage.py `on_duplicate`): prompt RTSTRUCTs received again."""
+    from pydicom.uid import RTStructureSetStorage
+
+    def handle(sop_class_uid: str, sop_uid: str, calling_ae: str) -> None:
+        if sop_class_uid == RTStructureSetStorage:
+            with transaction(factory) as session:
+                prompt_received_again(session, config, sop_uid, calling_ae)
+
+    return handle
 
 
 def _not_as_checked(job: Job, path: Path) -> str:

@@ -156,8 +156,9 @@ def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str
                        event="job.quarantined", result_path=str(held), result_sha256=result.sha256, **common)
     with transaction(factory) as session:
         row = session.get(Job, job.id)
+        # error="": an earlier attempt's fault (e.g. "attempt 1 lost") is history (in the audit), not this job's state
         J.transition(session, row, "validated", expect_owner=me, result_path=str(result.path),
-                     result_sha256=result.sha256, **common)
+                     result_sha256=result.sha256, error="", **common)
         J.audit_job(session, row, "job.self_check", dice=check.dice, ok=True)
         return deliver(session, config, row, result.path, implausible=result.implausible)
 

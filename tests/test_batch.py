@@ -185,3 +185,43 @@ def test_a_batch_sent_under_review_before_send_waits_for_a_reviewer_then_goes_ou
         assert str(sent.SOPInstanceUID) == node.query("SELECT result_sop_instance_uid FROM jobs WHERE id=?",
                                                       (job_id,))[0][0]
         assert [str(r.ROIName) for r in sent.StructureSetROISequence] == ["GTV_Mass_CT_prop"]
+
+
+def test_a_batch_tells_patients_apart_and_every_run_shows_on_the_batch_page(tmp_path):
+    """Two patients with the same ROI on the same modality: the summary once keyed both as `CT:ROI` (one
+    lost), drift.csv and the /batch page named cases only by UID, and a run written with --out elsewhere did not
+    show on /batch (issue 21, item 9)."""
+    from config.load import load_config, resolve_storage
+    from db.audit import hash_patient_id
+    from db.engine import open_database
+    from dicom_node.completion import CompletionChecker
+    from dicom_node.storage import Received, Store
+    from pipeline_helpers import case_files, copy_as_new_patient
+    from web_helpers import Client, WebProcess, add_user
+
+    storage = tmp_path / "storage"
+    config = resolve_storage(load_config(None, overrides={"storage": {"root": str(storage), "fsync": False},
+                                                          "node": {"series_quiet_period_s": 0}}))
+    factory = open_database(config.storage.database)
+    store = Store(config.storage, factory, fsync=False)
+    for path in case_files(STS_CT) + copy_as_new_patient(case_files(STS_CT), tmp_path / "copy", "STS_COPY"):
+        assert store.ingest(Path(path).read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
+    CompletionChecker(factory, config).check()
+    factory.kw["bind"].dispose()
+    elsewhere = tmp_path / "reports-elsewhere"
+    r = subprocess.run([str(VENV_BIN / "rtprop"), "batch", "--storage", str(storage), "--roi-regex", "GTV_Mass_CT",
+                        "--out", str(elsewhere), "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    labels = {hash_patient_id("STS_001")[:12], hash_patient_id("STS_COPY")[:12]}
+    assert len(summary["dice"]) == 2 and {key.split("/")[0] for key in summary["dice"]} == labels
+    rows = list(csv.DictReader(open(summary["csv"])))
+    assert {row["patient"] for row in rows} == labels and all(row["study_instance_uid"] for row in rows)
+    add_user(storage, "vic", "viewer", "a-long-password")
+    with WebProcess(tmp_path, storage) as web:
+        client = Client(web.url)
+        assert client.login("vic", "a-long-password") == 303
+        status, _, page = client.get("/batch")
+        assert status == 200 and Path(summary["out"]).name.encode() in page and str(elsewhere).encode() in page
+        assert all(label.encode() in page for label in labels)
+        assert client.get(f"/batch/{Path(summary['out']).name}/montage.png")[0] == 200

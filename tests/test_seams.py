@@ -9,7 +9,6 @@ import pty
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -243,8 +242,7 @@ def test_jobs_show_is_pretty_on_a_terminal_and_one_line_for_scripts(tmp_path):
 
 
 def test_the_demo_starts_with_its_result_not_a_warning(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(tmp_path / "demo")], capture_output=True,
-                       text=True, timeout=600, cwd=str(REPO))
+    r = run("demo", "--out", tmp_path / "demo", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not [line for line in r.stderr.splitlines() if " WARNING " in line], r.stderr
     assert json.loads(r.stdout.strip().splitlines()[0])["metrics"]["dice"] > 0.55

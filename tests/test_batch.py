@@ -155,6 +155,7 @@ def test_a_batch_sent_under_review_before_send_waits_for_a_reviewer_then_goes_ou
                             str(tmp_path / "report")], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         row = next(csv.DictReader(open(json.loads(r.stdout.strip().splitlines()[-1])["csv"])))
+        assert node.query("SELECT count(*) FROM sends") == [(0,)]  # nothing queued for the TPS
         assert row["delivery"] == "awaiting_review" and row["sent"] == "False", row
         job_id = int(row["job"])
         assert node.query("SELECT kind, state FROM jobs WHERE id=?", (job_id,)) == [("batch", "awaiting_review")]

@@ -9,7 +9,9 @@ COPY dicom_node dicom_node
 COPY converters converters
 COPY models models
 COPY pipeline pipeline
+COPY model_lifecycle model_lifecycle
 COPY web web
+COPY cli cli
 # CPU torch wheels (the pins in pyproject.toml); sam2 without its CUDA extension
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1 \
  && SAM2_BUILD_CUDA=0 pip install --no-cache-dir --no-build-isolation sam2==1.1.0 \

@@ -74,6 +74,12 @@ def _describe(exc: ValidationError, source: str, env_names: dict[str, str], flag
     return "\n".join(lines)
 
 
+def _where(exc: yaml.YAMLError) -> str:
+    """' at line L, column C' of a YAML error (yaml's own marks name no file: the text was read first)."""
+    mark = getattr(exc, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
 def _parents(key: str) -> list[str]:
     parts = key.split(".")
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
@@ -100,7 +106,8 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
         except FileNotFoundError as exc:
             raise ConfigError(f"configuration file not found: {path}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"configuration file {path} is not valid YAML{_where(exc)}: "
+                              f"{getattr(exc, 'problem', None) or exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"configuration file {path} must hold a mapping at the top level")
         data = loaded or {}

@@ -183,7 +183,9 @@ class ConfigDeprecationWarning(UserWarning):
 
 
 class PropagationConfig(Section):
-    backend: Literal["auto", "sam2", "classic"] = "auto"
+    backend: str = Field("auto", min_length=1, description="a propagator registered in models/backends.py "
+                         "(sam2, classic) or auto: sam2 when a checkpoint is set, else classic; checked when the "
+                         "configuration is loaded")
     checkpoint: Path | None = None
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     cpu_threads: int = Field(2, ge=1)
@@ -283,6 +285,10 @@ class BatchConfig(Section):
     prompt_kind: Literal["box", "point", "mask"] = Field("box", description="prompt taken from each ROI's middle slice")
     lookback_days: float = Field(1.0, gt=0, description="scheduled runs cover series received this many days back")
     montage_cases: int = Field(6, ge=1, description="the worst ROIs (lowest Dice) drawn in the PNG montage")
+    patient_label: Literal["hash", "patient_id"] = Field(
+        "hash", description="how drift.csv, the montage and the web app's batch page name a case's patient: 'hash' = "
+        "the first 12 characters of the hashed Patient ID (what the audit keeps); 'patient_id' = the Patient ID as "
+        "the TPS shows it, where the site allows it in reports")
 
 
 class WebConfig(Section):
@@ -336,7 +342,7 @@ class GuardConfig(Section):
     hold_implausible: bool = Field(True, description="hold such a job for a person (awaiting_review) instead of "
                                    "sending it; the reasons are on the job, in the audit and in the RTSTRUCT")
 class ModelsConfig(Section):
-    """The model registry and its promotion gate (pipeline/registry.py, docs/finetune.md)."""
+    """The model registry and its promotion gate (model_lifecycle/registry.py, docs/finetune.md)."""
 
     folder: Path = Field(Path("models"), description="registered checkpoints are copied here (relative to "
                          "storage.root), as <sha256>.pt with their model card beside them")

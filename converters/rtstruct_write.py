@@ -32,7 +32,7 @@ from converters.contours import mask_to_polygons
 from converters.errors import RTStructError
 from converters.files import atomic_path
 from converters.geometry import Volume
-from converters.tps import MAX_ROI_NAME, roi_name_for_tps, unique_names
+from converters.tps import MAX_ROI_NAME, max_name_len, roi_name_for_tps, unique_names
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,10 @@ def _copy(src: Dataset | None, dst: Dataset, keywords: Sequence[str]) -> None:
             limit = MAX_VALUE_LEN.get(element.VR, 64)
             values = element.value if isinstance(element.value, (list, pydicom.multival.MultiValue)) else [element.value]
             cut = [str(v)[:limit].rstrip() for v in values]
-            log.warning("%s of the images is longer than VR %s allows (%s > %d characters): truncated in the RTSTRUCT",
-                        keyword, element.VR, max(len(str(v)) for v in values), limit)
+            # the images' own defect (a 17-character Study ID is common), repaired here: worth a line at INFO, not
+            # a warning about the result, which is valid (and the first thing the demo printed)
+            log.info("%s of the images is longer than VR %s allows (%s > %d characters): cut to %d in the RTSTRUCT",
+                     keyword, element.VR, max(len(str(v)) for v in values), limit, limit)
             element.value = cut if len(cut) > 1 else cut[0]
         dst[keyword] = element
 
@@ -250,12 +252,14 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
     ref_for.RTReferencedStudySequence = DicomSequence([ref_study])
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([ref_for])
 
-    names = unique_names([roi_name_for_tps(r.name, settings.roi_suffix) for r in rois], settings.roi_suffix)
+    longest = max_name_len(settings)  # the TPS profile's limit (Eclipse: 16)
+    names = unique_names([roi_name_for_tps(r.name, settings.roi_suffix, longest) for r in rois], settings.roi_suffix,
+                         longest)
     ss_rois, roi_contours, observations = [], [], []
     for number, (roi, mask, name) in enumerate(zip(rois, masks, names), start=1):
         if name != roi.name:
             log.info("ROI %r written as %r (suffix %r, %d-character limit)", roi.name, name,
-                     settings.roi_suffix, MAX_ROI_NAME)
+                     settings.roi_suffix, longest)
         item = Dataset()
         item.ROINumber = number
         item.ReferencedFrameOfReferenceUID = volume.frame_of_reference_uid
@@ -296,12 +300,13 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
-    validate_rtstruct(ds, volume)
+    validate_rtstruct(ds, volume, longest)
     return ds
 
 
-def validate_rtstruct(ds: Dataset, volume: Volume) -> None:
-    """Refuse an RTSTRUCT a TPS would reject or misplace; `RTStructError` naming the attribute at fault."""
+def validate_rtstruct(ds: Dataset, volume: Volume, max_name: int = MAX_ROI_NAME) -> None:
+    """Refuse an RTSTRUCT a TPS would reject or misplace; `RTStructError` naming the attribute at fault.
+    `max_name`: the longest ROI name the TPS takes (its profile's `max_name_len`)."""
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
                     "StructureSetLabel", "FrameOfReferenceUID"):
         if not str(ds.get(keyword, "") or ""):
@@ -328,8 +333,8 @@ def validate_rtstruct(ds: Dataset, volume: Volume) -> None:
     if len(set(numbers)) != len(numbers) or len({n.lower() for n in names}) != len(names):
         raise RTStructError(f"RTSTRUCT {ds.SOPInstanceUID}: ROI numbers or names not unique ({names})")
     for name in names:
-        if not name or len(name) > MAX_ROI_NAME:
-            raise RTStructError(f"ROI name {name!r} is empty or longer than {MAX_ROI_NAME} characters")
+        if not name or len(name) > max_name:
+            raise RTStructError(f"ROI name {name!r} is empty or longer than {max_name} characters")
     normal = volume.geometry.direction_matrix[:, 2]
     origin = np.asarray(volume.geometry.origin_mm)
     dz = volume.geometry.spacing_mm[2]

@@ -25,7 +25,7 @@ def roi_name_for_tps(name: str, suffix: str = "", max_len: int = MAX_ROI_NAME) -
     return name[: max_len - len(suffix)].rstrip() + suffix
 
 
-def unique_names(names: list[str], suffix: str = "") -> list[str]:
+def unique_names(names: list[str], suffix: str = "", max_len: int = MAX_ROI_NAME) -> list[str]:
     """Make names unique (case-insensitive, as TPSs compare them) by a ~N tag before the suffix."""
     seen: set[str] = set()
     out = []
@@ -36,7 +36,7 @@ def unique_names(names: list[str], suffix: str = "") -> list[str]:
         while candidate.lower() in seen:
             n += 1
             tag = f"~{n}"
-            candidate = base[: MAX_ROI_NAME - len(tag) - len(tail)] + tag + tail
+            candidate = base[: max_len - len(tag) - len(tail)] + tag + tail
         seen.add(candidate.lower())
         out.append(candidate)
     return out
@@ -68,6 +68,11 @@ TYPE_COLORS = {"GTV": (255, 0, 0), "CTV": (255, 165, 0), "PTV": (0, 128, 255), "
 _TYPE_PREFIX = re.compile(r"^(GTV|CTV|ITV|PTV)", re.IGNORECASE)
 
 
+def max_name_len(settings: RTStructConfig) -> int:
+    """The longest ROI name the configured TPS takes (rtstruct.tps_profile)."""
+    return PROFILES[settings.tps_profile].max_name_len
+
+
 FLAG_SUFFIX = "_CHK"  # an implausible result, in the name for TPSs that show no ROI description
 
 
@@ -80,7 +85,7 @@ def output_style(structure: str, settings: RTStructConfig, *, implausible: bool 
     profile = PROFILES[settings.tps_profile]
     name = structure.strip()
     if implausible and profile.flag_in_name:
-        name = name[: MAX_ROI_NAME - len(FLAG_SUFFIX) - len(settings.roi_suffix)] + FLAG_SUFFIX
+        name = name[: profile.max_name_len - len(FLAG_SUFFIX) - len(settings.roi_suffix)] + FLAG_SUFFIX
     if profile.allowed_name_chars:
         name = re.sub(f"[^{profile.allowed_name_chars}]", "_", name)
     itype = settings.roi_interpreted_type.upper()

@@ -184,14 +184,7 @@ def open_configured(config) -> sessionmaker[Session]:  # type: ignore[no-untyped
         factory = open_database(config.database.url, head_path=Path(config.storage.root) / POSTGRES_HEAD)
     else:
         factory = open_database(config.storage.database)
-    factory.kw["info"]["job_queue"] = job_queue(config)
     return factory
-
-
-def job_queue(config) -> str:  # type: ignore[no-untyped-def]
-    """The engine queue a propagation job goes to: `gpu` when this node propagates with SAM2, else `cpu`."""
-    p = config.propagation
-    return "gpu" if p.backend == "sam2" or (p.backend == "auto" and p.checkpoint) else "cpu"
 
 
 _local = threading.local()

@@ -97,6 +97,11 @@ class Job(Base):
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # retry backoff
     waiting_for: Mapped[str] = mapped_column(Text, default="")  # what a received job waits for (shown, audited)
     waiting_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # where the result goes, decided from the receiving node's routes when the job was created
+    # (dicom_node.routing.JobRoute as JSON; None: a job from before revision 0006, routed at delivery)
+    route: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    queue: Mapped[str] = mapped_column(String(16), default="cpu", server_default="cpu")  # the engine's: cpu | gpu
+    result_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 class Send(Base):
@@ -206,7 +211,7 @@ class Model(Base):
     __tablename__ = "models"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    backend: Mapped[str] = mapped_column(String(16), default="sam2")  # sam2 | classic
+    backend: Mapped[str] = mapped_column(String(16))  # a backend registered in models/backends.py
     path: Mapped[str] = mapped_column(Text, default="")  # checkpoint under storage (models.folder)
     sha256: Mapped[str] = mapped_column(String(64), default="", index=True)
     model_cfg: Mapped[str] = mapped_column(String(255), default="")

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from pydicom.uid import RTStructureSetStorage
 from sqlalchemy import select, update
@@ -35,9 +37,13 @@ LOG = logging.getLogger("rtprop.node.completion")
 class CompletionChecker:
     """Looks at every `receiving` series and closes those that are done. Safe to run after a restart."""
 
-    def __init__(self, factory: sessionmaker[Session], config: Config) -> None:
+    def __init__(self, factory: sessionmaker[Session], config: Config,
+                 on_complete: Callable[[Session, Series], Any] | None = None) -> None:
         self.factory = factory
         self.config = config
+        # called in the transaction that completes a series: the receiving node creates its jobs there
+        # (pipeline/discovery.py `jobs_on_completion`), so no other process sees the series without them
+        self.on_complete = on_complete
         self._released: set[str] = set()
         self._lock = threading.Lock()
         # (series uid, instance_count) -> contiguity, so a waiting series is not re-read every pass
@@ -110,6 +116,8 @@ class CompletionChecker:
             ).values(state=state, completed_at=now, reason=result.reason)).rowcount
             if not done:
                 return False
+            if state == "complete" and self.on_complete is not None:
+                self.on_complete(session, s)
             event = "series.complete" if state == "complete" else "series.incomplete"
             record(session, event, component="dicom_node", study_instance_uid=s.study_instance_uid,
                    series_instance_uid=s.series_instance_uid, calling_ae=s.calling_ae,

@@ -1,6 +1,6 @@
 """One process: SCP + series completion checker + sender loop, stopped cleanly by SIGTERM/SIGINT.
 
-Started by `rtprop serve` (pipeline/cli.py), which also runs the pipeline's workers beside it. In the
+Started by `rtprop serve` (cli/main.py), which also runs the pipeline's workers beside it. In the
 distributed mode (database.url) the sends are tasks of the job engine (pipeline/tasks.py, queue
 `sends`), so there is no sender loop here: `rtprop serve --workers 0` only receives and completes.
 """
@@ -9,14 +9,20 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from config.errors import UserError
 from config.schema import Config
 from db.audit import record
 from db.engine import open_configured, transaction
+from db.schema import Series
 from dicom_node.completion import CompletionChecker
 from dicom_node.scp import start_scp
 from dicom_node.scu import Sender
@@ -26,8 +32,34 @@ LOG = logging.getLogger("rtprop.node.service")
 READY_LINE = "rtprop node ready"
 
 
-def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
-    """Run the node until `stop` is set or SIGTERM/SIGINT arrives (storage paths already resolved)."""
+def port_error(config: Config, exc: OSError) -> UserError:
+    return UserError(f"node.port {config.node.port} on {config.node.host}: cannot listen ({exc.strerror}): another "
+                     "process uses it; give another --port or node.port (several rtprop serve on one port: "
+                     "node.reuse_port)")
+
+
+def check_port(config: Config) -> None:
+    """Raise the start-up error `serve` would meet binding node.port, before anything else starts (a port
+    shared on purpose, node.reuse_port, is not checked)."""
+    if config.node.reuse_port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in config.node.host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((config.node.host, config.node.port))
+        except OSError as exc:
+            raise port_error(config, exc) from None
+
+
+def serve_forever(config: Config, stop: threading.Event | None = None,
+                  on_series_complete: Callable[[Session, Series], Any] | None = None,
+                  on_duplicate: Callable[[str, str, str], Any] | None = None) -> None:
+    """Run the node until `stop` is set or SIGTERM/SIGINT arrives (storage paths already resolved).
+
+    `on_series_complete`: called in the transaction that completes a series (the jobs of its prompts
+    are created there, with this node's routes: `rtprop serve` passes pipeline/discovery.py's hook).
+    `on_duplicate`: called when an identical instance arrives again (a prompt sent again is answered:
+    pipeline/delivery.py)."""
     stop = stop or threading.Event()
     st = config.storage
     for folder in (st.root, st.archive, st.quarantine, st.outbox):
@@ -43,10 +75,13 @@ def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, _on_signal)
 
-    store = Store(st, factory, fsync=st.fsync)
-    checker = CompletionChecker(factory, config)
+    store = Store(st, factory, fsync=st.fsync, on_duplicate=on_duplicate)
+    checker = CompletionChecker(factory, config, on_series_complete)
     sender = Sender(factory, config)
-    ae, server = start_scp(config, store, on_release=checker.notify_release)
+    try:
+        ae, server = start_scp(config, store, on_release=checker.notify_release)
+    except OSError as exc:  # a start-up error the user fixes (exit 2), not ours
+        raise port_error(config, exc) from None
     threads = [threading.Thread(target=checker.run, args=(stop, config.node.poll_interval_s),
                                 name="rtprop-completion", daemon=True)]
     if not config.database.url:  # distributed: workers send (queue `sends`)

@@ -23,9 +23,11 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, MRImageStorage
@@ -179,10 +181,14 @@ def parse_identifiers(raw: bytes, received: Received) -> _Parsed:
 class Store:
     """The archive + quarantine + DB writer shared by all associations of one node."""
 
-    def __init__(self, storage: StorageConfig, factory: sessionmaker[Session], *, fsync: bool = True) -> None:
+    def __init__(self, storage: StorageConfig, factory: sessionmaker[Session], *, fsync: bool = True,
+                 on_duplicate: Callable[[str, str, str], Any] | None = None) -> None:
         self.storage = storage
         self.factory = factory
         self.fsync = fsync
+        # (SOP Class UID, SOP Instance UID, calling AE) of an identical instance received again, after its audit
+        # row: the node answers a prompt sent again (pipeline/delivery.py `prompt_received_again`)
+        self.on_duplicate = on_duplicate
         self.archive = Path(storage.archive)
         self.quarantine_dir = Path(storage.quarantine)
         self.min_free_bytes = int(storage.min_free_mb) * 1024 * 1024
@@ -327,7 +333,13 @@ class Store:
     def _duplicate_tx(self, raw: bytes, received: Received, p: _Parsed, digest: str, kept_sha: str,
                       kept_path: str) -> IngestResult:
         with transaction(self.factory) as session:
-            return self._duplicate(session, raw, received, p, digest, kept_sha, kept_path)
+            result = self._duplicate(session, raw, received, p, digest, kept_sha, kept_path)
+        if self.on_duplicate is not None and result.quarantined is None:
+            try:
+                self.on_duplicate(p.sop_class_uid, p.sop_instance_uid, received.calling_ae)
+            except Exception:  # noqa: BLE001 - the instance is stored: the peer gets its success status
+                LOG.exception("handling instance %s received again failed", p.sop_instance_uid)
+        return result
 
     def _duplicate(self, session: Session, raw: bytes, received: Received, p: _Parsed, digest: str,
                    kept_sha: str, kept_path: str) -> IngestResult:

@@ -48,6 +48,7 @@ from models.sam2_loader import LoadedModel, load_model, sha256_of
 from models.sam2_video import to_model_input
 
 LOG = logging.getLogger("rtprop.models.finetune")
+BACKEND = "sam2"  # the registered backend (models/backends.py) whose checkpoints this trains
 STATE_FORMAT = "rtprop-finetune-state/1"
 # The decoder writes -1024 into the masks of frames it scores as "no object"; clamped for the BCE
 # so that the curve shows the loss the model can act on (those logits carry no gradient anyway).

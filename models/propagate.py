@@ -10,27 +10,20 @@ from collections.abc import Sequence
 import numpy as np
 
 from config.schema import PropagationConfig
-from models import guard
+from models import backends, guard
 from models.prompts import Prompt, check_prompts
 from models.result import Backend, PropagationResult
 
 
 def choose_backend(settings: PropagationConfig) -> str:
-    """`auto` means SAM2 when a checkpoint is configured, else the weight-free classic backend."""
-    if settings.backend != "auto":
-        return settings.backend
-    return "sam2" if settings.checkpoint is not None else "classic"
+    """The name of the backend `settings` run (`auto`: the weights backend when a checkpoint is configured,
+    else the weight-free one); see models/backends.py."""
+    return backends.choose(settings).name
 
 
 def backend_function(name: str) -> Backend:
-    """The propagate function of backend `name` ("sam2" or "classic"), imported on first use."""
-    if name == "sam2":
-        from models import sam2_backend
-
-        return sam2_backend.propagate
-    from models import classic
-
-    return classic.propagate
+    """The propagate function of the registered backend `name`, imported on first use."""
+    return backends.get(name).propagate()
 
 
 def propagate(

@@ -44,6 +44,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -569,6 +570,21 @@ def load_configured_model(settings: PropagationConfig) -> LoadedModel:
                               "on this node; rtprop never downloads weights), or use backend classic/auto")
     return load_model(settings.sam2.model_cfg, settings.checkpoint, settings.sam2.image_size, settings.device,
                       settings.cpu_threads)
+
+
+def with_weights(settings: PropagationConfig, checkpoint: Path, architecture: str = "",
+                 image_size: int | None = None) -> PropagationConfig:
+    """The settings that run a registered checkpoint (models/backends.py): its file, its model config and
+    input size (the configured ones when the registration left them empty)."""
+    sam2 = settings.sam2.model_copy(update={"model_cfg": architecture or settings.sam2.model_cfg,
+                                            "image_size": image_size or settings.sam2.image_size})
+    return settings.model_copy(update={"backend": "sam2", "checkpoint": Path(checkpoint), "sam2": sam2})
+
+
+def check_weights(path: Path, settings: PropagationConfig) -> None:
+    """`path` loads strictly as the model `settings` name (CheckpointError naming the file otherwise):
+    what `rtprop models add` checks before a file is registered. Built on the CPU, not cached."""
+    load_model(settings.sam2.model_cfg, path, settings.sam2.image_size, "cpu", settings.cpu_threads, cache=False)
 
 
 def preprocess(image: np.ndarray, modality: str, settings: PropagationConfig) -> np.ndarray:

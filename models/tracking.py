@@ -4,7 +4,8 @@ Frames come one at a time from a `converters.cine.CineSource`; each frame's mask
 (normally `converters.cine.CineLabelWriter`) and is not kept, so memory does not grow with the
 sequence (TrackRAD2025 sequences reach 20,000 frames).
 
-Backends (`propagation.backend`, `auto` = sam2 when a checkpoint is set):
+Backends (`propagation.backend`, `auto` = sam2 when a checkpoint is set; each registered in
+models/backends.py with its tracker):
 - classic, `cine.classic_method`:
   - `ecc` (default): the region around the first-frame mask (a template from frame 0) is found in
     each frame by normalised cross-correlation (coarse, any shift within `cine.roi_margin_mm` of the
@@ -246,7 +247,8 @@ class FlowTracker:
         return FrameTrack(out, float(np.clip(rho if np.isfinite(rho) else 0.0, 0.0, 1.0)))
 
 
-def _track_classic(source: CineSource, mask0: np.ndarray, settings: PropagationConfig, sink: Sink) -> dict:
+def track_classic(source: CineSource, mask0: np.ndarray, settings: PropagationConfig, sink: Sink,
+                  loaded: Any = None) -> dict:
     frame0 = source.frame(0)
     method = settings.cine.classic_method
     tracker = (FlowTracker if method == "flow" else EccTracker)(frame0, mask0, source.spacing_mm,
@@ -280,7 +282,7 @@ def _track_classic(source: CineSource, mask0: np.ndarray, settings: PropagationC
 
 
 # ----------------------------------------------------------------------------- sam2
-def _track_sam2(source: CineSource, mask0: np.ndarray, settings: PropagationConfig, sink: Sink,
+def track_sam2(source: CineSource, mask0: np.ndarray, settings: PropagationConfig, sink: Sink,
                 loaded: Any = None) -> dict:
     import torch
 
@@ -332,15 +334,15 @@ def track(source: CineSource, first_mask: np.ndarray, settings: PropagationConfi
     configured SAM2 model (tests, bench). Frames not tracked by the stated method are named in the
     summary's `warnings` (and a TrackingFallbackWarning).
     """
-    from models.propagate import choose_backend
+    from models import backends
 
     settings = settings or PropagationConfig()
     mask0 = check_first_mask(first_mask, source)
     sink = sink or (lambda *args: None)
-    backend = "sam2" if loaded is not None else choose_backend(settings)
+    spec = backends.choose(settings, has_weights=True if loaded is not None else None)
+    backend = spec.name
     t_start = time.perf_counter()
-    info = (_track_sam2(source, mask0, settings, sink, loaded) if backend == "sam2"
-            else _track_classic(source, mask0, settings, sink))
+    info = spec.track()(source, mask0, settings, sink, loaded)
     latencies = np.asarray(info.pop("latencies_ms") or [0.0])
     return TrackingSummary(
         name=source.name, backend=backend, method=str(info.get("method")), n_frames=source.n_frames,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -110,8 +111,17 @@ def review(factory: sessionmaker[Session], config: Config, job_id: int, user: st
         path = Path(job.result_path)
         if len(accepted) < len(names):
             from converters.rtstruct_subset import keep_rois
+            from pipeline.write_result import sha256_file
 
+            full = path
             path = keep_rois(path, accepted, path.with_name(f"{path.stem}_accepted.dcm"))
+            # the job's result is now what leaves: the accepted ROIs (the full file stays beside it, in the audit)
+            job.result_path, job.result_sha256 = str(path), sha256_file(path)
+            job.result_sop_instance_uid = str(pydicom.dcmread(path, stop_before_pixels=True,
+                                                              specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            session.flush()  # before the exit's transition refreshes the row
+            J.audit_job(session, job, "job.result_subset", full_result=str(full), result_path=str(path),
+                        result_sha256=job.result_sha256, rois=accepted)
         state = _deliver_reviewed(factory, config, session, job, path)
         J.audit_job(session, job, "job.accepted", user=user, rois=accepted, sent_path=str(path), state=state)
         return Outcome(job_id, state, f"accepted ({', '.join(accepted)}): {state}", {"rois": accepted,
@@ -120,18 +130,13 @@ def review(factory: sessionmaker[Session], config: Config, job_id: int, user: st
 
 def _deliver_reviewed(factory: sessionmaker[Session], config: Config, session: Session, job: Job,
                       path: Path) -> str:
-    """Hand an accepted result to the worker's own delivery (durable send queue or drop-in outbox)."""
-    from dicom_node.routing import RoutingError, resolve_destination
-    from pipeline.delivery import deliver
+    """Hand an accepted result to the one exit (pipeline/delivery.py `deliver`), by the job's own route."""
+    from pipeline.delivery import deliver, job_route
 
-    if not job.dropin_case:
-        try:
-            route = resolve_destination(config, job.calling_ae)
-        except RoutingError:
-            route = None  # deliver() fails the job with the reason
-        if route is not None and (route.dry_run or route.destination is None):
-            raise ActionError(f"job {job.id}: the route for calling AE {job.calling_ae!r} is dry_run: "
-                              "results are never sent; reject to close the job")
+    route = job_route(config, job)
+    if job.dry_run or route.dry_run:
+        raise ActionError(f"job {job.id}: its route is a dry run ({route.describe()}): results are never sent; "
+                          "reject to close the job")
     return deliver(session, config, job, path, reviewed=True)
 
 
@@ -151,8 +156,8 @@ def retry(factory: sessionmaker[Session], job_id: int, user: str, reason: str = 
 
 def resend(factory: sessionmaker[Session], config: Config, job_id: int, user: str) -> Outcome:
     """Queue the job's delivered (or dead-lettered) result for C-STORE again, to its route's destination."""
-    from dicom_node.routing import RoutingError, resolve_destination
     from dicom_node.scu import enqueue
+    from pipeline.delivery import job_route
 
     with transaction(factory) as session:
         job = _job(session, job_id)
@@ -163,16 +168,14 @@ def resend(factory: sessionmaker[Session], config: Config, job_id: int, user: st
                               "dead-lettered C-STORE result can be re-sent")
         if not Path(last.path).is_file():
             raise ActionError(f"job {job_id}: its result {last.path} is no longer there")
-        try:
-            route = resolve_destination(config, job.calling_ae)
-        except RoutingError as exc:
-            raise ActionError(f"job {job_id}: no destination: {exc}") from exc
-        if route.destination is None or route.dry_run:
-            raise ActionError(f"job {job_id}: the route for {job.calling_ae!r} is dry_run: nothing is sent")
+        route = job_route(config, job)
+        if route.dry_run:
+            raise ActionError(f"job {job_id}: its route is a dry run ({route.describe()}): nothing is sent")
+        if route.destination is None:
+            raise ActionError(f"job {job_id}: no destination: {route.describe()}")
         send = enqueue(session, last.path, route.destination, job_id=job_id, patient_id_hash=job.patient_id_hash,
                        again=True)
-        details = {"user": user, "send_id": send.id, "destination": f"{route.destination.ae_title}@"
-                   f"{route.destination.host}:{route.destination.port}"}
+        details = {"user": user, "send_id": send.id, "destination": route.describe()}
         if job.state == "dead-letter":
             J.transition(session, job, "sending", event="job.resend", by_person=True, error="", details=details)
         else:  # sent stays sent: the send row shows the new attempt's outcome on the job page

@@ -6,6 +6,11 @@ match) is re-propagated from its middle slice by `pipeline.recontour.recontour` 
 as `rtprop recontour`). Outputs under OUT/<run>/: one RTSTRUCT per ROI (not sent unless asked),
 drift.csv (Dice, HD95, MSD, volume ratio per ROI) and montage.png of the worst ROIs. Progress in
 the terminal (tqdm); every run and ROI is audited (batch.started, batch.roi, batch.finished).
+
+Sent (`--send`, batch.send_results), each new RTSTRUCT becomes a job of kind `batch` handed to the
+one exit of the node (pipeline/delivery.py `deliver`): review before send, the guard's hold, the
+self-check, the TPS profile, the dry run and the route decided when the job is created all apply
+to it as to any job's result; with review.before_send it waits in the review queue.
 """
 from __future__ import annotations
 
@@ -23,11 +28,13 @@ from pydicom.uid import RTStructureSetStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.errors import UserError
 from config.schema import Config
 from converters.files import write_atomic
 from db.audit import record
 from db.engine import transaction
 from db.schema import AuditEntry, Instance, utcnow
+from dicom_node.routing import JobRoute, route_for_job
 
 LOG = logging.getLogger("rtprop.pipeline.batch")
 
@@ -42,6 +49,8 @@ class BatchItem:
     calling_ae: str
     modality: str
     rois: list[str]
+    patient_id_hash: str = ""
+    patient: str = ""  # how reports name the patient (batch.patient_label)
 
 
 def select_items(factory: sessionmaker[Session], config: Config, *, since: datetime | None, until: datetime | None,
@@ -52,7 +61,11 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
     RTSTRUCT whose series is ambiguous is reported, never guessed)."""
     from pipeline.discovery import is_own_result, match_series, series_folder
 
-    regex = re.compile(roi_regex, re.IGNORECASE)
+    try:
+        regex = re.compile(roi_regex, re.IGNORECASE)
+    except re.error as exc:
+        raise UserError(f"ROI regex {roi_regex!r} (--roi-regex, batch.roi_regex) is not a valid regular "
+                        f"expression: {exc}") from None
     items, skipped = [], []
     with factory() as session:
         stmt = select(Instance).where(Instance.sop_class_uid == RTStructureSetStorage).order_by(Instance.id)
@@ -81,15 +94,31 @@ def select_items(factory: sessionmaker[Session], config: Config, *, since: datet
                 why = (f"series {match.series.series_instance_uid} is {match.series.state}" if match.series
                        else ("" if match.ambiguous else "no ") + match.reason)
                 LOG.warning("batch: RTSTRUCT %s skipped: %s", inst.sop_instance_uid, why)
-                skipped.extend({"study_instance_uid": inst.study_instance_uid, "series_instance_uid": "",
+                skipped.extend({"patient": patient_label(config, ds, inst.patient_id_hash),
+                                "study_instance_uid": inst.study_instance_uid, "series_instance_uid": "",
                                 "modality": "", "rtstruct_sop_instance_uid": inst.sop_instance_uid, "roi": roi,
                                 "sent": False, "error": f"not re-contoured: {why}"} for roi in rois)
                 continue
             items.append(BatchItem(Path(inst.path), inst.sop_instance_uid,
                                    series_folder(session, match.series.series_instance_uid),
                                    match.series.series_instance_uid, inst.study_instance_uid, inst.calling_ae,
-                                   match.series.modality, rois))
+                                   match.series.modality, rois, inst.patient_id_hash,
+                                   patient_label(config, ds, inst.patient_id_hash)))
     return items, skipped
+
+
+def patient_label(config: Config, ds: pydicom.Dataset, patient_id_hash: str) -> str:
+    """A case's patient as reports name it (batch.patient_label): the hashed ID's first 12 characters, or the
+    Patient ID as the TPS shows it where the site allows it."""
+    if config.batch.patient_label == "patient_id" and str(ds.get("PatientID", "")).strip():
+        return str(ds.PatientID).strip()
+    return (patient_id_hash or "unknown")[:12]
+
+
+def case_key(row: dict[str, Any]) -> str:
+    """One ROI of one case, for the run's summary: patient, study, modality and ROI (ROIs of two patients never
+    share a key)."""
+    return f"{row.get('patient', '')}/{row['study_instance_uid']}/{row['modality']}:{row['roi']}"
 
 
 def _contoured_roi_numbers(ds: pydicom.Dataset) -> set[int]:
@@ -148,19 +177,31 @@ def run_batch(factory: sessionmaker[Session], config: Config, *, since: datetime
     montage_path = make_montage(rows, config, run_dir / "montage.png") if any("dice" in r for r in rows) else None
     summary = {"out": str(run_dir), "csv": str(csv_path), "montage": str(montage_path) if montage_path else None,
                "rois": len(rows), "errors": sum(1 for r in rows if r.get("error")),
-               "dice": {f"{r['modality']}:{r['roi']}": round(r["dice"], 4) for r in rows if "dice" in r}}
+               "dice": _dice_by_case(rows)}
     with transaction(factory) as session:
         record(session, "batch.finished", component="batch", trigger=trigger, out=str(run_dir), rois=len(rows),
                errors=summary["errors"], csv=str(csv_path))
     return summary
 
 
+def _dice_by_case(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Dice per case key; an ROI name twice in one study (two structure sets) is told apart by its RTSTRUCT."""
+    out: dict[str, float] = {}
+    for r in rows:
+        if "dice" in r:
+            key = case_key(r)
+            out[key if key not in out else f"{key} ({r['rtstruct_sop_instance_uid']})"] = round(r["dice"], 4)
+    return out
+
+
 def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchItem, roi: str, run_dir: Path,
-                  send: bool) -> dict[str, Any]:
+                  send: bool, routes: dict[str, JobRoute] | None = None) -> dict[str, Any]:
     """Re-contour one ROI of one archived RTSTRUCT into `run_dir`; returns its drift.csv row (audited).
 
     The new RTSTRUCT's UIDs derive from the run, the RTSTRUCT and the ROI: an item run twice (the job
-    engine delivers at least once) writes, and queues, the same instance.
+    engine delivers at least once) writes, and hands on, the same instance. `send`: the result becomes
+    a job of kind `batch` handed to the one exit (`_hand_on`), routed by `routes` (calling AE -> route,
+    decided when the run was queued) or else by `config`'s routes.
     """
     from pipeline.model_routing import check_loaded, settings_for, verified_settings
     from pipeline.recontour import recontour
@@ -168,7 +209,8 @@ def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchIte
     safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", roi)
     roi_dir = run_dir / item.series_uid / f"{item.rtstruct_uid[-12:]}-{safe}"
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"study_instance_uid": item.study_uid, "series_instance_uid": item.series_uid,
+    row: dict[str, Any] = {"patient": item.patient, "study_instance_uid": item.study_uid,
+                           "series_instance_uid": item.series_uid,
                            "modality": item.modality, "rtstruct_sop_instance_uid": item.rtstruct_uid,
                            "roi": roi, "sent": False,
                            "series_folder": item.series_folder, "rtstruct_path": item.rtstruct_path}
@@ -185,7 +227,8 @@ def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchIte
                    gt_volume_ml=m["gt_volume_ml"], pred_volume_ml=m["pred_volume_ml"],
                    new_rtstruct=summary["rtstruct"])
         if send:
-            row["sent"] = _queue_send(factory, config, item, Path(summary["rtstruct"]))
+            route = (routes or {}).get(item.calling_ae) or route_for_job(config, item.calling_ae)
+            row.update(_hand_on(factory, config, item, roi, summary, route))
     except Exception as exc:  # noqa: BLE001 - one bad ROI never stops the night's run
         LOG.warning("batch: %s / %s failed: %s", item.rtstruct_uid, roi, exc)
         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -195,7 +238,7 @@ def recontour_roi(factory: sessionmaker[Session], config: Config, item: BatchIte
                series_instance_uid=item.series_uid, sop_instance_uid=item.rtstruct_uid,
                calling_ae=item.calling_ae, roi=roi, dice=row.get("dice"), hd95_mm=row.get("hd95_mm"),
                volume_ratio=row.get("volume_ratio"), error=row.get("error", ""), queued_send=row["sent"],
-               model=row.get("model", ""))
+               model=row.get("model", ""), job=row.get("job"), delivery=row.get("delivery", ""))
     return row
 
 
@@ -216,17 +259,18 @@ def queue_batch(factory: sessionmaker[Session], config: Config, *, since: dateti
     since, until = (w.astimezone(timezone.utc) if w is not None and w.tzinfo else w for w in (since, until))
     items, skipped = select_items(factory, config, since=since, until=until, roi_regex=roi_regex)
     studies = sorted({i.study_uid for i in items})
+    # where each calling AE's results go, decided now by this node's routes: the workers need none of their own
+    routes = {ae: route_for_job(config, ae).to_json() for ae in sorted({i.calling_ae for i in items})} if send else {}
     write_atomic(run_dir / "manifest.json", json.dumps({"studies": studies, "skipped": _plain(skipped),
                                                         "roi_regex": roi_regex}).encode())
     with transaction(factory) as session:
         if not queue.enabled(session):
-            from config.errors import UserError
-
             raise UserError("--distributed needs database.url (PostgreSQL): the job engine's queue lives there")
         for study in studies:
             queue.defer(session, queue.TASK_BATCH, "batch", {
                 "run": str(run_dir), "study": study, "since": since.isoformat() if since else None,
-                "until": until.isoformat() if until else None, "roi_regex": roi_regex, "send": send})
+                "until": until.isoformat() if until else None, "roi_regex": roi_regex, "send": send,
+                "routes": routes})
         record(session, "batch.started", component="batch", trigger="cli-distributed", since=since, until=until,
                roi_regex=roi_regex, send=send, rtstructs=len(items), studies=len(studies),
                rois=sum(len(i.rois) for i in items), out=str(run_dir))
@@ -237,14 +281,17 @@ def queue_batch(factory: sessionmaker[Session], config: Config, *, since: dateti
 
 
 def run_study(factory: sessionmaker[Session], config: Config, run: str, study: str, *, since: str | None,
-              until: str | None, roi_regex: str, send: bool) -> str:
-    """The engine task of one study: re-contour its ROIs, write parts/<study>.json, finish the run if last."""
+              until: str | None, roi_regex: str, send: bool, routes: dict[str, dict[str, Any]] | None = None) -> str:
+    """The engine task of one study: re-contour its ROIs, write parts/<study>.json, finish the run if last.
+    `routes`: calling AE -> route (JSON), decided by the node that queued the run."""
     run_dir = Path(run)
     part = run_dir / "parts" / f"{study}.json"
     if not part.exists():  # a message delivered twice does the work once
         when = [datetime.fromisoformat(w) if w else None for w in (since, until)]
         items, _ = select_items(factory, config, since=when[0], until=when[1], roi_regex=roi_regex, study=study)
-        rows = [recontour_roi(factory, config, item, roi, run_dir, send) for item in items for roi in item.rois]
+        decided = {ae: JobRoute.from_json(r) for ae, r in (routes or {}).items()}
+        rows = [recontour_roi(factory, config, item, roi, run_dir, send, decided) for item in items
+                for roi in item.rois]
         write_atomic(part, json.dumps(_plain(rows)).encode())
     _finish_run(factory, config, run_dir)
     return "done"
@@ -276,21 +323,30 @@ def _finish_run(factory: sessionmaker[Session], config: Config, run_dir: Path) -
                rois=len(rows), errors=sum(1 for r in rows if r.get("error")), csv=str(csv_path))
 
 
-def _queue_send(factory: sessionmaker[Session], config: Config, item: BatchItem, path: Path) -> bool:
-    """--send: queue the new RTSTRUCT to the route of the calling AE the archived case came from."""
-    from dicom_node.routing import RoutingError, resolve_destination
-    from dicom_node.scu import enqueue
+def _hand_on(factory: sessionmaker[Session], config: Config, item: BatchItem, roi: str, summary: dict[str, Any],
+             route: JobRoute) -> dict[str, Any]:
+    """--send: the new RTSTRUCT as a job of kind `batch`, handed to the one exit (pipeline/delivery.py
+    `deliver`): review before send, the guard's hold, the dry run, the route and the durable send apply to
+    it as to any job's result. A result that failed its self-check is never handed on. Returns the
+    drift.csv fields: `sent` (queued for C-STORE or delivered), `job`, `delivery` (the job's state)."""
+    from pipeline.delivery import deliver
+    from pipeline.jobs import create_batch_job
 
-    try:
-        route = resolve_destination(config, item.calling_ae)
-    except RoutingError as exc:
-        LOG.warning("batch: not sent: %s", exc)
-        return False
-    if route.dry_run or route.destination is None:
-        return False
+    check = summary["self_check"]
+    if not check["ok"]:
+        return {"sent": False, "delivery": "not sent: self-check failed: " + "; ".join(check["problems"])[:500]}
+    prompt = {"structure": roi, "kind": config.batch.prompt_kind, "slice": summary["key_slice"], "sources": [roi],
+              "mode": "batch"}
     with transaction(factory) as session:
-        enqueue(session, path, route.destination)
-    return True
+        job, created = create_batch_job(
+            session, rtstruct_uid=item.rtstruct_uid, result_uid=summary["sop_instance_uid"],
+            result_path=summary["rtstruct"], result_sha256=summary["sha256"], study_uid=item.study_uid,
+            series_uid=item.series_uid, calling_ae=item.calling_ae, patient_id_hash=item.patient_id_hash,
+            prompts=[prompt], route=route, backend=summary["backend"][:16],
+            checkpoint_sha256=summary["checkpoint_sha256"] or "", self_check_dice=check.get("min_dice"))
+        state = deliver(session, config, job, Path(summary["rtstruct"]),
+                        implausible=[f"{roi}: {w}" for w in summary["warnings"]]) if created else job.state
+    return {"sent": state in ("sending", "sent"), "job": job.id, "delivery": state}
 
 
 def make_montage(rows: list[dict[str, Any]], config: Config, path: Path) -> Path:
@@ -308,8 +364,9 @@ def make_montage(rows: list[dict[str, Any]], config: Config, path: Path) -> Path
         volumes[r["series_instance_uid"]] = volume
         original = read_rtstruct(original_path, volume).roi(r["roi"]).mask
         new = read_rtstruct(r["new_rtstruct"], volume).rois[0].mask
-        cases.append(MontageCase(f"{r['modality']} {r['roi']}\nDice {r['dice']:.3f}  HD95 {r['hd95_mm']:.1f} mm\n"
-                                 f"vol ratio {r['volume_ratio']:.2f}", volume.array, original, new, r["modality"],
-                                 r.get("key_slice")))
+        cases.append(MontageCase(f"{r.get('patient', '')} {r['modality']} {r['roi']}\nstudy "
+                                 f"...{r['study_instance_uid'][-12:]}\nDice {r['dice']:.3f}  HD95 "
+                                 f"{r['hd95_mm']:.1f} mm  vol ratio {r['volume_ratio']:.2f}", volume.array, original,
+                                 new, r["modality"], r.get("key_slice")))
     return montage(cases, path)
 

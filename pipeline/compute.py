@@ -7,8 +7,6 @@ a kind the worker acts on (`classify`): the input's fault, a transient fault, or
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import multiprocessing as mp
 import signal
@@ -17,13 +15,11 @@ import time
 import traceback
 from collections.abc import Callable
 from importlib import metadata
-from pathlib import Path
-from typing import Any
 
 from config.errors import TransientError, UserError
-from config.schema import Config
-from converters.files import write_atomic
 from db.engine import is_disk_full
+from pipeline.compute_types import (ComputeFailure, ComputeOutcome, ComputeResult, ComputeTask, FailureKind,
+                                    StructureResult)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI and every child process log alike
 
@@ -43,7 +39,7 @@ class JobLost(RuntimeError):
         self.handed_back = handed_back
 
 
-def classify(exc: BaseException) -> str:
+def classify(exc: BaseException) -> FailureKind:
     """"input" (the user's to fix), "transient" (retry later), "held" (self-check) or "internal" (ours)."""
     if isinstance(exc, SelfCheckError):
         return "held"
@@ -56,18 +52,12 @@ def classify(exc: BaseException) -> str:
     return "internal"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def versions() -> dict[str, str]:
     """Versions of the software that made a result (recorded per job)."""
     out = {}
-    for dist in ("rtprop", "sam2", "torch", "numpy", "pydicom", "SimpleITK"):
+    from models import backends
+
+    for dist in ("rtprop", *backends.packages(), "numpy", "pydicom", "SimpleITK"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -75,85 +65,64 @@ def versions() -> dict[str, str]:
     return out
 
 
-def compute(task: dict[str, Any]) -> dict[str, Any]:
-    """Read the series and prompt RTSTRUCT, propagate every prompt, write one RTSTRUCT, self-check it.
-
-    Returns a JSON-able summary.
-    """
+def compute(task: ComputeTask) -> ComputeResult:
+    """Read the series and prompt RTSTRUCT, propagate every prompt with the model routed to its structure,
+    write one RTSTRUCT (pipeline/write_result.py: TPS profile, review side file, self-check)."""
     from converters.rtstruct_read import read_rtstruct
-    from converters.rtstruct_write import RoiMask, write_rtstruct
     from converters.series import read_series
-    from converters.tps import output_style
     from models.propagate import propagate
     from pipeline.model_routing import check_loaded, verified_settings
-    from pipeline.prompt_rois import PromptSpec, prompt_objects
-    from pipeline.selfcheck import self_check
+    from pipeline.prompt_rois import prompt_objects
+    from pipeline.write_result import Structure, write_result
 
-    config: Config = task["config"]
+    config = task.config
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    volume = read_series(task["series_folder"], task["series_uid"])
-    structure_set = read_rtstruct(task["rtstruct_path"], volume)
+    volume = read_series(task.series_folder, task.series_uid)
+    structure_set = read_rtstruct(task.rtstruct_path, volume)
     timings["read_s"] = time.perf_counter() - t
 
-    rois, masks, per_structure, review = [], [], [], []  # review: what the web review page shows per structure
-    backend, checkpoint = "", ""
+    structures, ran = [], []
     t = time.perf_counter()
-    for raw in task["prompts"]:
-        spec = PromptSpec.from_json(raw)
+    for spec in task.prompts:
         prompts = prompt_objects(spec, structure_set)
         t1 = time.perf_counter()
-        routed = task["models"][spec.structure]  # the active model for this ROI name and modality (task_for)
+        routed = task.model_for(spec.structure)
         result = propagate(volume.array, volume.geometry.spacing_zyx, prompts, volume.modality,
                            verified_settings(routed))
         check_loaded(routed, result.checkpoint_sha256)
         if not result.mask.any():
             raise SelfCheckError(f"propagation of {spec.structure!r} ({spec.describe()}) gave an empty mask: "
                                  "nothing to send")
-        backend, checkpoint = result.backend, result.checkpoint_sha256 or checkpoint
-        style = output_style(spec.structure, config.rtstruct, implausible=bool(result.warnings))
-        # ROI Description is 64 characters (LO): a flagged result leads with the warning a TPS shows
-        description = (f"CHECK: {'; '.join(result.warnings)}" if result.warnings
-                       else f"rtprop {result.backend} from {spec.describe()}")
-        rois.append(RoiMask(style["name"], result.mask, color=style["color"],
-                            interpreted_type=style["interpreted_type"], description=description))
-        masks.append(result.mask)
-        slices = result.mask.any(axis=(1, 2)).nonzero()[0]
-        per_structure.append({"structure": spec.structure, "prompt": spec.describe(), "warnings": result.warnings,
-                              **routed.describe(),
-                              "voxels": int(result.mask.sum()),
-                              "slices": [int(slices[0]), int(slices[-1])],
-                              "seconds": round(time.perf_counter() - t1, 3)})
-        review.append({"structure": spec.structure, "roi": style["name"], "slice": spec.slice, "slices": spec.slices,
-                       "warnings": result.warnings, "confidence": [round(float(c), 3) for c in result.confidence]})
+        structures.append(Structure(spec.structure, result.mask, spec.describe(), result.backend,
+                                    tuple(result.warnings), tuple(float(c) for c in result.confidence), spec.slice,
+                                    tuple(spec.slices)))
+        ran.append((routed, result.backend, result.checkpoint_sha256 or "", round(time.perf_counter() - t1, 3)))
     timings["propagate_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    out_dir = Path(task["out_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_rtstruct(volume, rois, out_dir, config.rtstruct,
-                          series_description=f"rtprop job {task['job_id']}", uid_seed=task.get("uid_seed"))
-    timings["write_s"] = time.perf_counter() - t
-    write_atomic(out_dir / "review.json", json.dumps({"rtstruct": path.name, "structures": review}).encode())
-    t = time.perf_counter()
-    check = self_check(path, volume, masks, config.pipeline.self_check_min_dice)
-    timings["self_check_s"] = time.perf_counter() - t
-    return {"path": str(path), "sha256": sha256_file(path), "backend": backend, "checkpoint_sha256": checkpoint or "",
-            "model": ",".join(dict.fromkeys(s["model"] for s in per_structure)),
-            "timings_s": {k: round(v, 3) for k, v in timings.items()}, "structures": per_structure,
-            "self_check": {"ok": check.ok, "dice": check.dice, "min_dice": check.min_dice, "problems": check.problems}}
+    written = write_result(volume, structures, task.out_dir, config, series_description=f"rtprop job {task.job_id}",
+                           uid_seed=task.uid_seed)
+    timings.update(written.timings_s)
+    per_structure = []
+    for s, roi, (routed, backend, sha, seconds) in zip(structures, written.rois, ran):
+        slices = s.mask.any(axis=(1, 2)).nonzero()[0]
+        per_structure.append(StructureResult(s.name, roi, s.prompt, routed.name, backend, sha, s.warnings,
+                                             int(s.mask.sum()), (int(slices[0]), int(slices[-1])), seconds))
+    return ComputeResult(written.path, written.sha256, written.sop_instance_uid, ran[-1][1] if ran else "",
+                         next((r[2] for r in reversed(ran) if r[2]), ""),
+                         ",".join(dict.fromkeys(s.model for s in per_structure)),
+                         {k: round(v, 3) for k, v in timings.items()}, tuple(per_structure), written.check)
 
 
-def outcome(task: dict[str, Any]) -> dict[str, Any]:
-    """`compute(task)` as a message: {"ok": summary} or {"error", "kind", "traceback"}; never raises."""
+def outcome(task: ComputeTask) -> ComputeOutcome:
+    """`compute(task)` as what goes back to the worker: a ComputeResult, or a ComputeFailure; never raises."""
     try:
-        return {"ok": compute(task)}
+        return compute(task)
     except Exception as exc:  # noqa: BLE001 - everything goes back to the worker, which decides
-        return {"error": f"{type(exc).__name__}: {exc}", "kind": classify(exc),
-                "traceback": traceback.format_exc()[-4000:]}
+        return ComputeFailure(f"{type(exc).__name__}: {exc}", classify(exc), traceback.format_exc()[-4000:])
 
 
-def _child_main(conn, task: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+def _child_main(conn, task: ComputeTask) -> None:  # type: ignore[no-untyped-def]
     """Child entry: die with the parent, compute, send back the outcome."""
     try:
         import ctypes
@@ -168,12 +137,12 @@ def _child_main(conn, task: dict[str, Any]) -> None:  # type: ignore[no-untyped-
         conn.close()
 
 
-def run_child(task: dict[str, Any], timeout_s: float, tick_s: float, tick: Callable[[], bool],
-              stop: threading.Event | None = None) -> dict[str, Any]:
+def run_child(task: ComputeTask, timeout_s: float, tick_s: float, tick: Callable[[], bool],
+              stop: threading.Event | None = None) -> ComputeOutcome:
     """Run `compute(task)` in a spawned child; call `tick()` every `tick_s` (False = abandon)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(child, task), name=f"rtprop-job-{task['job_id']}", daemon=True)
+    proc = ctx.Process(target=_child_main, args=(child, task), name=f"rtprop-job-{task.job_id}", daemon=True)
     proc.start()
     child.close()
     started = time.monotonic()

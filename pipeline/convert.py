@@ -92,10 +92,13 @@ def convert_any(source: Path, dest: Path, *, series_dir: Path | None = None, roi
         if series_dir is None:
             raise ConversionError("writing an RTSTRUCT needs --series DIR (the images the mask lies on)")
         return masks_to_rtstruct(source, series_dir, dest, roi_name, config)
+    if normalise and not dest.name.lower().endswith(".npz"):
+        raise ConversionError(f"--normalise writes MedSAM2's 0-255 intensities into an NPZ only; {dest.name} would "
+                              "hold the raw values: give a .npz destination, or leave out --normalise")
     volume = read_volume(source)
     p = config.propagation
     options = {}
-    if normalise and dest.name.lower().endswith(".npz"):
+    if normalise:
         from models.preprocess import normalise as normalise_intensity
 
         options["normalised"] = normalise_intensity(volume.array, volume.modality, p.ct_window_level,

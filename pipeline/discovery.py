@@ -1,7 +1,10 @@
 """Discovery: which jobs the database calls for, and when a received job can run.
 
-Jobs are created from database state only (`discover`): an RTSTRUCT instance whose own series is
-complete gets exactly one job (state `received`). Each pass then decides every `received` job:
+Jobs are created from database state only: an RTSTRUCT instance whose own series is complete gets
+exactly one job (state `received`), created by the receiving node in the transaction that completes
+that series (`jobs_on_completion`, dicom_node/completion.py), with the route its routes give the
+calling AE (dicom_node/routing.py `route_for_job`); a housekeeping pass creates any that is missing
+(`create_jobs`). Each pass then decides every `received` job:
   - an RTSTRUCT written by rtprop itself (a result the TPS sent back) -> `ignored`, at once;
   - its image series found (`match_series`) and complete, prompts found (pipeline/prompt_rois.py)
     -> `queued`; no prompt or an unusable series -> `failed` with the reason;
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,12 +31,13 @@ from pydicom.uid import CTImageStorage, MRImageStorage, RTStructureSetStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.errors import UserError
 from config.schema import Config
 from converters.errors import ConversionError
 from converters.rtstruct_write import MANUFACTURER
 from db.engine import transaction
 from db.schema import Instance, Job, Series, aware, utcnow
-from config.errors import UserError
+from dicom_node.routing import route_for_job
 from pipeline.jobs import JobStateError, audit_job, create_job, transition
 from pipeline.prompt_rois import PromptSpec, find_prompts
 
@@ -53,36 +58,46 @@ def is_own_result(ds: pydicom.Dataset) -> bool:
     return str(ds.get("Manufacturer", "")).strip().lower() == MANUFACTURER.lower()
 
 
-def is_dry_run(config: Config, calling_ae: str) -> bool:
-    """Shadow mode: the calling AE is listed in pipeline.dry_run_aes or its route says dry_run."""
-    if calling_ae in config.pipeline.dry_run_aes:
-        return True
-    from dicom_node.routing import RoutingError, resolve_destination
-
-    try:
-        return resolve_destination(config, calling_ae).dry_run
-    except RoutingError:
-        return False
-
-
-def create_jobs(factory: sessionmaker[Session], config: Config) -> list[int]:
-    """One `received` job per RTSTRUCT instance of a complete series that has none yet."""
-    with factory() as session:
-        rows = session.execute(
-            select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.calling_ae,
+def create_jobs_for_series(session: Session, config: Config, series_uid: str | None = None) -> list[int]:
+    """One `received` job per prompt RTSTRUCT instance of a complete series (of `series_uid`, or of any) that
+    has none yet, inside the caller's write transaction; each job's route is decided now from `config`'s
+    routes (the node's that completed the series, which received it)."""
+    stmt = (select(Instance.sop_instance_uid, Instance.study_instance_uid, Instance.calling_ae,
                    Instance.patient_id_hash)
             .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
             .where(Instance.sop_class_uid == RTStructureSetStorage, Series.state == "complete",
                    Instance.sop_instance_uid.not_in(select(Job.rtstruct_sop_instance_uid).where(Job.kind == "prompt")))
-            .order_by(Instance.id)).all()
+            .order_by(Instance.id))
+    if series_uid is not None:
+        stmt = stmt.where(Instance.series_instance_uid == series_uid)
     created = []
-    for sop_uid, study_uid, calling_ae, patient in rows:
-        with transaction(factory) as session:
-            job, new = create_job(session, rtstruct_uid=sop_uid, study_uid=study_uid, calling_ae=calling_ae or "",
-                                  dry_run=is_dry_run(config, calling_ae or ""), patient_id_hash=patient)
-            if new:
-                created.append(job.id)
+    for sop_uid, study_uid, calling_ae, patient in session.execute(stmt).all():
+        job, new = create_job(session, rtstruct_uid=sop_uid, study_uid=study_uid, calling_ae=calling_ae or "",
+                              patient_id_hash=patient, route=route_for_job(config, calling_ae or ""))
+        if new:
+            created.append(job.id)
     return created
+
+
+def jobs_on_completion(config: Config) -> Callable[[Session, Series], list[int]]:
+    """The series-completion hook of a receiving node (dicom_node/completion.py): a completed series' prompt
+    RTSTRUCTs get their jobs in the transaction that closes it, routed by this node's routes."""
+    return lambda session, series: create_jobs_for_series(session, config, series.series_instance_uid)
+
+
+def create_jobs(factory: sessionmaker[Session], config: Config) -> list[int]:
+    """Catch-up: jobs for complete series that have none (a series closed without the hook, e.g. before an
+    upgrade); a receiving node creates them as it completes each series."""
+    with factory() as session:
+        pending = session.execute(
+            select(Instance.id).join(Series, Series.series_instance_uid == Instance.series_instance_uid)
+            .where(Instance.sop_class_uid == RTStructureSetStorage, Series.state == "complete",
+                   Instance.sop_instance_uid.not_in(select(Job.rtstruct_sop_instance_uid).where(Job.kind == "prompt")))
+            .limit(1)).scalar()
+    if pending is None:  # a read first: most passes find nothing, and take no write lock
+        return []
+    with transaction(factory) as session:
+        return create_jobs_for_series(session, config)
 
 
 # --------------------------------------------------------------------------- which series
@@ -195,6 +210,7 @@ class Decision:
     series_uid: str = ""
     specs: list[PromptSpec] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    queue: str = "cpu"  # the job engine's queue of the models routed to its structures
 
 
 def decide(factory: sessionmaker[Session], config: Config, job_id: int, now: datetime) -> Decision:
@@ -250,7 +266,11 @@ def decide(factory: sessionmaker[Session], config: Config, job_id: int, now: dat
         return Decision("failed", "no prompt ROI found (single-slice ROI, POINT ROI named with "
                                   f"{p.positive_point_marker!r}/{p.negative_point_marker!r}, or recontour_roi_regex "
                                   "match): " + "; ".join(notes)[:1500], event="job.no_prompt", series_uid=series_uid)
-    return Decision("queued", series_uid=series_uid, specs=specs, notes=notes)
+    from pipeline.model_routing import job_queue
+
+    with factory() as session:
+        queue = job_queue(session, config, [s.structure for s in specs], series_uid)
+    return Decision("queued", series_uid=series_uid, specs=specs, notes=notes, queue=queue)
 
 
 def apply(factory: sessionmaker[Session], job_id: int, decision: Decision) -> str:
@@ -275,7 +295,8 @@ def apply(factory: sessionmaker[Session], job_id: int, decision: Decision) -> st
             fields["series_instance_uid"] = decision.series_uid
         try:
             if decision.state == "queued":
-                transition(session, job, "queued", prompts=[s.to_json() for s in decision.specs], **fields)
+                transition(session, job, "queued", prompts=[s.to_json() for s in decision.specs],
+                           queue=decision.queue, **fields)
                 audit_job(session, job, "job.prompts", notes=decision.notes[:20], prompts=[
                     {"structure": s.structure, "prompt": s.describe(), "slices": s.slices, "mode": s.mode}
                     for s in decision.specs])

@@ -102,12 +102,13 @@ class DropIn:
     def __init__(self, factory: sessionmaker[Session], config: Config) -> None:
         from dicom_node.completion import CompletionChecker
         from dicom_node.storage import Store
+        from pipeline.discovery import jobs_on_completion
 
         self.factory = factory
         self.config = config
         self.paths = DropinPaths.from_config(config)
         self.store = Store(config.storage, factory, fsync=config.storage.fsync)
-        self.completion = CompletionChecker(factory, config)
+        self.completion = CompletionChecker(factory, config, jobs_on_completion(config))
         self.seen: dict[str, tuple[tuple[int, int, float], float]] = {}  # name -> (signature, since)
         self.wake = threading.Event()
 
@@ -180,7 +181,7 @@ class DropIn:
 
     def _job_for(self, parsed: Any, case: str) -> None:
         """The prompt RTSTRUCT's job, created now with the case it came in (names the output)."""
-        from pipeline.discovery import is_dry_run
+        from dicom_node.routing import route_for_job
         from pipeline.jobs import create_job
 
         ae = self.config.dropin.calling_ae
@@ -189,7 +190,8 @@ class DropIn:
                    study_instance_uid=parsed.study_instance_uid, series_instance_uid=parsed.series_instance_uid,
                    calling_ae=ae, patient_id_hash=parsed.patient_id_hash, case=case)
             create_job(session, rtstruct_uid=parsed.sop_instance_uid, study_uid=parsed.study_instance_uid,
-                       calling_ae=ae, dry_run=is_dry_run(self.config, ae), patient_id_hash=parsed.patient_id_hash,
+                       calling_ae=ae, route=route_for_job(self.config, ae, dropin=True),
+                       patient_id_hash=parsed.patient_id_hash,
                        dropin_case=case)
 
     def take_all(self, timeout_s: float = 600.0) -> list[CaseOutcome]:

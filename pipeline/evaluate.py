@@ -23,7 +23,12 @@ def _load(path: Path, series_dir: Path | None, roi: str | None) -> tuple[np.ndar
         volume = read_series(series_dir)
         return read_rtstruct(path, volume).roi(roi).mask, volume.geometry
     volume = read_volume(path)
-    return volume.array > 0.5, volume.geometry
+    values = np.unique(volume.array)
+    if values.size > 2 or (values.size == 2 and values.min() != 0):
+        shown = ", ".join(f"{v:g}" for v in values[:4]) + (", ..." if values.size > 4 else "")
+        raise ConversionError(f"{path} holds {values.size} different values ({shown}), not a binary mask (0 and "
+                              "one label): an image or a label map cannot be scored")
+    return volume.array > 0, volume.geometry
 
 
 def evaluate_files(pred: Path, gt: Path, series_dir: Path | None = None, roi: str | None = None,

@@ -37,6 +37,9 @@ Every move to `queued` also enqueues the job's task for the job engine in the sa
 (distributed mode, PostgreSQL: db/queue.py; `claim` is then called by that task). On SQLite the
 workers' own loop polls for queued rows (`claim_next`).
 
+A job of kind `batch` (a nightly batch result handed to the exit, pipeline/batch.py) is created
+`validated` and goes on from there like any other (`create_batch_job`).
+
 A dry-run job ends in `validated` with `dry_run` set: processed and audited, never sent.
 `sent`, `failed`, `dead-letter`, `ignored`, `rejected` and `cancelled` are final for the machine (a
 reviewer's reject is final; only a person's retry leaves failed/dead-letter). Every transition
@@ -56,6 +59,7 @@ from db import queue
 from db.audit import record
 from db.engine import transaction
 from db.schema import Job, aware, utcnow
+from dicom_node.routing import JobRoute
 
 LOG = logging.getLogger("rtprop.pipeline.jobs")
 
@@ -131,7 +135,7 @@ def transition(session: Session, job: Job, target: str, *, event: str | None = N
         raise JobStateError(f"job {job.id}: state changed under us (was {current})")
     session.refresh(job)
     if target == "queued":
-        queue.defer(session, queue.TASK_PROPAGATE, session.info.get("job_queue", "cpu"), {"job_id": job.id},
+        queue.defer(session, queue.TASK_PROPAGATE, job.queue or "cpu", {"job_id": job.id},
                     scheduled_at=aware(job.not_before))
     logged = {k: v for k, v in fields.items() if k in ("error", "attempts", "result_sha256", "self_check_dice",
                                                         "claimed_by", "backend", "result_path", "not_before")}
@@ -147,23 +151,51 @@ def find_job_for_rtstruct(session: Session, rtstruct_uid: str, kind: str = "prom
 
 def create_job(session: Session, *, rtstruct_uid: str, study_uid: str, calling_ae: str, series_uid: str = "",
                kind: str = "prompt", dry_run: bool = False, patient_id_hash: str = "",
-               dropin_case: str = "") -> tuple[Job, bool]:
+               dropin_case: str = "", route: JobRoute | None = None) -> tuple[Job, bool]:
     """The job of one prompt RTSTRUCT, created once: returns (job, created).
 
-    Called inside a write-locked transaction (BEGIN IMMEDIATE), so the look-up and the insert are
-    one atomic step: two discovery loops can never create two jobs for one RTSTRUCT.
+    `route`: where its result goes, decided now from the receiving node's routes (dicom_node/routing.py
+    `route_for_job`) and kept on the job; its dry_run is the job's. None (tests, older callers): routed
+    when it is delivered. Called inside a write-locked transaction (BEGIN IMMEDIATE), so the look-up and
+    the insert are one atomic step: two discovery loops can never create two jobs for one RTSTRUCT.
     """
     existing = find_job_for_rtstruct(session, rtstruct_uid, kind)
     if existing is not None:
         return existing, False
     now = utcnow()
+    dry_run = dry_run or (route is not None and route.dry_run)
     job = Job(state="received", kind=kind, series_instance_uid=series_uid, study_instance_uid=study_uid,
               rtstruct_sop_instance_uid=rtstruct_uid, calling_ae=calling_ae[:16], dry_run=dry_run, attempts=0,
               patient_id_hash=patient_id_hash, dropin_case=dropin_case, created_at=now, updated_at=now,
-              waiting_since=now)
+              waiting_since=now, route=route.to_json() if route is not None else None)
     session.add(job)
     session.flush()
-    audit_job(session, job, "job.created", kind=kind, dry_run=dry_run)
+    audit_job(session, job, "job.created", kind=kind, dry_run=dry_run,
+              route=route.describe() if route is not None else "decided at delivery")
+    return job, True
+
+
+def create_batch_job(session: Session, *, rtstruct_uid: str, result_uid: str, result_path: str, result_sha256: str,
+                     study_uid: str, series_uid: str, calling_ae: str, patient_id_hash: str, prompts: list[dict[str, Any]],
+                     route: JobRoute, **fields: Any) -> tuple[Job, bool]:
+    """The job of one nightly batch result (kind `batch`), created once per result SOP Instance UID, already
+    `validated`: the batch computed and self-checked it (pipeline/recontour.py). It exists so that the
+    result leaves through the one exit (pipeline/delivery.py `deliver`) under every rule a job's result
+    does. `rtstruct_uid` is the archived RTSTRUCT the ROI was re-contoured from; returns (job, created)."""
+    existing = session.execute(select(Job).where(Job.kind == "batch", Job.result_sop_instance_uid == result_uid)
+                               .limit(1)).scalar()
+    if existing is not None:
+        return existing, False
+    now = utcnow()
+    job = Job(state="validated", kind="batch", series_instance_uid=series_uid, study_instance_uid=study_uid,
+              rtstruct_sop_instance_uid=rtstruct_uid, result_sop_instance_uid=result_uid, calling_ae=calling_ae[:16],
+              dry_run=route.dry_run, attempts=1, patient_id_hash=patient_id_hash, prompts=prompts,
+              result_path=result_path, result_sha256=result_sha256, route=route.to_json(), created_at=now,
+              updated_at=now, **fields)
+    session.add(job)
+    session.flush()
+    audit_job(session, job, "job.created", kind="batch", dry_run=job.dry_run, route=route.describe(),
+              result_path=result_path, result_sha256=result_sha256)
     return job, True
 
 

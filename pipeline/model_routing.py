@@ -3,9 +3,9 @@
 A model row active for (roi_regex, modality) serves an ROI whose name fully matches the regex
 (case-insensitive; '' = every ROI) and whose series has that modality ('' = any). When several
 match, the most specific wins (regex and modality, then regex, then modality, then neither), then
-the most recently activated. No match: the configuration's `propagation` section, named `classic`
-when it resolves to the weight-free backend (the default active model) and `config-default`
-otherwise. Jobs (pipeline/runner.py), the nightly batch and `rtprop models evaluate` route here.
+the most recently activated. No match: the configuration's `propagation` section, named after the
+weight-free backend (`classic`, the registry's built-in model) when it resolves to it and
+`config-default` otherwise. Backends are known only through models/backends.py. Jobs (pipeline/runner.py), the nightly batch and `rtprop models evaluate` route here.
 
 The checkpoint of a registered model is checked against the sha256 recorded at registration
 before every use (`verified_settings`) and against what the loader actually read (`check_loaded`):
@@ -21,12 +21,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config, PropagationConfig
-from db.schema import Model, aware
-from models.propagate import choose_backend
+from db.schema import Model, Series, aware
+from models import backends
 from models.sam2_loader import CheckpointError, sha256_of
 
-CLASSIC = "classic"
 CONFIG_DEFAULT = "config-default"
+
+
+def builtin_name() -> str:
+    """The registry's built-in model: the weight-free backend, by its name (never retired, never re-registered)."""
+    return backends.weight_free().name
 
 
 @dataclass(frozen=True)
@@ -41,23 +45,27 @@ class RoutedModel:
     def describe(self) -> dict[str, str]:
         return {"model": self.name, "backend": self.backend, "checkpoint_sha256": self.sha256}
 
+    @property
+    def queue(self) -> str:
+        """The job engine's queue its jobs go to: `gpu` for a backend that wants one, else `cpu`."""
+        return "gpu" if backends.get(self.backend).wants_gpu else "cpu"
+
 
 def model_settings(row: Model, config: Config) -> RoutedModel:
     """The propagation settings that run registered model `row` (the configuration's, with its backend and weights)."""
-    if row.backend == CLASSIC:
-        return RoutedModel(row.name, CLASSIC, "", config.propagation.model_copy(update={"backend": CLASSIC}))
-    sam2 = config.propagation.sam2.model_copy(update={"model_cfg": row.model_cfg or config.propagation.sam2.model_cfg,
-                                                      "image_size": row.image_size or config.propagation.sam2.image_size})
-    path = Path(row.path)  # relative to the storage root when registered under it (a moved storage still works)
-    path = path if path.is_absolute() else config.storage.root / path
-    settings = config.propagation.model_copy(update={"backend": "sam2", "checkpoint": path, "sam2": sam2})
-    return RoutedModel(row.name, "sam2", row.sha256, settings)
+    spec = backends.get(row.backend, key=f"model {row.name!r}: backend")
+    path = None
+    if spec.needs_weights:  # relative to the storage root when registered under it (a moved storage still works)
+        path = Path(row.path)
+        path = path if path.is_absolute() else config.storage.root / path
+    settings = spec.with_weights(config.propagation, path, row.model_cfg, row.image_size)
+    return RoutedModel(row.name, spec.name, row.sha256 if spec.needs_weights else "", settings)
 
 
 def default_model(config: Config) -> RoutedModel:
     """What runs when no registered model is active for an ROI: the configuration as it stands."""
-    backend = choose_backend(config.propagation)
-    return RoutedModel(CLASSIC if backend == CLASSIC else CONFIG_DEFAULT, backend, "", config.propagation)
+    spec = backends.choose(config.propagation)
+    return RoutedModel(CONFIG_DEFAULT if spec.needs_weights else spec.name, spec.name, "", config.propagation)
 
 
 def scope_matches(row: Model, roi_name: str, modality: str) -> bool:
@@ -81,6 +89,17 @@ def settings_for(factory: sessionmaker[Session], config: Config, roi_name: str, 
     with factory() as session:
         row = active_row(session, roi_name, modality)
         return model_settings(row, config) if row is not None else default_model(config)
+
+
+def job_queue(session: Session, config: Config, structures: list[str], series_uid: str) -> str:
+    """The engine queue of a job contouring `structures` on series `series_uid`: `gpu` when a model routed
+    to one of them wants a GPU, else `cpu` (decided when its prompts are found, pipeline/discovery.py,
+    and kept on the job)."""
+    modality = session.execute(select(Series.modality).where(
+        Series.series_instance_uid == series_uid)).scalar() or ""
+    routed = [model_settings(row, config) if (row := active_row(session, s, modality)) is not None
+              else default_model(config) for s in structures]
+    return "gpu" if any(r.queue == "gpu" for r in routed) else "cpu"
 
 
 class CheckpointChangedError(CheckpointError):

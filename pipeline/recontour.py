@@ -1,6 +1,8 @@
 """Re-contour one ROI: prompt from its middle slice, propagate, write a new RTSTRUCT and metrics.
 
-The same steps serve `rtprop recontour`, `rtprop demo` and the nightly batch.
+The same steps serve `rtprop recontour`, `rtprop demo` and the nightly batch. The RTSTRUCT is written
+and self-checked as a job's result is (pipeline/write_result.py), so the batch may hand it to the
+one exit (pipeline/delivery.py).
 """
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ from typing import Any
 
 from config.schema import Config
 from converters.rtstruct_read import read_rtstruct
-from converters.rtstruct_write import RoiMask, write_rtstruct
 from converters.series import read_series
 from models.propagate import propagate
 from pipeline.metrics import evaluate_masks
 from pipeline.prompts import prompt_from_roi
+from pipeline.write_result import Structure, write_result
 
 
 def recontour(series_dir: Path, rtstruct: Path, roi_name: str, prompt_kind: str, out_dir: Path,
@@ -35,13 +37,12 @@ def recontour(series_dir: Path, rtstruct: Path, roi_name: str, prompt_kind: str,
     result = propagate(volume.array, volume.geometry.spacing_zyx, prompt, volume.modality, config.propagation)
     timings["propagate_s"] = time.perf_counter() - t1
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t2 = time.perf_counter()
-    # the writer appends the configured suffix to the ROI name
-    out_path = write_rtstruct(volume, [RoiMask(reference.name, result.mask)], out_dir / "RS_rtprop.dcm", config.rtstruct,
-                              uid_seed=uid_seed)
-    timings["write_s"] = time.perf_counter() - t2
+    z = prompt.slice_index
+    structure = Structure(reference.name, result.mask, f"{prompt_kind} on slice {z}", result.backend,
+                          tuple(result.warnings), tuple(float(c) for c in result.confidence), z, (z,))
+    written = write_result(volume, [structure], Path(out_dir) / "RS_rtprop.dcm", config,
+                           series_description=f"rtprop re-contoured {roi_name}", uid_seed=uid_seed)
+    timings.update(written.timings_s)
 
     metrics = evaluate_masks(result.mask, reference.mask, volume.geometry.spacing_zyx)
     summary = {
@@ -51,9 +52,14 @@ def recontour(series_dir: Path, rtstruct: Path, roi_name: str, prompt_kind: str,
         "key_slice": prompt.slice_index,
         "backend": result.backend,
         "checkpoint_sha256": result.checkpoint_sha256,
-        "rtstruct": str(out_path),
+        "rtstruct": str(written.path),
+        "sop_instance_uid": written.sop_instance_uid,
+        "sha256": written.sha256,
+        "warnings": list(result.warnings),
+        "self_check": {"ok": written.check.ok, "min_dice": written.check.min_dice,
+                       "problems": list(written.check.problems)},
         "metrics": metrics,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return summary

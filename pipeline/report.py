@@ -8,9 +8,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-CSV_FIELDS = ("study_instance_uid", "series_instance_uid", "modality", "rtstruct_sop_instance_uid", "roi",
+CSV_FIELDS = ("patient", "study_instance_uid", "series_instance_uid", "modality", "rtstruct_sop_instance_uid", "roi",
               "key_slice", "backend", "model", "dice", "hd95_mm", "msd_mm", "volume_ratio", "gt_volume_ml", "pred_volume_ml",
-              "seconds", "new_rtstruct", "sent", "error")
+              "seconds", "new_rtstruct", "sent", "job", "delivery", "error")
 
 
 def write_csv(rows: Iterable[dict[str, Any]], path: Path) -> int:

@@ -27,13 +27,15 @@ from db.engine import transaction
 from db.schema import Job, Series, utcnow
 from pipeline import jobs as J
 from pipeline.compute import JobLost, outcome, run_child, versions
+from pipeline.compute_types import ComputeResult, ComputeTask
 from pipeline.delivery import deliver
 from pipeline.discovery import rtstruct_path, series_folder
+from pipeline.prompt_rois import PromptSpec
 
 LOG = logging.getLogger("rtprop.pipeline.runner")
 
 
-def task_for(factory: sessionmaker[Session], config: Config, job: Job) -> dict[str, Any]:
+def task_for(factory: sessionmaker[Session], config: Config, job: Job) -> ComputeTask:
     """What the child needs: file paths, prompts, where to write, the configuration, and per structure the
     model active for its ROI name and the series' modality (pipeline/model_routing.py)."""
     from pipeline.model_routing import settings_for
@@ -43,12 +45,12 @@ def task_for(factory: sessionmaker[Session], config: Config, job: Job) -> dict[s
         rs_path = rtstruct_path(session, job.rtstruct_sop_instance_uid)
         modality = session.execute(select(Series.modality).where(
             Series.series_instance_uid == job.series_instance_uid)).scalar() or ""
-    models = {p["structure"]: settings_for(factory, config, p["structure"], modality) for p in job.prompts or []}
+    prompts = tuple(PromptSpec.from_json(p) for p in job.prompts or [])
+    models = tuple((s, settings_for(factory, config, s, modality)) for s in dict.fromkeys(p.structure for p in prompts))
     out_dir = (Path(config.storage.outbox) / (job.study_instance_uid or "unknown-study")
                / f"job{job.id}" / f"attempt{job.attempts}")
-    return {"job_id": job.id, "series_folder": str(folder), "series_uid": job.series_instance_uid,
-            "rtstruct_path": str(rs_path), "prompts": job.prompts or [], "out_dir": str(out_dir), "config": config,
-            "uid_seed": uid_seed(job), "models": models}
+    return ComputeTask(job.id, folder, job.series_instance_uid, rs_path, prompts, out_dir, config, uid_seed(job),
+                       models)
 
 
 def uid_seed(job: Job) -> str:
@@ -85,12 +87,12 @@ def run_job(factory: sessionmaker[Session], config: Config, job: Job, me: str,
             if p.isolate_jobs else outcome(task)
     except JobLost as exc:
         return _lost(factory, config, job, me, exc)
-    if "ok" in message:
-        return _succeeded(factory, config, job, me, message["ok"], time.perf_counter() - started)
-    kind, error = message["kind"], message["error"]
+    if isinstance(message, ComputeResult):
+        return _succeeded(factory, config, job, me, message, time.perf_counter() - started)
+    kind, error = message.kind, message.error
     LOG.warning("job %s: %s (%s)", job.id, error, kind)
     if kind == "internal":
-        LOG.warning("job %s traceback:\n%s", job.id, message.get("traceback", ""))
+        LOG.warning("job %s traceback:\n%s", job.id, message.traceback)
     if kind == "transient":
         return _transient(factory, config, job, me, error)
     return _failed(factory, job, me, error, event="job.quarantined" if kind == "held" else "job.failed")
@@ -136,28 +138,29 @@ def _failed(factory: sessionmaker[Session], job: Job, me: str, reason: str, *, e
     return "failed"
 
 
-def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str, result: dict[str, Any],
+def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str, result: ComputeResult,
                seconds: float) -> str:
-    check = result["self_check"]
-    timings = {**result["timings_s"], "total_s": round(seconds, 3)}
-    common = dict(backend=result["backend"][:16], checkpoint_sha256=result["checkpoint_sha256"],
-                  versions={**versions(), "model": result["model"]}, timings_s=timings,
-                  self_check_dice=check["min_dice"])
+    check = result.self_check
+    timings = {**result.timings_s, "total_s": round(seconds, 3)}
+    common = dict(backend=result.backend[:16], checkpoint_sha256=result.checkpoint_sha256,
+                  versions={**versions(), "model": result.model}, timings_s=timings,
+                  self_check_dice=check.min_dice, result_sop_instance_uid=result.sop_instance_uid)
     with transaction(factory) as session:
         row = session.get(Job, job.id)
-        J.audit_job(session, row, "job.propagated", backend=result["backend"], model=result["model"],
-                    structures=result["structures"], checkpoint_sha256=result["checkpoint_sha256"], timings_s=timings)
-    if not check["ok"]:
-        held = quarantine_result(config, job, Path(result["path"]), check["problems"])
-        return _failed(factory, job, me, "self-check failed: " + "; ".join(check["problems"])[:3000],
-                       event="job.quarantined", result_path=str(held), result_sha256=result["sha256"], **common)
+        J.audit_job(session, row, "job.propagated", backend=result.backend, model=result.model,
+                    structures=[s.to_json() for s in result.structures], checkpoint_sha256=result.checkpoint_sha256,
+                    timings_s=timings)
+    if not check.ok:
+        held = quarantine_result(config, job, result.path, list(check.problems))
+        return _failed(factory, job, me, "self-check failed: " + "; ".join(check.problems)[:3000],
+                       event="job.quarantined", result_path=str(held), result_sha256=result.sha256, **common)
     with transaction(factory) as session:
         row = session.get(Job, job.id)
-        J.transition(session, row, "validated", expect_owner=me, result_path=result["path"],
-                     result_sha256=result["sha256"], **common)
-        J.audit_job(session, row, "job.self_check", dice=check["dice"], ok=True)
-        implausible = [f"{s['structure']}: {w}" for s in result["structures"] for w in s.get("warnings", [])]
-        return deliver(session, config, row, Path(result["path"]), implausible=implausible)
+        # error="": an earlier attempt's fault (e.g. "attempt 1 lost") is history (in the audit), not this job's state
+        J.transition(session, row, "validated", expect_owner=me, result_path=str(result.path),
+                     result_sha256=result.sha256, error="", **common)
+        J.audit_job(session, row, "job.self_check", dice=check.dice, ok=True)
+        return deliver(session, config, row, result.path, implausible=result.implausible)
 
 
 def quarantine_result(config: Config, job: Job, path: Path, problems: list[str]) -> Path:

@@ -15,8 +15,9 @@ What each part owns:
   heartbeats, process heartbeats for sends on other hosts), re-enqueues any runnable row that has
   no message (a message lost with a crashed task), and retries messages of stalled engine workers.
 
-Queues (db/queue.py): `cpu` (weight-free propagation), `gpu` (SAM2: a process taking this queue runs
-one job of it at a time, beside its other queues), `sends` (C-STORE), `batch` (nightly items, lowest
+Queues (db/queue.py): `cpu` (weight-free propagation), `gpu` (a backend that wants a GPU, SAM2: a process
+taking this queue runs one job of it at a time, beside its other queues; a job's queue follows the models
+routed to its structures, pipeline/model_routing.py), `sends` (C-STORE), `batch` (nightly items, lowest
 priority).
 """
 from __future__ import annotations
@@ -94,12 +95,13 @@ def send_task(send_id: int) -> str:
     return done.state
 
 
-def batch_task(run: str, study: str, since: str | None, until: str | None, roi_regex: str, send: bool) -> str:
+def batch_task(run: str, study: str, since: str | None, until: str | None, roi_regex: str, send: bool,
+               routes: dict[str, dict[str, Any]] | None = None) -> str:
     """`rtprop.batch_study`: re-contour one study of a distributed batch run (pipeline/batch.py)."""
     from pipeline.batch import run_study
 
     return run_study(_context["factory"], _context["config"], run, study, since=since, until=until,
-                     roi_regex=roi_regex, send=send)
+                     roi_regex=roi_regex, send=send, routes=routes)
 
 
 # --------------------------------------------------------------------------- housekeeping
@@ -142,7 +144,7 @@ def requeue_orphans(factory: sessionmaker[Session]) -> dict[str, list[int]]:
     with transaction(factory) as session:
         jobs, sends = orphans(session)
         for job in jobs:
-            queue.defer(session, queue.TASK_PROPAGATE, session.info.get("job_queue", "cpu"), {"job_id": job.id},
+            queue.defer(session, queue.TASK_PROPAGATE, job.queue or "cpu", {"job_id": job.id},
                         scheduled_at=job.not_before)
         for send in sends:
             queue.defer(session, queue.TASK_SEND, "sends", {"send_id": send.id}, scheduled_at=send.next_attempt_at)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
@@ -215,3 +216,37 @@ def ingest_sts_archive(config, factory) -> None:
         assert store.ingest(path.read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
     CompletionChecker(factory, config).check()
     factory.kw["bind"].dispose()
+
+
+def copy_as_new_patient(sources: list[Path], out: Path, patient_id: str) -> list[Path]:
+    """Every file of `sources` with PatientID/PatientName `patient_id` and every instance UID replaced
+    (one new UID per old one, across all files: references stay consistent). Class UIDs are kept."""
+    mapping: dict[str, str] = {}
+
+    def new(uid: str) -> str:
+        return mapping.setdefault(uid, generate_uid())
+
+    def remap(ds: pydicom.Dataset) -> None:
+        for element in ds.iterall():
+            if element.VR != "UI" or element.keyword.endswith("ClassUID") or element.keyword == "TransferSyntaxUID":
+                continue
+            if element.VM > 1:
+                element.value = [new(str(v)) for v in element.value]
+            elif element.value:
+                element.value = new(str(element.value))
+
+    written = []
+    for source in sources:
+        target = out / source.parent.parent.name / source.parent.name / source.name  # e.g. CT/image/000000.dcm
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds = pydicom.dcmread(source)
+        remap(ds)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientID, ds.PatientName = patient_id, "COPY^SARCOMA"
+        ds.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
+
+
+def case_files(root: Path) -> list[Path]:
+    return sorted((root / "image").iterdir()) + sorted((root / "rtstruct").iterdir())

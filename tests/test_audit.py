@@ -70,7 +70,7 @@ def test_deleted_row_is_detected(tmp_path):
 def test_cli_verify_and_export(tmp_path):
     path = tmp_path / "rtprop.sqlite"
     _fill(path)
-    run = [sys.executable, "-m", "pipeline.cli"]
+    run = [sys.executable, "-m", "cli"]
     ok = subprocess.run(run + ["audit", "verify", "--storage", str(tmp_path)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["rows"] == 5
@@ -140,7 +140,7 @@ def test_cli_verify_fails_after_deleting_the_last_rows(tmp_path):
     path = tmp_path / "rtprop.sqlite"
     _fill(path)
     _drop_last_rows(path, 1)
-    run = [sys.executable, "-m", "pipeline.cli", "audit", "verify", "--storage", str(tmp_path)]
+    run = [sys.executable, "-m", "cli", "audit", "verify", "--storage", str(tmp_path)]
     bad = subprocess.run(run, capture_output=True, text=True)
     assert bad.returncode == 3, bad.stdout + bad.stderr
     assert json.loads(bad.stdout)["ok"] is False

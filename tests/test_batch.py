@@ -9,6 +9,7 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from node_helpers import VENV_BIN
@@ -128,3 +129,100 @@ def test_an_ambiguous_series_is_reported_never_guessed(tmp_path):
     assert len(rows) == 1 and rows[0]["dice"] == ""
     assert "ambiguous" in rows[0]["error"] and copy_uid in rows[0]["error"]
     assert pydicom.dcmread(next((STS_CT / "image").iterdir())).SeriesInstanceUID in rows[0]["error"]
+
+
+def test_a_batch_sent_under_review_before_send_waits_for_a_reviewer_then_goes_out_once(tmp_path):
+    """`rtprop batch --send` with review.before_send: each new RTSTRUCT is a job of kind `batch` that waits in
+    the review queue; nothing reaches the TPS (the node's sender running meanwhile) until a reviewer accepts,
+    then it goes out once, through the same durable send as a job's result (issue 21, item 1)."""
+    import time
+
+    from config.load import load_config, resolve_storage
+    from db.engine import open_database
+    from node_helpers import NodeProcess, StoreSCP, wait_for
+    from web_helpers import Client, WebProcess, add_user, token
+
+    with StoreSCP(tmp_path / "tps") as tps:
+        node = NodeProcess(tmp_path / "node", config={
+            "storage": {"fsync": False}, "review": {"before_send": True},
+            "pipeline": {"poll_interval_s": 0.2},
+            "node": {"series_quiet_period_s": 0, "poll_interval_s": 0.2, "default_destination": "tps",
+                     "destinations": {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps.port}}}})
+        config = resolve_storage(load_config(node.config_path, overrides={"storage": {"root": str(node.storage)}}))
+        ingest_sts_archive(config, open_database(config.storage.database))
+        r = subprocess.run([str(VENV_BIN / "rtprop"), "batch", "--config", str(node.config_path), "--storage",
+                            str(node.storage), "--roi-regex", "GTV_Mass_CT", "--send", "--no-progress", "--out",
+                            str(tmp_path / "report")], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        row = next(csv.DictReader(open(json.loads(r.stdout.strip().splitlines()[-1])["csv"])))
+        assert node.query("SELECT count(*) FROM sends") == [(0,)]  # nothing queued for the TPS
+        assert row["delivery"] == "awaiting_review" and row["sent"] == "False", row
+        job_id = int(row["job"])
+        assert node.query("SELECT kind, state FROM jobs WHERE id=?", (job_id,)) == [("batch", "awaiting_review")]
+        with node:  # its sender and workers run: the archive's own RTSTRUCTs get jobs (no prompt: failed)
+            wait_for(lambda: node.query("SELECT count(*) FROM jobs WHERE kind='prompt' AND state='failed'")[0][0] == 2,
+                     120, what="the node's housekeeping passes")
+            time.sleep(2)
+            assert node.query("SELECT count(*) FROM sends") == [(0,)] and tps.stores_received() == 0
+            add_user(node.storage, "rita", "reviewer", "a-long-password")
+            with WebProcess(tmp_path, node.storage, node.config_path) as web:
+                client = Client(web.url)
+                assert client.login("rita", "a-long-password") == 303
+                status, _, page = client.get("/jobs?state=awaiting_review")
+                assert status == 200 and f"/jobs/{job_id}".encode() in page  # in the review queue
+                status, _, page = client.get(f"/jobs/{job_id}")
+                assert status == 200 and f"TPS@127.0.0.1:{tps.port}".encode() in page  # where it will go
+                assert client.get(f"/jobs/{job_id}/review")[0] == 200
+                api = Client(web.url)
+                headers = {"Authorization": f"Bearer {token(node.storage, 'rita')}"}
+                status, _, body = api.post(f"/api/v1/jobs/{job_id}/review", body={"decision": "accept"},
+                                           headers=headers)
+                assert status == 200 and json.loads(body)["state"] == "sending", body
+            wait_for(lambda: node.query("SELECT state FROM jobs WHERE id=?", (job_id,)) == [("sent",)], 120,
+                     what="the accepted batch result to be sent")
+            time.sleep(2)
+        assert tps.stores_received() == 1 and len(tps.files()) == 1
+        sent = pydicom.dcmread(tps.files()[0])
+        assert str(sent.SOPInstanceUID) == node.query("SELECT result_sop_instance_uid FROM jobs WHERE id=?",
+                                                      (job_id,))[0][0]
+        assert [str(r.ROIName) for r in sent.StructureSetROISequence] == ["GTV_Mass_CT_prop"]
+
+
+def test_a_batch_tells_patients_apart_and_every_run_shows_on_the_batch_page(tmp_path):
+    """Two patients with the same ROI on the same modality: the summary once keyed both as `CT:ROI` (one
+    lost), drift.csv and the /batch page named cases only by UID, and a run written with --out elsewhere did not
+    show on /batch (issue 21, item 9)."""
+    from config.load import load_config, resolve_storage
+    from db.audit import hash_patient_id
+    from db.engine import open_database
+    from dicom_node.completion import CompletionChecker
+    from dicom_node.storage import Received, Store
+    from pipeline_helpers import case_files, copy_as_new_patient
+    from web_helpers import Client, WebProcess, add_user
+
+    storage = tmp_path / "storage"
+    config = resolve_storage(load_config(None, overrides={"storage": {"root": str(storage), "fsync": False},
+                                                          "node": {"series_quiet_period_s": 0}}))
+    factory = open_database(config.storage.database)
+    store = Store(config.storage, factory, fsync=False)
+    for path in case_files(STS_CT) + copy_as_new_patient(case_files(STS_CT), tmp_path / "copy", "STS_COPY"):
+        assert store.ingest(Path(path).read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
+    CompletionChecker(factory, config).check()
+    factory.kw["bind"].dispose()
+    elsewhere = tmp_path / "reports-elsewhere"
+    r = subprocess.run([str(VENV_BIN / "rtprop"), "batch", "--storage", str(storage), "--roi-regex", "GTV_Mass_CT",
+                        "--out", str(elsewhere), "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    labels = {hash_patient_id("STS_001")[:12], hash_patient_id("STS_COPY")[:12]}
+    assert len(summary["dice"]) == 2 and {key.split("/")[0] for key in summary["dice"]} == labels
+    rows = list(csv.DictReader(open(summary["csv"])))
+    assert {row["patient"] for row in rows} == labels and all(row["study_instance_uid"] for row in rows)
+    add_user(storage, "vic", "viewer", "a-long-password")
+    with WebProcess(tmp_path, storage) as web:
+        client = Client(web.url)
+        assert client.login("vic", "a-long-password") == 303
+        status, _, page = client.get("/batch")
+        assert status == 200 and Path(summary["out"]).name.encode() in page and str(elsewhere).encode() in page
+        assert all(label.encode() in page for label in labels)
+        assert client.get(f"/batch/{Path(summary['out']).name}/montage.png")[0] == 200

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from pipeline.metrics import dice
 
-RTPROP = [sys.executable, "-m", "pipeline.cli"]
+RTPROP = [sys.executable, "-m", "cli"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -269,7 +269,7 @@ def test_readme_lists_every_option_of_every_command():
 
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from cli.main import cli
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = []

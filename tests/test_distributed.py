@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 
 from distributed_helpers import Receiver, WorkerProcess, cluster_config
 from node_helpers import ENV, VENV_BIN, StoreSCP, free_port, make_ct_series, storescu, wait_for
@@ -288,3 +289,60 @@ def test_sigterm_drains_a_worker_its_running_job_finishes_and_nothing_new_starts
         finally:
             receiver.stop()
     assert postgres.query(url, "SELECT state, attempts FROM jobs ORDER BY id") == [("sent", 1), ("sent", 1)]
+
+
+def test_routes_only_in_the_receivers_configuration_every_result_arrives_once(tmp_path, postgres):
+    """docs/scaling.md's layout with the routes written only in the receiver's configuration: the workers'
+    file names no destination at all. Each job carries the route its receiver decided when the job was
+    created (issue 21, item 2): every result reaches the TPS once, a dry-run calling AE's never, and
+    `rtprop jobs show` on a worker's configuration says where each went."""
+    url = postgres.create_database()
+    cases = {}
+    for seed in range(6):
+        folder = tmp_path / "cases" / f"c{seed:02d}"
+        synthetic_case(folder, seed=300 + seed)
+        cases[folder] = "SHADOW" if seed >= 4 else "TPS"
+    storage = tmp_path / "storage"
+    with StoreSCP(tmp_path / "tps") as tps:
+        calm = {"heartbeat_timeout_s": 120.0}  # nobody is killed here: a loaded machine must not look like it
+        rx_config = cluster_config(tmp_path / "receiver.yaml", url, tps_port=tps.port, pipeline=calm)
+        rx_yaml = yaml.safe_load(rx_config.read_text())
+        rx_yaml["node"]["routes"] = [{"calling_ae": "SHADOW", "destination": "tps", "dry_run": True}]
+        rx_config.write_text(yaml.safe_dump(rx_yaml))
+        worker_config = cluster_config(tmp_path / "worker.yaml", url, pipeline=calm)
+        assert "destinations" not in worker_config.read_text() and "routes" not in worker_config.read_text()
+        receiver = Receiver(tmp_path / "rx", rx_config, storage, free_port()).start()
+        workers = [WorkerProcess(tmp_path / "w", worker_config, storage, name, "--concurrency", "1").start()
+                   for name in "ab"]
+        try:
+            senders = [threading.Thread(target=storescu, args=(receiver.port, sorted(folder.iterdir())),
+                                        kwargs={"calling_ae": ae}) for folder, ae in cases.items()]
+            for t in senders:
+                t.start()
+            for t in senders:
+                t.join(120)
+            wait_for(lambda: postgres.query(url, "SELECT count(*) FROM jobs WHERE state = 'sent' OR (state = "
+                                                 "'validated' AND dry_run)")[0][0] == 6, 300, 0.5,
+                     what="6 jobs to be sent or end as dry runs")
+            time.sleep(3)  # anything sent twice would have arrived by now
+        finally:
+            for w in workers:
+                w.stop()
+            receiver.stop()
+        files, stores = tps.files(), tps.stores_received()
+    jobs = postgres.query(url, "SELECT id, state, calling_ae, dry_run, route, error FROM jobs ORDER BY id")
+    assert sorted((j[1], j[2], j[3]) for j in jobs) == [("sent", "TPS", False)] * 4 + [("validated", "SHADOW", True)] * 2
+    assert all(j[5] == "" for j in jobs), jobs  # no "no destination" anywhere
+    for job in jobs:
+        route = job[4] if isinstance(job[4], dict) else json.loads(job[4])
+        assert (route["ae_title"], route["port"], route.get("dry_run", False)) == ("TPS", tps.port, job[2] == "SHADOW")
+    assert len(files) == 4 and stores == 4
+    sends = postgres.query(url, "SELECT job_id, state FROM sends")
+    assert sorted(s[0] for s in sends) == sorted(j[0] for j in jobs if j[1] == "sent")
+    for job_id, ae, said in ((next(j[0] for j in jobs if j[2] == "TPS"), "TPS", f"TPS@127.0.0.1:{tps.port}"),
+                             (next(j[0] for j in jobs if j[2] == "SHADOW"), "SHADOW", "dry run, never sent")):
+        show = subprocess.run([str(VENV_BIN / "rtprop"), "jobs", "show", str(job_id), "--json", "--config",
+                               str(worker_config), "--storage", str(storage)], capture_output=True, text=True,
+                              timeout=120)
+        assert show.returncode == 0, show.stderr
+        assert json.loads(show.stdout)["job"]["destination"].startswith(said), (ae, show.stdout[:300])

@@ -122,7 +122,7 @@ def test_once_takes_every_stable_case_in_one_call_and_the_worker_finds_its_job(t
     inbox.mkdir(parents=True)
     shutil.copytree(cases / "case02", inbox / "case02")
     shutil.copytree(cases / "case04", inbox / "case04")
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    cli = [sys.executable, "-m", "cli"]
     cfg = tmp_path / "rtprop.yaml"
     cfg.write_text("storage: {fsync: false}\npipeline: {isolate_jobs: false}\n")
     t0 = time.monotonic()

@@ -25,50 +25,15 @@ from pathlib import Path
 import pydicom
 import pytest
 import torch
-from pydicom.uid import generate_uid
 
 from db.audit import hash_patient_id
 from node_helpers import VENV_BIN, NodeProcess, storescu, wait_for
-from pipeline_helpers import STS_CT, STS_MR
+from pipeline_helpers import STS_CT, STS_MR, case_files, copy_as_new_patient
 
 pytestmark = [pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed"), pytest.mark.sam2,
               pytest.mark.slow]
 RTPROP = str(VENV_BIN / "rtprop")
 COPY_ID = "STS_001_COPY"
-
-
-def copy_as_new_patient(sources: list[Path], out: Path, patient_id: str) -> list[Path]:
-    """Every file of `sources` with PatientID/PatientName `patient_id` and every instance UID replaced
-    (one new UID per old one, across all files: references stay consistent). Class UIDs are kept."""
-    mapping: dict[str, str] = {}
-
-    def new(uid: str) -> str:
-        return mapping.setdefault(uid, generate_uid())
-
-    def remap(ds: pydicom.Dataset) -> None:
-        for element in ds.iterall():
-            if element.VR != "UI" or element.keyword.endswith("ClassUID") or element.keyword == "TransferSyntaxUID":
-                continue
-            if element.VM > 1:
-                element.value = [new(str(v)) for v in element.value]
-            elif element.value:
-                element.value = new(str(element.value))
-
-    written = []
-    for source in sources:
-        target = out / source.parent.parent.name / source.parent.name / source.name  # e.g. CT/image/000000.dcm
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ds = pydicom.dcmread(source)
-        remap(ds)
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientID, ds.PatientName = patient_id, "COPY^SARCOMA"
-        ds.save_as(target, enforce_file_format=True)
-        written.append(target)
-    return written
-
-
-def case_files(root: Path) -> list[Path]:
-    return sorted((root / "image").iterdir()) + sorted((root / "rtstruct").iterdir())
 
 
 def run(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -280,3 +245,49 @@ def test_jobs_are_routed_to_the_active_model_and_a_changed_checkpoint_is_refused
     state, backend, sha, versions, error = job_for("second")
     assert state == "failed" and "changed after registration" in error and name in error, error
     factory.kw["bind"].dispose()
+
+
+def test_finetune_and_models_add_list_activate_on_postgresql(tmp_path, postgres):
+    """Every command reaches the database every other process reads: with database.url, `finetune --storage`
+    learns from the PostgreSQL archive and audits there, and `models add/list/activate` keep the registry the
+    workers route by (they once opened only the SQLite file; issue 21, item 3)."""
+    import yaml
+
+    from config.load import load_config, resolve_storage
+    from db.engine import open_configured
+    from dicom_node.completion import CompletionChecker
+    from dicom_node.storage import Received, Store
+
+    url = postgres.create_database()
+    storage = tmp_path / "storage"
+    config_path = tmp_path / "pg.yaml"
+    config_path.write_text(yaml.safe_dump({"database": {"url": url}, "storage": {"fsync": False},
+                                           "node": {"series_quiet_period_s": 0}}))
+    config = resolve_storage(load_config(config_path, overrides={"storage": {"root": str(storage)}}))
+    factory = open_configured(config)
+    store = Store(config.storage, factory, fsync=False)
+    for path in case_files(STS_CT) + copy_as_new_patient(case_files(STS_CT), tmp_path / "copy", COPY_ID):
+        assert store.ingest(Path(path).read_bytes(), Received(calling_ae="MIM", source="import")).status == 0
+    CompletionChecker(factory, config).check()
+    factory.kw["bind"].dispose()
+    common = ("--config", str(config_path), "--storage", str(storage))
+    out = tmp_path / "model" / "gtv-pg.pt"
+    out.parent.mkdir()
+    r = run("finetune", *common, "--roi-regex", "GTV.*", "--random-init", "--steps", "1", "--image-size", "256",
+            "--mode", "image", "--freeze-image-encoder", "--device", "cpu", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["train_rois"] == 1 and summary["validation_rois"] == 1 and summary["audited"]
+    assert len(postgres.query(url, "SELECT id FROM audit WHERE event = 'model.trained'")) == 1
+    assert not (storage / "rtprop.sqlite").exists()  # nothing went to a SQLite file beside the storage
+    added = run("models", "add", str(out), *common)
+    assert added.returncode == 0, added.stderr[-3000:]
+    name = added.stdout.strip().splitlines()[-1]
+    listed = {row["name"]: row for row in map(json.loads, run("models", "list", "--json", *common).stdout.splitlines())}
+    assert set(listed) == {"classic", name} and listed[name]["state"] == "registered"
+    activated = run("models", "activate", name, "--for-roi", "GTV.*", "--modality", "CT", "--force", "--reason",
+                    "postgres test", "--no-progress", *common)
+    assert activated.returncode == 0, activated.stderr[-3000:]
+    assert postgres.query(url, "SELECT state, roi_regex, modality FROM models WHERE name = %s", (name,)) == \
+        [("active", "GTV.*", "CT")]
+    assert not (storage / "rtprop.sqlite").exists()

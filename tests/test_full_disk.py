@@ -12,7 +12,7 @@ import pytest
 
 from node_helpers import NodeProcess, fill_disk, make_ct_series, small_disk, storescu
 
-RTPROP = [sys.executable, "-m", "pipeline.cli"]
+RTPROP = [sys.executable, "-m", "cli"]
 
 
 def _config(root, outbox=None, **pipeline):

@@ -171,6 +171,6 @@ def test_a_route_to_an_unknown_destination_stops_the_start(tmp_path: Path) -> No
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("node:\n  routes:\n    - {calling_ae: ECLIPSE, destination: eclipse}\n")
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", "--config", str(bad), "--storage",
+    res = subprocess.run([sys.executable, "-m", "cli", "serve", "--config", str(bad), "--storage",
                           str(tmp_path / "s"), "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "node.routes[0]" in res.stderr and "'eclipse'" in res.stderr

@@ -105,7 +105,7 @@ def test_fresh_heartbeat_is_left_alone(factory):
 def test_compose_file_matches_the_cli():
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from cli.main import cli
 
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     node = compose["services"]["rtprop"]

@@ -12,7 +12,20 @@ from db.engine import open_database, transaction
 from db.schema import Model, utcnow
 from models.sam2_loader import CheckpointError
 from pipeline.model_routing import settings_for, verified_settings
-from pipeline.registry import RegistryError, add_model, gate, list_models
+from model_lifecycle.registry import RegistryError, add_model, gate, list_models
+
+
+@pytest.fixture(scope="module")
+def sam2_checkpoint(tmp_path_factory):
+    """A real SAM2.1 tiny checkpoint (seeded random weights, 256 px): loads as the configured model."""
+    import torch
+
+    from models.sam2_loader import load_model
+
+    loaded = load_model("configs/sam2.1/sam2.1_hiera_t.yaml", None, 256, "cpu", 2, seed=0, cache=False)
+    path = tmp_path_factory.mktemp("ckpt") / "weights.pt"
+    torch.save({"model": loaded.model.state_dict()}, path)
+    return path
 
 
 @pytest.fixture
@@ -77,16 +90,17 @@ def test_routing_takes_the_most_specific_active_scope_and_falls_back_to_the_conf
     assert routed.settings.sam2.image_size == 512 and routed.sha256 == "gtv" * 4
 
 
-def test_registration_copies_with_the_sha256_and_a_changed_file_is_refused_at_load(node, tmp_path):
+def test_registration_copies_with_the_sha256_and_a_changed_file_is_refused_at_load(node, tmp_path, sam2_checkpoint):
     config, factory = node
     ckpt = tmp_path / "weights.pt"
-    ckpt.write_bytes(b"pretend weights" * 1000)
+    ckpt.write_bytes(sam2_checkpoint.read_bytes())
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"checkpoint_sha256": "0" * 64}))
     with pytest.raises(RegistryError, match="not its card"):
         add_model(factory, config, ckpt, card_path=card)
     row, created = add_model(factory, config, ckpt, model_cfg="tiny", image_size=256)
+    assert row.backend == "sam2" and row.model_cfg == "tiny" and row.image_size == 256
     assert created and row.name == f"weights-{digest[:8]}" and row.path == f"models/{digest}.pt"
     assert (config.storage.root / row.path).read_bytes() == ckpt.read_bytes()
     again, created = add_model(factory, config, ckpt)
@@ -100,3 +114,18 @@ def test_registration_copies_with_the_sha256_and_a_changed_file_is_refused_at_lo
         fh.write(b"!")
     with pytest.raises(CheckpointError, match="changed after registration"):
         verified_settings(routed)
+
+
+def test_a_file_that_does_not_load_as_the_configured_model_is_not_registered(node, tmp_path, sam2_checkpoint):
+    """`models add README.md` registered it, and after `activate --force` every job failed (issue 21, item 3)."""
+    config, factory = node
+    readme = tmp_path / "README.md"
+    readme.write_text("# not weights\n")
+    with pytest.raises(RegistryError, match=r"README.md in .* cannot be loaded as a sam2 model"):
+        add_model(factory, config, readme)
+    # real weights registered as another architecture (small, not tiny): refused too
+    with pytest.raises(RegistryError, match="cannot be loaded"):
+        add_model(factory, config, sam2_checkpoint, model_cfg="configs/sam2.1/sam2.1_hiera_s.yaml", image_size=256)
+    with factory() as session:
+        assert [m.name for m in session.query(Model).all()] == ["classic"]
+    assert not list((config.storage.root / "models").glob("*.pt"))  # nothing copied either

@@ -1,5 +1,5 @@
-"""The job engine's queues (pipeline/tasks.py, db/queue.py): which queue a job goes to, what a worker takes,
-and that a GPU worker runs one job at a time."""
+"""The job engine's queues (pipeline/tasks.py, db/queue.py): what a worker takes, and that a GPU worker runs one
+job at a time (which queue a job goes to: tests/test_backends.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -10,17 +10,7 @@ import pytest
 
 from config.errors import UserError
 from config.load import load_config
-from db.engine import job_queue
 from pipeline.tasks import conninfo, worker_groups, worker_queues
-
-
-def test_a_job_goes_to_the_gpu_queue_only_when_this_node_propagates_with_sam2(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "sam2.pt"
-    assert job_queue(load_config(None, environ={})) == "cpu"  # auto without a checkpoint: classic
-    assert job_queue(load_config(None, environ={}, overrides={"propagation": {"checkpoint": str(checkpoint)}})) == "gpu"
-    assert job_queue(load_config(None, environ={}, overrides={"propagation": {"backend": "sam2"}})) == "gpu"
-    assert job_queue(load_config(None, environ={}, overrides={"propagation": {
-        "backend": "classic", "checkpoint": str(checkpoint)}})) == "cpu"
 
 
 def test_a_worker_takes_the_queues_it_is_given_and_gpu_jobs_one_at_a_time_beside_the_others() -> None:

@@ -78,6 +78,11 @@ def test_mixed_decisions_send_only_the_accepted_roi(tmp_path, two_roi_case):
     assert ds.SOPInstanceUID != original.SOPInstanceUID and ds.SeriesInstanceUID == original.SeriesInstanceUID
     assert ds.ROIContourSequence[0].ContourSequence[0].ContourData == \
         original.ROIContourSequence[0].ContourSequence[0].ContourData
+    # the job's result, as its page and the API show it, is what left: the accepted ROIs (issue 21, item 11)
+    with factory() as s:
+        after = s.get(Job, job.id)
+        assert actions.result_rois(after.result_path) == ["Tumour_prop"] and after.result_path != job.result_path
+        assert after.result_sop_instance_uid == ds.SOPInstanceUID != after.rtstruct_sop_instance_uid
     with pytest.raises(actions.ActionError, match="final"):
         actions.review(factory, config, job.id, "mara", roi=None, decision="reject")
 

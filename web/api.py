@@ -12,12 +12,13 @@ from starlette.routing import BaseRoute
 
 from db.schema import Job, Send
 from pipeline import actions
+from pipeline.delivery import destination_text
 from pipeline.jobs import STATES
 from web.routing import Ctx, route
 
 JOB_FIELDS = ("id", "state", "kind", "calling_ae", "study_instance_uid", "series_instance_uid",
-              "rtstruct_sop_instance_uid", "dry_run", "backend", "checkpoint_sha256", "timings_s", "self_check_dice",
-              "result_sha256", "error", "attempts", "created_at", "updated_at")
+              "rtstruct_sop_instance_uid", "result_sop_instance_uid", "dry_run", "backend", "checkpoint_sha256",
+              "timings_s", "self_check_dice", "result_sha256", "error", "attempts", "created_at", "updated_at")
 
 
 def job_json(job: Job) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def get_job(ctx: Ctx) -> Response:
             return JSONResponse({"error": f"no job {job_id}"}, status_code=404)
         out = job_json(job)
         out["prompts"] = job.prompts or []
+        out["route"], out["destination"] = job.route, destination_text(ctx.state.config, job)
         out["sends"] = [{"id": s.id, "state": s.state, "attempts": s.attempts, "destination": f"{s.destination_ae}@"
                          f"{s.destination_host}:{s.destination_port}", "last_status": s.last_status,
                          "last_error": s.last_error} for s in

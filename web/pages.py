@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from db import audit as audit_log
 from db.heartbeat import latest
 from db.schema import AuditEntry, Job, Send, aware, utcnow
 from pipeline import actions
+from pipeline.delivery import destination_text
 from pipeline.jobs import STATES
 from web.routing import Ctx, route
 
@@ -130,7 +133,8 @@ def job_detail(ctx: Ctx) -> Response:
                 attempts.setdefault(int(d["send_id"]), []).append({"at": r.at[:19].replace("T", " "), "event": r.event,
                                                                    **d})
     return ctx.render("job.html", job=job, timeline=timeline, sends=sends, attempts=attempts, reviews=reviews,
-                      structures=[p.get("structure") for p in (job.prompts or [])])
+                      structures=[p.get("structure") for p in (job.prompts or [])],
+                      destination=destination_text(ctx.state.config, job))
 
 
 def _job_action(ctx: Ctx, name: str) -> Response:
@@ -184,27 +188,38 @@ def quarantine_discard(ctx: Ctx) -> Response:
 
 
 # ---------------------------------------------------------------- batch
-def _runs(ctx: Ctx) -> list[Path]:
+def _runs(ctx: Ctx) -> dict[str, Path]:
+    """Every batch run with a drift report, newest first, by a key for the URL: those under batch.out and those
+    written elsewhere (`rtprop batch --out`), which the audit's batch.finished rows name."""
+    folders: set[Path] = set()
     out = Path(ctx.state.config.batch.out)
-    return sorted((p for p in out.iterdir() if p.is_dir() and (p / "drift.csv").is_file()), reverse=True) \
-        if out.is_dir() else []
+    if out.is_dir():
+        folders |= {p for p in out.iterdir() if p.is_dir()}
+    with ctx.state.factory() as session:
+        for (details,) in session.execute(select(AuditEntry.details).where(AuditEntry.event == "batch.finished")):
+            folder = json.loads(details or "{}").get("out")
+            if folder:
+                folders.add(Path(folder))
+    runs = sorted((p for p in folders if (p / "drift.csv").is_file()), key=lambda p: (p.name, str(p)), reverse=True)
+    names = Counter(p.name for p in runs)
+    return {p.name if names[p.name] == 1 else f"{p.name}-{hashlib.sha256(str(p).encode()).hexdigest()[:6]}": p
+            for p in runs}
 
 
 def batch_page(ctx: Ctx) -> Response:
     runs = _runs(ctx)
-    chosen = ctx.request.query_params.get("run") or (runs[0].name if runs else "")
+    chosen = ctx.request.query_params.get("run") or next(iter(runs), "")
     rows: list[dict[str, str]] = []
-    run = next((r for r in runs if r.name == chosen), None)
+    run = runs.get(chosen)
     if run is not None:
         with open(run / "drift.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
-    return ctx.render("batch.html", runs=[r.name for r in runs], run=run.name if run else "", rows=rows,
-                      montage=bool(run and (run / "montage.png").is_file()))
+    return ctx.render("batch.html", runs={k: str(p.parent) for k, p in runs.items()}, run=chosen if run else "",
+                      rows=rows, montage=bool(run and (run / "montage.png").is_file()))
 
 
 def batch_montage(ctx: Ctx) -> Response:
-    name = ctx.request.path_params["run"]
-    run = next((r for r in _runs(ctx) if r.name == name), None)
+    run = _runs(ctx).get(ctx.request.path_params["run"])
     if run is None or not (run / "montage.png").is_file():
         return PlainTextResponse("no such montage", status_code=404)
     return FileResponse(run / "montage.png", media_type="image/png")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.errors import UserError
 from config.schema import Config
 
 LOG = logging.getLogger("rtprop.web.server")
@@ -42,14 +44,32 @@ def _announce(server, config: Config) -> None:  # type: ignore[no-untyped-def]
         print(f"{READY_LINE} {url(config)}", file=sys.stderr, flush=True)
 
 
+def listen_socket(config: Config) -> socket.socket:
+    """The web app's listening socket on web.host:web.port, bound before anything is served: a port in use is a
+    start-up error naming it (UserError, exit 2), never a node left running without its web app and /health."""
+    family = socket.AF_INET6 if ":" in config.web.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.web.host, config.web.port or 0))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"web.port {config.web.port} on {config.web.host}: cannot listen ({exc.strerror}): another "
+                        "process uses it; give another --http-port or web.port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def start_web(config: Config, factory: sessionmaker[Session], stop: threading.Event, me: str) -> threading.Thread:
-    """Serve the app in a daemon thread of this process until `stop` is set (uvicorn skips signals off the main thread)."""
+    """Serve the app in a daemon thread of this process until `stop` is set (uvicorn skips signals off the main thread).
+    The port is bound here, in the caller's thread: a busy one raises before the thread starts."""
+    sock = listen_socket(config)
     server = make_server(config, factory, me)
 
     def run() -> None:
         threading.Thread(target=_announce, args=(server, config), daemon=True).start()
         threading.Thread(target=lambda: (stop.wait(), setattr(server, "should_exit", True)), daemon=True).start()
-        server.run()
+        server.run(sockets=[sock])
 
     thread = threading.Thread(target=run, name="rtprop-web", daemon=True)
     thread.start()
@@ -58,6 +78,7 @@ def start_web(config: Config, factory: sessionmaker[Session], stop: threading.Ev
 
 def serve_web(config: Config, factory: sessionmaker[Session], me: str) -> None:
     """Serve the app in this (main) thread until SIGTERM/SIGINT."""
+    sock = listen_socket(config)
     server = make_server(config, factory, me)
     threading.Thread(target=_announce, args=(server, config), daemon=True).start()
-    server.run()
+    server.run(sockets=[sock])

@@ -22,45 +22,18 @@ from typing import Any
 
 import click
 
+from cli.loader import load, open_node
+from cli.params import ISO_DATE, REGEX, config_option, emit, storage_option
 from config.errors import UserError
-from config.load import load_config, resolve_storage
 from config.schema import Config
-from pipeline.cli_params import ISO_DATE, config_option, storage_option
+from models import backends
 from pipeline.compute import LOG_FORMAT
+from pipeline.jobs import STATES
 
 log = logging.getLogger("rtprop")
 
 
 # ---------------------------------------------------------------- shared option handling
-def _config(config_path: Path | None, storage: Path | None = None, **overrides: Any) -> Config:
-    tree: dict[str, Any] = {}
-    if storage is not None:
-        tree["storage"] = {"root": str(storage)}
-    for dotted, value in overrides.items():
-        if value is None or value == () or value == []:
-            continue
-        node = tree
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return resolve_storage(load_config(config_path, overrides=tree))
-
-
-def _open_existing_database(config: Config):  # type: ignore[no-untyped-def]
-    """The node's database for commands that read an existing node (audit, batch, jobs): never created here."""
-    from db.engine import open_configured
-
-    if not config.database.url and not config.storage.database.exists():
-        raise UserError(f"no rtprop database at {config.storage.database} (--storage names the node's storage "
-                        "root, the folder `rtprop serve` was started with)")
-    return open_configured(config)
-
-
-def _emit(summary: dict[str, Any]) -> None:
-    click.echo(json.dumps(summary, sort_keys=True, default=str))
-
-
 def _service_logging() -> None:
     """serve / worker / dropin: job state changes at INFO unless -v/-vv asked for more already."""
     rtprop = logging.getLogger("rtprop")
@@ -78,8 +51,9 @@ def run_until_signal(stop: threading.Event, threads: list[threading.Thread], joi
         t.join(timeout=join_s)
 
 
-backend_option = click.option("--backend", type=click.Choice(["auto", "sam2", "classic"]),
-                              help="Propagator (default: propagation.backend, auto = sam2 if a checkpoint is set).")
+backend_option = click.option("--backend", type=click.Choice([backends.AUTO, *backends.names()]),
+                              help="Propagator (default: propagation.backend; auto = the one that takes weights if a "
+                              "checkpoint is set, else the weight-free one).")
 checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path),
                                  help="SAM2 checkpoint file on this node (never downloaded).")
 
@@ -124,14 +98,14 @@ def propagate(volume: Path, boxes: tuple[str, ...], points: tuple[str, ...], mas
 
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: the folder {out.parent} does not exist")
-    config = _config(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
+    config = load(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
     started = time.perf_counter()
     vol = read_volume(volume, series_uid)
     mask = _binary_mask(read_mask(mask_file, vol.geometry), mask_file) if mask_file is not None else None
     prompts = prompts_from_args(boxes, points, mask, slice_index, vol.array.shape)
     result = run(vol.array, vol.geometry.spacing_zyx, prompts, vol.modality, config.propagation)
     write_mask(out, result.mask, vol.geometry)
-    _emit(_mask_summary(result, vol, out, time.perf_counter() - started))
+    emit(_mask_summary(result, vol, out, time.perf_counter() - started))
 
 
 def _binary_mask(mask: Any, path: Path) -> Any:
@@ -178,8 +152,8 @@ def recontour(series_dir: Path, rtstruct: Path, roi: str, prompt_kind: str, out_
     """Re-propagate ROI from its middle slice; write a new RTSTRUCT and metrics in OUT."""
     from pipeline.recontour import recontour as run
 
-    config = _config(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
-    _emit(run(series_dir, rtstruct, roi, prompt_kind, out_dir, config))
+    config = load(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
+    emit(run(series_dir, rtstruct, roi, prompt_kind, out_dir, config))
 
 
 DEMO_CASE = Path(__file__).resolve().parents[1] / "demo" / "sts-001-ct"
@@ -196,9 +170,9 @@ def demo(out_dir: Path, backend: str | None, config_path: Path | None) -> None:
 
     if not DEMO_CASE.is_dir():
         raise UserError(f"bundled demo case not found at {DEMO_CASE}")
-    config = _config(config_path, **{"propagation.backend": backend})
+    config = load(config_path, **{"propagation.backend": backend})
     summary = run(DEMO_CASE / "image", DEMO_CASE / "rtstruct" / "RS.dcm", "GTV_Mass_CT", "box", out_dir, config)
-    _emit(summary)
+    emit(summary)
     click.echo(f"demo: wrote {summary['rtstruct']} ({summary['backend']}); "
                f"Dice against the reference GTV = {summary['metrics']['dice']:.3f}", err=True)
 
@@ -215,7 +189,7 @@ def evaluate(pred: Path, gt: Path, series_dir: Path | None, roi: str | None, pre
     """Compare two masks or RTSTRUCT ROIs: Dice, HD95, MSD, NSD@2mm, COM distance, volume ratio."""
     from pipeline.evaluate import evaluate_files
 
-    _emit(evaluate_files(pred, gt, series_dir=series_dir, roi=roi, pred_roi=pred_roi))
+    emit(evaluate_files(pred, gt, series_dir=series_dir, roi=roi, pred_roi=pred_roi))
 
 
 # ---------------------------------------------------------------- convert
@@ -238,8 +212,8 @@ def convert(source: Path, dest: Path, series_dir: Path | None, roi_name: str | N
     """
     from pipeline.convert import convert_any
 
-    config = _config(config_path)
-    _emit(convert_any(source, dest, series_dir=series_dir, roi_name=roi_name, normalise=normalise,
+    config = load(config_path)
+    emit(convert_any(source, dest, series_dir=series_dir, roi_name=roi_name, normalise=normalise,
                       config=config))
 
 
@@ -258,9 +232,9 @@ def track(source: Path, out_dir: Path, first_label: Path | None, backend: str | 
     """Track a first-frame mask through a cine-MR sequence (TrackRAD2025 layout or DICOM time series)."""
     from pipeline.track import track_case
 
-    config = _config(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
+    config = load(config_path, **{"propagation.backend": backend, "propagation.checkpoint": checkpoint})
     summary = track_case(source, out_dir, first_label=first_label, settings=config.propagation)
-    _emit(dataclasses.asdict(summary))
+    emit(dataclasses.asdict(summary))
 
 
 # ---------------------------------------------------------------- the node and its services
@@ -270,7 +244,8 @@ def track(source: Path, out_dir: Path, first_label: Path | None, backend: str | 
 @click.option("--port", type=int, help="DICOM port to listen on.")
 @click.option("--ae-title", help="The node's AE title.")
 @click.option("--allow-ae", "allow_aes", multiple=True, help="Calling AE allowed to associate (repeatable).")
-@click.option("--destination", help="AE@HOST:PORT where every result goes (replaces the file's routes).")
+@click.option("--destination", help="AE@HOST:PORT where the result of every job this node receives goes "
+              "(replaces the file's routes; kept on each job, so `rtprop worker`s need no routes).")
 @click.option("--workers", type=click.IntRange(min=0),
               help="Jobs run at once in this process (default: pipeline.workers; 0 = receive and complete only, "
               "run `rtprop worker` apart).")
@@ -284,25 +259,28 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
           allow_aes: tuple[str, ...], destination: str | None, workers: int | None, dropin_on: bool | None,
           scheduler_on: bool | None, http_port: int | None) -> None:
     """Run the node: Storage SCP, series completion, outbound queue, workers, drop-in watcher, nightly batch."""
-    from db.engine import open_configured
     from dicom_node.routing import with_destination
-    from dicom_node.service import serve_forever
+    from dicom_node.service import check_port, serve_forever
+    from pipeline.delivery import prompt_again_handler
+    from pipeline.discovery import jobs_on_completion
     from pipeline.dropin import start_dropin
     from pipeline.scheduler import start_scheduler
 
     _service_logging()
     overrides: dict[str, Any] = {"node.port": port, "node.ae_title": ae_title,
                                  "node.allowed_calling_aes": list(allow_aes) or None, "web.port": http_port}
-    config = _config(config_path, storage, **overrides)
+    config = load(config_path, storage, **overrides)
     if destination:
         config = with_destination(config, destination)
-        log.info("--destination %s: every result goes there (the configuration file's routes are not used)",
-                 destination)
-        if config.database.url:
-            log.warning("--destination %s reaches only the jobs this process runs (--workers): `rtprop worker`s "
-                        "route by their own configuration (docs/scaling.md)", destination)
+        log.info("--destination %s: the result of every job this node receives goes there (the configuration "
+                 "file's routes are not used)", destination)
     stop = threading.Event()
-    factory = open_configured(config)
+    factory = open_node(config, create=True)
+    check_port(config)  # ports in use are start-up errors naming them, before any worker starts
+    if config.web.port:
+        from web.server import listen_socket
+
+        listen_socket(config).close()
     threads = start_job_workers(factory, config, stop, workers)
     if config.dropin.enabled if dropin_on is None else dropin_on:
         threads.append(start_dropin(factory, config, stop))
@@ -311,7 +289,9 @@ def serve(config_path: Path | None, storage: Path | None, port: int | None, ae_t
         threads.append(start_scheduler(factory, config, stop))
     threads += start_web_and_heartbeats(factory, config, stop, threads)
     try:
-        serve_forever(config, stop)  # returns on SIGTERM/SIGINT, having set `stop`
+        # returns on SIGTERM/SIGINT, having set `stop`; the jobs of completed series get this node's routes
+        serve_forever(config, stop, on_series_complete=jobs_on_completion(config),
+                      on_duplicate=prompt_again_handler(factory, config))
     finally:
         stop.set()
         for t in threads:
@@ -358,11 +338,10 @@ def worker(config_path: Path | None, storage: Path | None, workers: int | None, 
     With database.url (PostgreSQL) this is a worker of the job engine on any machine that reaches the
     database and the archive (docs/scaling.md); SIGTERM drains it: running jobs finish, no new one starts.
     """
-    from db.engine import open_configured
     from pipeline.worker import Worker
 
     _service_logging()
-    config = _config(config_path, storage)
+    config = load(config_path, storage)
     chosen = tuple(q.strip() for spec in queues for q in spec.split(",") if q.strip())
     if chosen and not config.database.url:
         raise UserError("--queues: queues are the job engine's, in the distributed mode (set database.url to a "
@@ -370,14 +349,14 @@ def worker(config_path: Path | None, storage: Path | None, workers: int | None, 
     if once and config.database.url:
         raise UserError("--once is for the SQLite mode; in the distributed mode a worker runs until SIGTERM "
                         "(which drains it)")
-    factory = open_configured(config)
+    factory = open_node(config)
     if once:
         Worker(factory, config).drain()
-        _emit(_job_counts(factory))
+        emit(_job_counts(factory))
         return
     stop = threading.Event()
     threads = start_job_workers(factory, config, stop, concurrency or workers, chosen)
-    start_web_and_heartbeats(factory, config, stop, threads, node=False)
+    threads += start_web_and_heartbeats(factory, config, stop, threads, node=False)
     mode = f"queues {','.join(chosen) or 'all'}, database {config.database.url.split('@')[-1]}" \
         if config.database.url else f"storage {config.storage.root}"
     click.echo(f"rtprop worker ready ({concurrency or workers or config.pipeline.workers} at a time, {mode})",
@@ -399,16 +378,16 @@ def _job_counts(factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
               "dropin.stable_s), then exit.")
 def dropin(config_path: Path | None, storage: Path | None, once: bool) -> None:
     """Watch the drop-in inbox (and close series) without the DICOM listener; `rtprop worker` runs the jobs."""
-    from db.engine import open_configured
     from pipeline.dropin import DropIn
 
     _service_logging()
-    config = _config(config_path, storage)
-    factory = open_configured(config)
+    config = load(config_path, storage)
+    # a receiving process like `serve`: it may start a node where the drop-in inbox is (never at a mistyped path)
+    factory = open_node(config, create=Path(config.dropin.inbox).is_dir())
     watcher = DropIn(factory, config)
     if once:
         outcomes = watcher.take_all()
-        _emit({"taken": [o.name for o in outcomes if o.ok], "quarantined": [o.name for o in outcomes if not o.ok],
+        emit({"taken": [o.name for o in outcomes if o.ok], "quarantined": [o.name for o in outcomes if not o.ok],
                "left_in_inbox": sorted(watcher.pending())})
         return
     stop = threading.Event()
@@ -426,7 +405,8 @@ def dropin(config_path: Path | None, storage: Path | None, once: bool) -> None:
 @click.option("--since", type=ISO_DATE, help="Only RTSTRUCTs received from this ISO 8601 date or date-time "
               "(e.g. 2026-11-30; UTC unless an offset is given).")
 @click.option("--until", type=ISO_DATE, help="... and before this ISO 8601 date or date-time.")
-@click.option("--roi-regex", help="ROIs to re-contour: case-insensitive full match (default: batch.roi_regex).")
+@click.option("--roi-regex", type=REGEX, help="ROIs to re-contour: case-insensitive full match (default: "
+              "batch.roi_regex).")
 @click.option("--send/--no-send", default=None, help="Queue the new RTSTRUCTs to the case's destination "
               "(default: batch.send_results; delivered by `rtprop serve`).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -440,14 +420,14 @@ def batch(config_path: Path | None, storage: Path | None, since: datetime | None
     """Re-contour archived ROIs from their middle slice with the current model; write a drift report."""
     from pipeline.batch import queue_batch, run_batch
 
-    config = _config(config_path, storage)
+    config = load(config_path, storage)
     if distributed and not config.database.url:
         raise UserError("--distributed needs database.url (a PostgreSQL database shared with `rtprop worker`s)")
-    factory = _open_existing_database(config)
+    factory = open_node(config)
     if distributed:
-        _emit(queue_batch(factory, config, since=since, until=until, roi_regex=roi_regex, send=send, out=out_dir))
+        emit(queue_batch(factory, config, since=since, until=until, roi_regex=roi_regex, send=send, out=out_dir))
         return
-    _emit(run_batch(factory, config, since=since, until=until, roi_regex=roi_regex, send=send, out=out_dir,
+    emit(run_batch(factory, config, since=since, until=until, roi_regex=roi_regex, send=send, out=out_dir,
                     progress=not no_progress))
 
 
@@ -460,47 +440,56 @@ def jobs() -> None:
 @jobs.command("list")
 @config_option
 @storage_option
-@click.option("--state", type=click.Choice(["received", "queued", "running", "validated", "sending", "sent", "failed",
-                                            "dead-letter", "ignored"]), help="Only jobs in this state.")
+@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
 def jobs_list(config_path: Path | None, storage: Path | None, state: str | None) -> None:
     """One JSON line per job: id, state, calling AE, when, what it waits for or why it failed."""
     from sqlalchemy import select
 
     from db.schema import Job
 
-    factory = _open_existing_database(_config(config_path, storage))
+    factory = open_node(load(config_path, storage))
     with factory() as session:
         stmt = select(Job).order_by(Job.id)
         if state:
             stmt = stmt.where(Job.state == state)
         for job in session.execute(stmt).scalars():
-            _emit({"id": job.id, "state": job.state, "calling_ae": job.calling_ae, "created_at": job.created_at,
+            emit({"id": job.id, "state": job.state, "calling_ae": job.calling_ae, "created_at": job.created_at,
                    "updated_at": job.updated_at, "study_instance_uid": job.study_instance_uid,
                    "waiting_for": job.waiting_for, "error": job.error[:300], "attempts": job.attempts})
 
 
 @jobs.command("show")
 @click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON line (for scripts; the default when stdout is not a "
+              "terminal); on a terminal the same, indented.")
 @config_option
 @storage_option
-def jobs_show(job_id: int, config_path: Path | None, storage: Path | None) -> None:
-    """Everything about one job: its row, its sends (every attempt's outcome) and its audit timeline."""
+def jobs_show(job_id: int, as_json: bool, config_path: Path | None, storage: Path | None) -> None:
+    """Everything about one job: its row, where its result goes, its sends (every attempt's outcome) and its
+    audit timeline."""
     from sqlalchemy import select
 
     from db.audit import query
     from db.schema import Job, Send
+    from pipeline.delivery import destination_text
 
-    factory = _open_existing_database(_config(config_path, storage))
+    config = load(config_path, storage)
+    factory = open_node(config)
     with factory() as session:
         job = session.get(Job, job_id)
         if job is None:
             raise UserError(f"no job {job_id}")
         row = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+        row["destination"] = destination_text(config, job)
         sends = [{c.name: getattr(s, c.name) for c in Send.__table__.columns}
                  for s in session.execute(select(Send).where(Send.job_id == job_id)).scalars()]
         timeline = [{"at": e.at, "event": e.event, "details": json.loads(e.details)}
                     for e in query(session, job_id=job_id)]
-    _emit({"job": row, "sends": sends, "audit": timeline})
+    shown = {"job": row, "sends": sends, "audit": timeline}
+    if as_json or not sys.stdout.isatty():
+        emit(shown)
+    else:
+        click.echo(json.dumps(shown, sort_keys=True, default=str, indent=2))
 
 
 @jobs.command("retry")
@@ -512,9 +501,9 @@ def jobs_retry(job_id: int, reason: str, config_path: Path | None, storage: Path
     """Run a failed or dead-lettered job again (audited with the user's name)."""
     from pipeline.actions import retry
 
-    factory = _open_existing_database(_config(config_path, storage))
+    factory = open_node(load(config_path, storage))
     done = retry(factory, job_id, getpass.getuser(), reason)
-    _emit({"id": done.job_id, "state": done.state, "retried_by": getpass.getuser()})
+    emit({"id": done.job_id, "state": done.state, "retried_by": getpass.getuser()})
 
 
 # ---------------------------------------------------------------- audit
@@ -531,11 +520,11 @@ def audit_verify(config_path: Path | None, storage: Path | None) -> None:
     altered, removed or inserted."""
     from db import audit as audit_log
 
-    factory = _open_existing_database(_config(config_path, storage))
+    factory = open_node(load(config_path, storage))
     with factory() as session:  # a read: the anchor is read before the walk's snapshot, writers go on meanwhile
         count, problems = audit_log.verify(session)
     head = audit_log.head_of(factory)
-    _emit({"rows": count, "ok": not problems, "problems": [p.__dict__ for p in problems],
+    emit({"rows": count, "ok": not problems, "problems": [p.__dict__ for p in problems],
            "head": dataclasses.asdict(head) if head else None})
     if problems:
         sys.exit(3)
@@ -549,8 +538,8 @@ def audit_head(config_path: Path | None, storage: Path | None) -> None:
     from db import audit as audit_log
     from db.schema import utcnow
 
-    head = audit_log.head_of(_open_existing_database(_config(config_path, storage)))
-    _emit({"at": utcnow().isoformat(timespec="seconds"),
+    head = audit_log.head_of(open_node(load(config_path, storage)))
+    emit({"at": utcnow().isoformat(timespec="seconds"),
            **(dataclasses.asdict(head) if head else {"row_id": 0, "hash": audit_log.GENESIS})})
 
 
@@ -572,7 +561,7 @@ def audit_export(config_path: Path | None, storage: Path | None, since: datetime
     """Print audit rows matching the filters (JSON lines, or CSV with --csv)."""
     from db import audit as audit_log
 
-    factory = _open_existing_database(_config(config_path, storage))
+    factory = open_node(load(config_path, storage))
     with factory() as session:
         rows = audit_log.query(session, since=since, until=until, event=event, job_id=job_id,
                                study_instance_uid=study_uid, calling_ae=calling_ae, patient_id=patient_id)
@@ -583,13 +572,13 @@ def audit_export(config_path: Path | None, storage: Path | None, since: datetime
             click.echo(json.dumps({c: getattr(row, c) for c in ("id",) + audit_log.CHAINED_FIELDS + ("hash",)}))
 
 
-# ---------------------------------------------------------------- web app (web/commands.py)
-from web.commands import start_web_and_heartbeats, users as _users, web as _web  # noqa: E402 - after `cli`
+# ---------------------------------------------------------------- web app (cli/web_app.py)
+from cli.web_app import start_web_and_heartbeats, users as _users, web as _web  # noqa: E402 - after `cli`
 
 cli.add_command(_web)
 cli.add_command(_users)
 
-from pipeline.cli_models import finetune, models  # noqa: E402  (fine-tuning and the model registry)
+from cli.model_lifecycle import finetune, models  # noqa: E402  (fine-tuning and the model registry)
 
 cli.add_command(finetune)
 cli.add_command(models)

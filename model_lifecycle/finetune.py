@@ -39,9 +39,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config
 from db.schema import Instance
-from models.finetune import FinetuneError, FinetuneSettings, TrainItem, TrainResult, VolumeCache, npz_items, train
+from models import backends
+from models.finetune import BACKEND, FinetuneError, FinetuneSettings, TrainItem, TrainResult, VolumeCache, npz_items, train
 
-LOG = logging.getLogger("rtprop.pipeline.finetune")
+LOG = logging.getLogger("rtprop.model_lifecycle.finetune")
 DATA_FORMAT = "rtprop-finetune-data/1"
 CARD_FORMAT = "rtprop-model-card/1"
 
@@ -204,10 +205,9 @@ def validate(result: TrainResult, entries: list[DataEntry], folder: Path, config
     from pipeline.prompts import prompt_from_roi
 
     # the NPZ frames are already in [0, 1]: an identity CT window hands them to the model unchanged
-    sam2 = config.propagation.sam2.model_copy(update={"model_cfg": result.loaded.config_name,
-                                                      "image_size": result.loaded.image_size})
-    settings = config.propagation.model_copy(update={"backend": "sam2", "sam2": sam2, "ct_window_level": 0.5,
-                                                     "ct_window_width": 1.0})
+    settings = backends.get(BACKEND).with_weights(config.propagation, result.checkpoint, result.loaded.config_name,
+                                                  result.loaded.image_size)
+    settings = settings.model_copy(update={"ct_window_level": 0.5, "ct_window_width": 1.0})
     cache = VolumeCache(config.propagation, size=2)
     rows = []
     for e in entries:
@@ -314,7 +314,7 @@ def make_card(result: TrainResult, settings: FinetuneSettings, entries: list[Dat
         "name": result.checkpoint.stem,
         "checkpoint": result.checkpoint.name,
         "checkpoint_sha256": result.checkpoint_sha256,
-        "backend": "sam2",
+        "backend": BACKEND,
         "model_cfg": settings.model_cfg,
         "image_size": settings.image_size,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -353,23 +353,24 @@ def work_folder(config: Config, out: Path) -> Path:
     return config.storage.root / "finetune" / f"{Path(out).stem}-{tag}"
 
 
-def run_finetune(config: Config, out: Path, settings: FinetuneSettings, *, data: Path | None = None,
+def run_finetune(config: Config, out: Path, settings: FinetuneSettings, *,
+                 factory: sessionmaker[Session] | None = None, data: Path | None = None,
                  roi_regex: str | None = None, since: datetime | None = None, include_own: bool = False,
                  validation_fraction: float = 0.2, progress: bool = True) -> dict[str, Any]:
-    """Collect (or read) the data, split by patient, train, validate, write the card; returns a summary."""
+    """Collect (or read) the data, split by patient, train, validate, write the card; returns a summary.
+
+    `factory`: the node's database (SQLite or PostgreSQL, as every command opens it): the archive to learn
+    from (needed unless `data`), and where the run is audited (none: not audited)."""
     from db.audit import record
-    from db.engine import open_database, transaction
+    from db.engine import transaction
 
     out = Path(out)
-    factory = None
-    if config.storage.database.exists():
-        factory = open_database(config.storage.database)
     if data is not None:
         folder = Path(data)
         entries, source = read_data_folder(folder)
     else:
         if factory is None:
-            raise FinetuneError(f"no database at {config.storage.database}: give --storage DIR of a node, or --data")
+            raise FinetuneError("no node database: give --storage DIR of a node, or --data")
         if not roi_regex:
             raise FinetuneError("--roi-regex is required with --storage (which ROIs to learn, e.g. 'GTV.*')")
         folder = work_folder(config, out)

@@ -36,8 +36,9 @@ from config.schema import Config
 from db.audit import record
 from db.engine import transaction
 from db.schema import Model, aware, utcnow
-from models.sam2_loader import sha256_of
-from pipeline.model_routing import (CLASSIC, CheckpointChangedError, check_loaded, default_model, model_settings,
+from models import backends
+from models.sam2_loader import CheckpointError, sha256_of
+from pipeline.model_routing import (CheckpointChangedError, builtin_name, check_loaded, default_model, model_settings,
                                     settings_for, verified_settings)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -75,8 +76,14 @@ def _audit(session: Session, event: str, row: Model, **details: Any) -> None:
 
 # ----------------------------------------------------------------------------- add / list / retire
 def add_model(factory: sessionmaker[Session], config: Config, checkpoint: Path, *, card_path: Path | None = None,
-              name: str | None = None, model_cfg: str | None = None, image_size: int | None = None) -> tuple[Model, bool]:
-    """Register `checkpoint` (copied under the storage with its sha256); returns (row, created)."""
+              name: str | None = None, model_cfg: str | None = None, image_size: int | None = None,
+              backend: str | None = None) -> tuple[Model, bool]:
+    """Register `checkpoint` (copied under the storage with its sha256) for `backend` (default: the one
+    that takes weights, models/backends.py); returns (row, created). A file that does not load as that
+    backend's model with the architecture and input size it is registered with is refused."""
+    spec = backends.get(backend, key="--backend") if backend else backends.weighted()
+    if not spec.needs_weights:
+        raise RegistryError(f"backend {spec.name!r} runs without weights: there is no checkpoint to register")
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise RegistryError(f"checkpoint {checkpoint.name} not found in {checkpoint.parent}")
@@ -97,8 +104,15 @@ def add_model(factory: sessionmaker[Session], config: Config, checkpoint: Path, 
         if existing is not None:
             return existing, False
     name = name or f"{(card or {}).get('name') or checkpoint.stem}-{digest[:8]}"
-    if not NAME_RE.match(name) or name == CLASSIC:
-        raise RegistryError(f"model name {name!r}: letters, digits and _.+- only, at most 64, not {CLASSIC!r}")
+    if not NAME_RE.match(name) or name == builtin_name():
+        raise RegistryError(f"model name {name!r}: letters, digits and _.+- only, at most 64, not {builtin_name()!r}")
+    cfg = model_cfg or (card or {}).get("model_cfg") or config.propagation.sam2.model_cfg
+    size = int(image_size or (card or {}).get("image_size") or config.propagation.sam2.image_size)
+    try:
+        spec.check_weights(checkpoint, spec.with_weights(config.propagation, checkpoint, cfg, size))
+    except CheckpointError as exc:
+        raise RegistryError(f"{checkpoint.name} in {checkpoint.parent} cannot be loaded as a {spec.name} model "
+                            f"({cfg} at {size} px): {exc}; not registered") from None
     with factory() as session:
         if session.execute(select(Model.id).where(Model.name == name)).scalar() is not None:
             raise RegistryError(f"a model named {name!r} is already registered: give another --name")
@@ -113,13 +127,11 @@ def add_model(factory: sessionmaker[Session], config: Config, checkpoint: Path, 
     os.replace(tmp, target)
     if card is not None:
         (folder / f"{digest}.card.json").write_text(json.dumps(card, indent=1, sort_keys=True))
-    cfg = model_cfg or (card or {}).get("model_cfg") or config.propagation.sam2.model_cfg
-    size = image_size or (card or {}).get("image_size") or config.propagation.sam2.image_size
     with transaction(factory) as session:
         if session.execute(select(Model.id).where(Model.name == name)).scalar() is not None:
             raise RegistryError(f"a model named {name!r} is already registered: give another --name")
         stored = target.relative_to(config.storage.root) if target.is_relative_to(config.storage.root) else target
-        row = Model(name=name, backend="sam2", path=str(stored), sha256=digest, model_cfg=cfg, image_size=int(size),
+        row = Model(name=name, backend=spec.name, path=str(stored), sha256=digest, model_cfg=cfg, image_size=int(size),
                     card=card, state="registered", roi_regex="", modality="", added_by=current_user(),
                     added_at=utcnow(), activated_by="")
         session.add(row)
@@ -151,8 +163,8 @@ def list_models(factory: sessionmaker[Session], config: Config) -> list[dict[str
 def retire_model(factory: sessionmaker[Session], name: str, reason: str = "") -> dict[str, Any]:
     with transaction(factory) as session:
         row = get_model(session, name)
-        if row.name == CLASSIC:
-            raise RegistryError("the built-in classic model cannot be retired (it is the weight-free fallback)")
+        if row.name == builtin_name():
+            raise RegistryError(f"the built-in {row.name} model cannot be retired (it is the weight-free fallback)")
         previous = row.state
         row.state = "retired"
         _audit(session, "model.retired", row, previous_state=previous, reason=reason)
@@ -163,7 +175,7 @@ def retire_model(factory: sessionmaker[Session], name: str, reason: str = "") ->
 def evaluate_model(factory: sessionmaker[Session], config: Config, name: str, *, out: Path | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Re-contour the card's validation patients' ROIs with the candidate and the active model; store and return."""
-    from pipeline.finetune import archived_rois, safe_name, summarise_scores
+    from model_lifecycle.finetune import archived_rois, safe_name, summarise_scores
     from pipeline.recontour import recontour
 
     with factory() as session:

@@ -1,4 +1,4 @@
-"""`rtprop web` and `rtprop users add|token|disable`: registered on the CLI group in pipeline/cli.py.
+"""`rtprop web` and `rtprop users add|token|disable`: registered on the CLI group in cli/main.py.
 
 Only click, the configuration and the shared options are imported here at module level; the app itself is imported
 when a command runs, so `rtprop --help` stays fast.
@@ -12,27 +12,10 @@ from typing import Any
 
 import click
 
-from config.load import load_config, resolve_storage
+from cli.loader import load, open_node
+from cli.params import config_option, storage_option
+from config.errors import UserError
 from config.schema import Config
-from pipeline.cli_params import config_option, storage_option
-
-
-
-def load(config_path: Path | None, storage: Path | None, **web: Any) -> Config:
-    tree: dict[str, Any] = {}
-    if storage is not None:
-        tree["storage"] = {"root": str(storage)}
-    web = {k: v for k, v in web.items() if v is not None}
-    if web:
-        tree["web"] = web
-    return resolve_storage(load_config(config_path, overrides=tree))
-
-
-def _factory(config: Config):  # type: ignore[no-untyped-def]
-    from db.engine import open_configured
-
-    Path(config.storage.root).mkdir(parents=True, exist_ok=True)
-    return open_configured(config)
 
 
 def process_name(kind: str) -> str:
@@ -44,7 +27,8 @@ def process_name(kind: str) -> str:
 def start_web_and_heartbeats(factory, config: Config, stop, workers: list, node: bool = True) -> list:  # type: ignore[no-untyped-def]
     """For `rtprop serve` (node=True) and `rtprop worker`: heartbeat rows for /health and the dashboard
     (node: its SCP address; worker: while its worker threads live), and the web app in a thread of the
-    node when web.port is set. Returns the threads to join at shutdown."""
+    node when web.port is set. Returns the threads to join at shutdown (the heartbeats then mark their
+    rows stopped: a cleanly stopped process is not shown, nor counted, as running)."""
     from db.heartbeat import start_heartbeat
 
     every = config.web.heartbeat_interval_s
@@ -61,7 +45,7 @@ def start_web_and_heartbeats(factory, config: Config, stop, workers: list, node:
         from web.server import start_web
 
         threads.append(start_web(config, factory, stop, process_name("web")))
-    return [t for t in threads if not t.name.startswith("rtprop-heartbeat")]
+    return threads
 
 
 @click.command("web")
@@ -73,10 +57,10 @@ def web(config_path: Path | None, storage: Path | None, http_port: int | None, h
     """Serve the review and operations web app alone, over the node's storage and database."""
     from web.server import serve_web
 
-    config = load(config_path, storage, port=http_port, host=host)
+    config = load(config_path, storage, **{"web.port": http_port, "web.host": host})
     if not config.web.port:
         raise click.UsageError("no port: give --http-port N or set web.port")
-    serve_web(config, _factory(config), process_name("web"))
+    serve_web(config, open_node(config), process_name("web"))
 
 
 @click.group()
@@ -103,9 +87,12 @@ def users_add(name: str, role: str, password_stdin: bool, config_path: Path | No
     from db.engine import transaction
     from web.auth import AuthError, add_user
 
+    if not password_stdin and not sys.stdin.isatty():
+        raise UserError(f"users add {name}: no terminal to ask for the password on: give --password-stdin and "
+                        "write the password to standard input")
     password = sys.stdin.readline().rstrip("\r\n") if password_stdin else \
         click.prompt("password", hide_input=True, confirmation_prompt=True)
-    factory = _factory(load(config_path, storage))
+    factory = open_node(load(config_path, storage), create=True)
     try:
         with transaction(factory) as session:
             add_user(session, name, role, password)
@@ -124,7 +111,7 @@ def users_token(name: str, config_path: Path | None, storage: Path | None) -> No
     from db.engine import transaction
     from web.auth import AuthError, get_user, new_token
 
-    factory = _factory(load(config_path, storage))
+    factory = open_node(load(config_path, storage))
     try:
         with transaction(factory) as session:
             user = get_user(session, name)
@@ -148,7 +135,7 @@ def users_disable(name: str, config_path: Path | None, storage: Path | None) -> 
     from db.engine import transaction
     from web.auth import AuthError, disable_user
 
-    factory = _factory(load(config_path, storage))
+    factory = open_node(load(config_path, storage))
     try:
         with transaction(factory) as session:
             revoked = disable_user(session, name)

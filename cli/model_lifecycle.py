@@ -1,38 +1,18 @@
 """`rtprop finetune` and `rtprop models ...`: fine-tuning on the archive, the model registry, the promotion gate.
 
-Registered on the main group by pipeline/cli.py (`cli.add_command`); thin shells over
-pipeline/finetune.py and pipeline/registry.py. Same conventions as the other subcommands: one JSON
-summary on stdout, progress and tables on stderr, user-fixable errors exit 2 (pipeline.cli.main).
+Registered on the main group by cli/main.py (`cli.add_command`); thin shells over
+model_lifecycle/finetune.py and model_lifecycle/registry.py. Same conventions as the other subcommands: one JSON
+summary on stdout, progress and tables on stderr, user-fixable errors exit 2 (cli.main.main).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
-from config.load import load_config, resolve_storage
-from config.schema import Config
-from pipeline.cli_params import ISO_DATE, config_option, storage_option
-
-
-
-def _config(config_path: Path | None, storage: Path | None) -> Config:
-    overrides = {"storage": {"root": str(storage)}} if storage is not None else None
-    return resolve_storage(load_config(config_path, overrides=overrides))
-
-
-def _emit(summary: dict[str, Any]) -> None:
-    click.echo(json.dumps(summary, sort_keys=True, default=str))
-
-
-def _factory(config: Config):  # type: ignore[no-untyped-def]
-    from db.engine import open_database
-
-    if not config.storage.database.exists():
-        raise click.ClickException(f"no database at {config.storage.database} (give --storage of a node)")
-    return open_database(config.storage.database)
+from cli.loader import has_node, load, open_node
+from cli.params import ISO_DATE, REGEX, config_option, emit, storage_option
 
 
 # ---------------------------------------------------------------- finetune
@@ -41,7 +21,8 @@ def _factory(config: Config):  # type: ignore[no-untyped-def]
 @storage_option
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Train on these NPZ files (MedSAM2 layout) instead of the archive.")
-@click.option("--roi-regex", help="Archived ROIs to learn: case-insensitive full match, e.g. 'GTV.*' (with --storage).")
+@click.option("--roi-regex", type=REGEX, help="Archived ROIs to learn: case-insensitive full match, e.g. 'GTV.*' "
+              "(with --storage).")
 @click.option("--since", type=ISO_DATE, help="Only RTSTRUCTs received from this ISO 8601 date or date-time (UTC unless an offset is given).")
 @click.option("--include-own", is_flag=True, help="Also learn from RTSTRUCTs rtprop wrote (default: clinic contours only).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -76,11 +57,11 @@ def finetune(config_path: Path | None, storage: Path | None, data_dir: Path | No
              validation_fraction: float, save_every: int, device: str | None, no_progress: bool) -> None:
     """Fine-tune SAM2 on the clinic's approved contours (split by patient); write the checkpoint and its model card."""
     from models.finetune import FinetuneSettings
-    from pipeline.finetune import run_finetune
+    from model_lifecycle.finetune import run_finetune
 
     if data_dir is None and storage is None and config_path is None:
         raise click.UsageError("give --storage DIR (with --roi-regex) or --data DIR")
-    config = _config(config_path, storage)
+    config = load(config_path, storage)
     p = config.propagation
     settings = FinetuneSettings(steps=steps, image_size=image_size or p.sam2.image_size,
                                 model_cfg=model_cfg or p.sam2.model_cfg, base=base, random_init=random_init,
@@ -88,7 +69,9 @@ def finetune(config_path: Path | None, storage: Path | None, data_dir: Path | No
                                 freeze_image_encoder=freeze_image_encoder,
                                 freeze_prompt_encoder=freeze_prompt_encoder, save_every=save_every,
                                 device=device or p.device, cpu_threads=p.cpu_threads)
-    _emit(run_finetune(config, out, settings, data=data_dir, roi_regex=roi_regex, since=since,
+    # the node's database (SQLite or PostgreSQL): the archive to learn from, and where the run is audited
+    factory = open_node(config) if data_dir is None or has_node(config) else None
+    emit(run_finetune(config, out, settings, factory=factory, data=data_dir, roi_regex=roi_regex, since=since,
                        include_own=include_own, validation_fraction=validation_fraction, progress=not no_progress))
 
 
@@ -110,10 +93,10 @@ def models() -> None:
 def models_add(checkpoint: Path, card: Path | None, name: str | None, model_cfg: str | None,
                image_size: int | None, config_path: Path | None, storage: Path | None) -> None:
     """Register CHECKPOINT (copied under the storage with its sha256); prints the model's name on the last line."""
-    from pipeline.registry import add_model
+    from model_lifecycle.registry import add_model
 
-    config = _config(config_path, storage)
-    row, created = add_model(_factory(config), config, checkpoint, card_path=card, name=name, model_cfg=model_cfg,
+    config = load(config_path, storage)
+    row, created = add_model(open_node(config), config, checkpoint, card_path=card, name=name, model_cfg=model_cfg,
                              image_size=image_size)
     click.echo(f"{'registered' if created else 'already registered as'} {row.name}: sha256 {row.sha256}, "
                f"{row.model_cfg} at {row.image_size} px, file {row.path}", err=True)
@@ -126,10 +109,10 @@ def models_add(checkpoint: Path, card: Path | None, name: str | None, model_cfg:
 @storage_option
 def models_list(as_json: bool, config_path: Path | None, storage: Path | None) -> None:
     """Registered models, where each is active, and their last validation Dice."""
-    from pipeline.registry import list_models
+    from model_lifecycle.registry import list_models
 
-    config = _config(config_path, storage)
-    rows = list_models(_factory(config), config)
+    config = load(config_path, storage)
+    rows = list_models(open_node(config), config)
     if as_json:
         for r in rows:
             click.echo(json.dumps(r, sort_keys=True, default=str))
@@ -156,16 +139,16 @@ def models_list(as_json: bool, config_path: Path | None, storage: Path | None) -
 def models_evaluate(name: str, out_dir: Path | None, no_progress: bool, config_path: Path | None,
                     storage: Path | None) -> None:
     """Re-contour the validation patients' ROIs with NAME and with the active model; Dice/HD95 per ROI."""
-    from pipeline.registry import evaluate_model
+    from model_lifecycle.registry import evaluate_model
 
-    config = _config(config_path, storage)
-    ev = evaluate_model(_factory(config), config, name, out=out_dir, progress=not no_progress)
+    config = load(config_path, storage)
+    ev = evaluate_model(open_node(config), config, name, out=out_dir, progress=not no_progress)
     click.echo(f"{'ROI':<24} {'n':>3} {name[:12]:>12} {'active':>8} {'HD95 new':>9} {'HD95 act':>9}", err=True)
     for roi, c in ev["candidate"]["per_roi"].items():
         a = ev["active"]["per_roi"].get(roi, {})
         click.echo(f"{roi:<24} {c['n']:>3} {c['dice']:>12.3f} {a.get('dice', float('nan')):>8.3f} "
                    f"{_mm(c['hd95_mm']):>9} {_mm(a.get('hd95_mm')):>9}", err=True)
-    _emit({k: ev[k] for k in ("model", "sha256", "patients", "out", "candidate", "active")})
+    emit({k: ev[k] for k in ("model", "sha256", "patients", "out", "candidate", "active")})
 
 
 def _mm(value: float | None) -> str:
@@ -174,7 +157,7 @@ def _mm(value: float | None) -> str:
 
 @models.command("activate")
 @click.argument("name")
-@click.option("--for-roi", "for_roi", default="", help="Only for ROIs whose name fully matches this regex "
+@click.option("--for-roi", "for_roi", type=REGEX, default="", help="Only for ROIs whose name fully matches this regex "
               "(case-insensitive; default: every ROI).")
 @click.option("--modality", type=click.Choice(["CT", "MR"], case_sensitive=False), default=None,
               help="Only for series of this modality (default: any).")
@@ -186,10 +169,10 @@ def _mm(value: float | None) -> str:
 def models_activate(name: str, for_roi: str, modality: str | None, force: bool, reason: str, no_progress: bool,
                     config_path: Path | None, storage: Path | None) -> None:
     """Let NAME contour (ROIs matching --for-roi, --modality) if it is not worse than the active model."""
-    from pipeline.registry import activate_model
+    from model_lifecycle.registry import activate_model
 
-    config = _config(config_path, storage)
-    _emit(activate_model(_factory(config), config, name, roi_regex=for_roi, modality=modality or "", force=force,
+    config = load(config_path, storage)
+    emit(activate_model(open_node(config), config, name, roi_regex=for_roi, modality=modality or "", force=force,
                          reason=reason, progress=not no_progress))
 
 
@@ -200,7 +183,7 @@ def models_activate(name: str, for_roi: str, modality: str | None, force: bool, 
 @storage_option
 def models_retire(name: str, reason: str, config_path: Path | None, storage: Path | None) -> None:
     """Never use NAME again (its file and card stay for the record)."""
-    from pipeline.registry import retire_model
+    from model_lifecycle.registry import retire_model
 
-    config = _config(config_path, storage)
-    _emit(retire_model(_factory(config), name, reason))
+    config = load(config_path, storage)
+    emit(retire_model(open_node(config), name, reason))

@@ -1,0 +1,4 @@
+"""`python -m cli ...` is `rtprop ...`."""
+from cli.main import main
+
+main()

@@ -59,6 +59,8 @@ def make_engine(location: Path | str) -> Engine:
         return _postgres_engine(str(location))
     path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for own in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        restrict(own)  # it holds password hashes; SQLite gives -wal/-shm the database file's mode
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
 
     @event.listens_for(engine, "connect")
@@ -81,6 +83,18 @@ def make_engine(location: Path | str) -> Engine:
             conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def restrict(path: Path, mode: int = 0o600) -> None:
+    """Take group and other permissions off a file or folder of the node made before they were kept off
+    (the CLI's umask 077 keeps new ones so); logged once when changed."""
+    try:
+        current = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return
+    if current & 0o077:
+        os.chmod(path, mode)
+        LOG.warning("%s was mode %03o: now %03o (the node's own files are not for other users)", path, current, mode)
 
 
 def _postgres_engine(url: str) -> Engine:
@@ -141,12 +155,14 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-def open_database(location: Path | str, *, head_path: Path | str | None = None) -> sessionmaker[Session]:
-    """Engine + migrations + the audit head anchor + the disk reserve: what every process calls once.
+def open_database(location: Path | str, *, head_path: Path | str | None = None,
+                  key_path: Path | str | None = None) -> sessionmaker[Session]:
+    """Engine + migrations + the audit head anchor + the site's pseudonym key + the disk reserve: what every
+    process calls once.
 
-    `location`: the SQLite file, or a PostgreSQL URL. `head_path`: the audit chain's head anchor
-    (default: beside the SQLite file, `<name>.audit-head`; required with a URL: under the shared
-    storage root, see `open_configured`).
+    `location`: the SQLite file, or a PostgreSQL URL. `head_path`: the audit chain's head anchor and
+    `key_path` the pseudonym key (db/audit.py) (defaults: beside the SQLite file, `<name>.audit-head`
+    and `<name>.key`; required with a URL: under the shared storage root, see `open_configured`).
     """
     from db import audit
 
@@ -154,22 +170,25 @@ def open_database(location: Path | str, *, head_path: Path | str | None = None) 
     before = schema_revision(engine)
     migrate(engine)
     if is_url(location):
-        if head_path is None:
-            raise ValueError("a PostgreSQL database needs the path of its audit head anchor (head_path)")
-        head, reserve = Path(head_path), None
+        if head_path is None or key_path is None:
+            raise ValueError("a PostgreSQL database needs the paths of its audit head anchor and pseudonym key")
+        head, key, reserve = Path(head_path), Path(key_path), None
     else:
         path = Path(location)
         head = Path(head_path) if head_path is not None else path.with_name(path.name + ".audit-head")
+        key = Path(key_path) if key_path is not None else path.with_name(path.name + ".key")
         reserve = path.with_name(path.name + ".reserve")
     factory = sessionmaker(engine, expire_on_commit=False, info={"audit_head": head, "reserve": reserve})
     audit.attach_head(factory)
     with transaction(factory) as session:
         audit.anchor_upgraded(session, before)
+        factory.kw["info"]["pseudonym_key"] = audit.open_site_key(session, key)
     ensure_reserve(factory)
     return factory
 
 
 POSTGRES_HEAD = "rtprop-postgresql.audit-head"  # the anchor of a PostgreSQL database, under storage.root
+POSTGRES_KEY = "rtprop-postgresql.key"  # its pseudonym key (db/audit.py), under storage.root
 
 
 def database_location(config) -> Path | str:  # type: ignore[no-untyped-def]
@@ -179,11 +198,13 @@ def database_location(config) -> Path | str:  # type: ignore[no-untyped-def]
 
 def open_configured(config) -> sessionmaker[Session]:  # type: ignore[no-untyped-def]
     """The database of a (storage-resolved) configuration, as every process opens it."""
+    key = config.storage.pseudonym_key_file
     if config.database.url:
         Path(config.storage.root).mkdir(parents=True, exist_ok=True)  # the anchor's folder, on the shared storage
-        factory = open_database(config.database.url, head_path=Path(config.storage.root) / POSTGRES_HEAD)
+        factory = open_database(config.database.url, head_path=Path(config.storage.root) / POSTGRES_HEAD,
+                                key_path=key or Path(config.storage.root) / POSTGRES_KEY)
     else:
-        factory = open_database(config.storage.database)
+        factory = open_database(config.storage.database, key_path=key)
     factory.kw["info"]["job_queue"] = job_queue(config)
     return factory
 

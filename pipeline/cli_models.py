@@ -32,7 +32,7 @@ def _factory(config: Config):  # type: ignore[no-untyped-def]
 
     if not config.storage.database.exists():
         raise click.ClickException(f"no database at {config.storage.database} (give --storage of a node)")
-    return open_database(config.storage.database)
+    return open_database(config.storage.database, key_path=config.storage.pseudonym_key_file)
 
 
 # ---------------------------------------------------------------- finetune

@@ -363,7 +363,7 @@ def run_finetune(config: Config, out: Path, settings: FinetuneSettings, *, data:
     out = Path(out)
     factory = None
     if config.storage.database.exists():
-        factory = open_database(config.storage.database)
+        factory = open_database(config.storage.database, key_path=config.storage.pseudonym_key_file)
     if data is not None:
         folder = Path(data)
         entries, source = read_data_folder(folder)

@@ -98,6 +98,11 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{int(proc.create_time())}"
 
 
+def process_name(kind: str) -> str:
+    """The heartbeat name of this process' `kind` (node, worker, web): worker_id#kind."""
+    return f"{worker_id()}#{kind}"
+
+
 def owner_alive(claimed_by: str) -> bool:
     """Is the process named by `claimed_by` (see worker_id) still running on this host?"""
     try:

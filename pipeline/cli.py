@@ -26,7 +26,7 @@ from config.errors import UserError
 from config.load import load_config, resolve_storage
 from config.schema import Config
 from pipeline.cli_params import ISO_DATE, config_option, storage_option
-from pipeline.compute import LOG_FORMAT
+from pipeline.logline import log_to_stderr
 
 log = logging.getLogger("rtprop")
 
@@ -89,7 +89,8 @@ checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path)
 @click.version_option(package_name="rtprop")
 def cli(verbose: int) -> None:
     """rtprop: propagate a prompt drawn on a few slices through a CT/MR volume and return an RTSTRUCT."""
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    log_to_stderr(logging.WARNING)
+    os.umask(0o077)  # files rtprop makes (database, keys, archive, quarantine, results): 0600, folders 0700
     if verbose:
         logging.getLogger("rtprop").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
 

@@ -24,9 +24,7 @@ from config.errors import TransientError, UserError
 from config.schema import Config
 from converters.files import write_atomic
 from db.engine import is_disk_full
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI and every child process log alike
-
+from pipeline.logline import log_to_stderr
 
 class SelfCheckError(RuntimeError):
     """The result cannot leave the node (empty, or the RTSTRUCT does not match its masks): held."""
@@ -161,7 +159,7 @@ def _child_main(conn, task: dict[str, Any]) -> None:  # type: ignore[no-untyped-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - not Linux: the worker's timeout still bounds the child
         pass
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    log_to_stderr(logging.WARNING)
     try:
         conn.send(outcome(task))
     finally:

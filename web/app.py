@@ -53,7 +53,7 @@ def create_app(config: Config, factory: sessionmaker[Session], me: str = "web") 
     """The application for `config`'s storage (paths already resolved) and its database."""
     from prometheus_client import CollectorRegistry
 
-    from web.health import DatabaseCollector
+    from web.health import CachedHealth, DatabaseCollector
 
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["tojson_compact"] = lambda v: json.dumps(v, separators=(",", ":"), default=str)
@@ -69,4 +69,5 @@ def create_app(config: Config, factory: sessionmaker[Session], me: str = "web") 
         max_age=config.web.session_max_age_s, same_site="strict", https_only=secure)])
     app.state.web = state
     app.state.registry = registry
+    app.state.health = CachedHealth(factory, config)
     return app

@@ -36,22 +36,19 @@ def _factory(config: Config):  # type: ignore[no-untyped-def]
 
 
 def process_name(kind: str) -> str:
-    from dicom_node.scu import worker_id
+    from dicom_node.scu import process_name as name
 
-    return f"{worker_id()}#{kind}"
+    return name(kind)
 
 
 def start_web_and_heartbeats(factory, config: Config, stop, workers: list, node: bool = True) -> list:  # type: ignore[no-untyped-def]
-    """For `rtprop serve` (node=True) and `rtprop worker`: heartbeat rows for /health and the dashboard
-    (node: its SCP address; worker: while its worker threads live), and the web app in a thread of the
-    node when web.port is set. Returns the threads to join at shutdown."""
+    """For `rtprop serve` (node=True) and `rtprop worker`: the worker heartbeat row for /health and the
+    dashboard (while its worker threads live; the node's own is written by dicom_node/service.py), and the
+    web app in a thread of the node when web.port is set. Returns the threads to join at shutdown."""
     from db.heartbeat import start_heartbeat
 
     every = config.web.heartbeat_interval_s
     threads = []
-    if node:
-        threads.append(start_heartbeat(factory, process_name("node"), "node", stop, interval_s=every, details={
-            "ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port}))
     workers = [t for t in workers if t.name.startswith("rtprop-worker")]
     if workers:
         threads.append(start_heartbeat(factory, process_name("worker"), "worker", stop, interval_s=every,

@@ -83,10 +83,7 @@ async def logout(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    from web.health import health as run
-
-    state: WebState = request.app.state.web
-    result = await run_in_threadpool(run, state.factory, state.config, state.me)
+    result = await run_in_threadpool(request.app.state.health)
     return JSONResponse(result, status_code=200 if result["status"] == "ok" else 503)
 
 

@@ -1,4 +1,4 @@
-"""`rtprop web` and `rtprop users add|token|disable`: registered on the CLI group in pipeline/cli.py.
+"""`rtprop web` and `rtprop users add|token|password|disable`: registered on the CLI group in pipeline/cli.py.
 
 Only click, the configuration and the shared options are imported here at module level; the app itself is imported
 when a command runs, so `rtprop --help` stays fast.
@@ -78,7 +78,7 @@ def web(config_path: Path | None, storage: Path | None, http_port: int | None, h
 
 @click.group()
 def users() -> None:
-    """Web app users (in the node's database): add, API token, disable."""
+    """Web app users (in the node's database): add, API token, new password, disable."""
 
 
 def _audit(factory, event: str, **details: Any) -> None:  # type: ignore[no-untyped-def]
@@ -148,8 +148,30 @@ def users_disable(name: str, config_path: Path | None, storage: Path | None) -> 
     factory = _factory(load(config_path, storage))
     try:
         with transaction(factory) as session:
-            revoked = disable_user(session, name)
+            revoked, ended = disable_user(session, name)
     except AuthError as exc:
         raise click.UsageError(str(exc)) from exc
-    _audit(factory, "user.disabled", user=name, tokens_revoked=revoked)
-    click.echo(f"user {name} disabled ({revoked} token(s) revoked)")
+    _audit(factory, "user.disabled", user=name, tokens_revoked=revoked, sessions_ended=ended)
+    click.echo(f"user {name} disabled ({revoked} token(s) revoked, {ended} session(s) ended)")
+
+
+@users.command("password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input (else prompted).")
+@config_option
+@storage_option
+def users_password(name: str, password_stdin: bool, config_path: Path | None, storage: Path | None) -> None:
+    """Give NAME a new password (12 characters or more, not a common one); its open sessions end."""
+    from db.engine import transaction
+    from web.auth import AuthError, set_password
+
+    password = sys.stdin.readline().rstrip("\r\n") if password_stdin else \
+        click.prompt("new password", hide_input=True, confirmation_prompt=True)
+    factory = _factory(load(config_path, storage))
+    try:
+        with transaction(factory) as session:
+            ended = set_password(session, name, password)
+    except AuthError as exc:
+        raise click.UsageError(str(exc)) from exc
+    _audit(factory, "user.password_changed", user=name, sessions_ended=ended)
+    click.echo(f"user {name}: new password set ({ended} session(s) ended)")

@@ -100,6 +100,8 @@ class Refusals:
             self._recent.append((now, reason, address))
             last, since = self._audited.get((address, reason), (-audit_every_s, 0))
             if now - last >= audit_every_s:
+                if len(self._audited) > 10000:  # many addresses over time: forget the quiet ones
+                    self._audited = {k: v for k, v in self._audited.items() if now - v[0] < audit_every_s}
                 self._audited[(address, reason)] = (now, 0)
                 return since + 1
             self._audited[(address, reason)] = (last, since + 1)
@@ -173,7 +175,7 @@ class Gate:
                           answer=_abort(*ABORT_INVALID_VALUE)) from exc
         allowed = self.limits.allowed_calling_aes
         if allowed and calling not in allowed:
-            raise Refused("calling_ae_not_allowed", f"calling AE {printable(calling)!s} is not in "
+            raise Refused("calling_ae_not_allowed", f"calling AE {calling} is not in "
                           "node.allowed_calling_aes", answer=_reject(*REJECT_CALLING_AE),
                           audit_event="association.rejected", calling_ae=calling, called_ae=called)
 

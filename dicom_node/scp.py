@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 from typing import Any, Callable
 
@@ -49,6 +50,7 @@ from dicom_node.tls import server_context
 LOG = logging.getLogger("rtprop.node.scp")
 
 STORAGE_CLASSES = (CTImageStorage, MRImageStorage, RTStructureSetStorage)
+NETWORK_TIMEOUT_S = 60.0  # idle association; also the longest silence in the middle of a PDU (dicom_node/gate.py)
 # Enhanced MR Image Storage (1.2.840.10008.5.1.4.1.1.4.1) is NOT accepted: the converters read
 # single-frame images only, so an Enhanced MR would be stored and then fail in the pipeline.
 
@@ -178,7 +180,7 @@ def build_handlers(config: Config, store: Store, gate: Gate,
     def handle_rejected(event: evt.Event) -> None:
         source, diagnostic = getattr(event.assoc, "rtprop_reject", (0, 0))
         reason = REJECT_REASONS.get((source, diagnostic), f"rejected_{source}_{diagnostic}")
-        gate.record(_peer(event), Refused(reason, f"association from calling AE {printable(_calling_ae(event))} "
+        gate.record(_peer(event), Refused(reason, f"association from calling AE {_calling_ae(event)} "
                                           f"rejected ({reason})", audit_event="association.rejected",
                                           calling_ae=_calling_ae(event),
                                           called_ae=str(event.assoc.acceptor.ae_title).strip()))
@@ -216,9 +218,6 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-NETWORK_TIMEOUT_S = 60.0
-
-
 def gate_limits(config: Config) -> GateLimits:
     node = config.node
     return GateLimits(request_timeout_s=node.association_request_timeout_s,
@@ -251,19 +250,16 @@ class AssociationServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        first_pdu = self.gate.admit(request, client_address)
-        if first_pdu is None:
-            return
         try:
-            GatedRequestHandler(request, client_address, self, first_pdu)
+            first_pdu = self.gate.admit(request, client_address)  # None: refused, answered and closed
+            if first_pdu is not None:
+                GatedRequestHandler(request, client_address, self, first_pdu)
         except Exception:  # noqa: BLE001
             self.handle_error(request, client_address)
             self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         """One log line, not socketserver's traceback on stderr."""
-        import sys
-
         exc = sys.exc_info()[1]
         LOG.error("connection from %s failed: %s", client_address[0], printable(f"{type(exc).__name__}: {exc}", 240))
 

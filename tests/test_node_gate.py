@@ -10,7 +10,6 @@ import re
 import shutil
 import socket
 import stat
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,66 +19,17 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node_helpers import NodeProcess, free_port, storescu, wait_for
+from node_helpers import ATTACKER, HalfOpen, NodeProcess, free_port, storescu, wait_for
 from pipeline_helpers import STS_CT
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
-ATTACKER = "127.0.0.2"
 REQUEST_TIMEOUT_S = 10.0  # node.association_request_timeout_s (its default): the trickle outlasts it
-FIRST_BYTES = bytes([0x01, 0x00, 0x00, 0x00, 0x01, 0x00])  # A-ASSOCIATE-RQ header promising 256 bytes
 
 
 def gate_config() -> dict:
     """Keys that older releases know too, so these tests run (and fail) against the code before issue 22."""
     return {"node": {"series_quiet_period_s": 1}, "storage": {"fsync": False}, "pipeline": {"poll_interval_s": 0.2},
             "web": {"heartbeat_interval_s": 0.5, "health_worker_max_age_s": 60}}
-
-
-class HalfOpen:
-    """`count` connections from ATTACKER, each sent the first 6 bytes of an A-ASSOCIATE-RQ, then one byte every
-    `every_s`; a connection the node closes is opened again, so `count` stay open for as long as this runs."""
-
-    def __init__(self, port: int, count: int = 12, every_s: float = 2.0) -> None:
-        self.port, self.count, self.every_s = port, count, every_s
-        self.stop = threading.Event()
-        self.opened = 0
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def open(self) -> socket.socket | None:
-        s = socket.socket()
-        s.bind((ATTACKER, 0))
-        try:
-            s.connect(("127.0.0.1", self.port))
-            s.sendall(FIRST_BYTES)
-            self.opened += 1
-            return s
-        except OSError:
-            s.close()
-            return None
-
-    def run(self) -> None:
-        socks: list[socket.socket] = []
-        while not self.stop.is_set():
-            alive = []
-            for s in socks:
-                try:
-                    s.send(b"\x00")
-                    alive.append(s)
-                except OSError:
-                    s.close()
-            socks = alive + [s for s in (self.open() for _ in range(self.count - len(alive))) if s is not None]
-            self.stop.wait(self.every_s)
-        for s in socks:
-            s.close()
-
-    def __enter__(self) -> "HalfOpen":
-        self.thread.start()
-        wait_for(lambda: self.opened >= self.count, 10, what="the half-open connections")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 def http_json(port: int, path: str) -> tuple[int, dict]:

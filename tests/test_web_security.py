@@ -230,7 +230,8 @@ def test_the_pages_work_under_the_content_security_policy_in_a_browser(site):
         page.fill("input[name=password]", PASSWORDS["vic"])
         page.click("button[type=submit]")
         page.wait_for_url(f"**/jobs/{job}/review")
-        page.wait_for_function("document.getElementById('slice-img').naturalWidth > 0")
+        wait_for(lambda: page.evaluate("document.getElementById('slice-img').naturalWidth > 0"), 20,
+                 what="the slice image")  # not wait_for_function: Playwright polls it with eval, which CSP forbids
         swatch = page.eval_on_selector(".decisions .sw", "e => getComputedStyle(e).backgroundColor")
         width = page.eval_on_selector("#slider", "e => e.getBoundingClientRect().width")
         image_width = page.eval_on_selector("#slice-img", "e => e.getBoundingClientRect().width")

@@ -31,7 +31,7 @@ def units_per_s(location, head: Path, count: int) -> dict:  # type: ignore[no-un
     from db.instances import NewInstance, record_instance
     from db.schema import utcnow
 
-    factory = open_database(location, head_path=head, key_path=head.with_suffix(".key"))
+    factory = open_database(location, head_path=head)
     times = []
     for i in range(count):
         new = NewInstance(sop_instance_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",

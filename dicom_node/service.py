@@ -39,9 +39,9 @@ def serve_forever(config: Config, stop: threading.Event | None = None) -> None:
     """Run the node until `stop` is set or SIGTERM/SIGINT arrives (storage paths already resolved)."""
     stop = stop or threading.Event()
     st = config.storage
-    for folder in (st.root, st.archive, st.quarantine, st.outbox):
-        Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(st.root).mkdir(parents=True, exist_ok=True)
     for folder in (st.archive, st.quarantine, st.outbox):  # patient data: the node's user only (docs/conformance.md)
+        Path(folder).mkdir(mode=0o700, parents=True, exist_ok=True)
         restrict(Path(folder), 0o700)
     factory = open_configured(config)
     removed = recover(st)

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.schema import StorageConfig
 from converters.files import TEMP_PREFIX, fsync_dir, temp_name, temp_writer, write_atomic
 from db.audit import hash_patient_id, record, site_key
-from db.engine import ensure_reserve, is_unavailable, transaction, write_with_reserve
+from db.engine import ensure_reserve, is_unavailable, restrict, transaction, write_with_reserve
 from db.instances import NewInstance, record_instance
 from db.schema import utcnow
 
@@ -187,8 +187,9 @@ class Store:
         self.archive = Path(storage.archive)
         self.quarantine_dir = Path(storage.quarantine)
         self.min_free_bytes = int(storage.min_free_mb) * 1024 * 1024
-        self.archive.mkdir(parents=True, exist_ok=True)
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.archive, self.quarantine_dir):  # patient data: the node's user only
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            restrict(folder, 0o700)
         self._known_dirs: set[Path] = set()
         self.me = f"{socket.gethostname()}:{os.getpid()}"  # in each instance.received row (several receivers)
 

@@ -90,7 +90,6 @@ checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path)
 def cli(verbose: int) -> None:
     """rtprop: propagate a prompt drawn on a few slices through a CT/MR volume and return an RTSTRUCT."""
     log_to_stderr(logging.WARNING)
-    os.umask(0o077)  # files rtprop makes (database, keys, archive, quarantine, results): 0600, folders 0700
     if verbose:
         logging.getLogger("rtprop").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
 

@@ -206,8 +206,15 @@ def test_refusals_and_bad_pdus_are_one_escaped_log_line_each(tmp_path):
     assert len([ln for ln in lines if "pynetdicom" in ln]) <= 1, lines
 
 
+def open_to_others(path: Path, root: Path) -> bool:
+    """Could another user (group or other) read `path`: its own mode and every folder below `root` open?"""
+    folders = [p for p in path.parents if p != root and root in p.parents]
+    return bool(path.stat().st_mode & 0o044) and all(p.stat().st_mode & 0o011 for p in folders)
+
+
 def test_the_nodes_own_files_are_for_its_user_only(tmp_path):
-    """Fails on the code before issue 22: database, archive and quarantine were made 0644/0755."""
+    """Fails on the code before issue 22: database, archive and quarantine were open to every user (0644/0755).
+    Results for a TPS import share (drop-in outbox, `rtprop propagate --out`) still follow the umask."""
     node = NodeProcess(tmp_path / "node", config=gate_config(), allow=["TPS"])
     ct = sorted((STS_CT / "image").iterdir())[:2]
     bad = tmp_path / "bad.dcm"
@@ -221,10 +228,8 @@ def test_the_nodes_own_files_are_for_its_user_only(tmp_path):
         wait_for(lambda: any(p.is_file() for p in (node.storage / "quarantine").rglob("*")), 10, what="quarantine")
     storage = node.storage
     files = [p for p in storage.rglob("*") if p.is_file()]
-    folders = [p for p in storage.rglob("*") if p.is_dir()]
-    loose = [f"{p.relative_to(storage)} {stat.filemode(p.stat().st_mode)}" for p in files if p.stat().st_mode & 0o077]
-    loose += [f"{p.relative_to(storage)} {stat.filemode(p.stat().st_mode)}" for p in folders
-              if p.stat().st_mode & 0o077]
-    assert not loose, loose
+    open_ = [f"{p.relative_to(storage)} {stat.filemode(p.stat().st_mode)}" for p in files if open_to_others(p, storage)]
+    assert not open_, open_
     assert {p.name for p in files} >= {"rtprop.sqlite", "rtprop.sqlite.key"}
     assert [p for p in files if "quarantine" in p.parts and p.suffix == ".dcm"]
+    assert [p for p in files if "archive" in p.parts and p.suffix == ".dcm"]

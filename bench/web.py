@@ -84,10 +84,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rtprop-bench-web-") as tmp:
         root = Path(tmp)
         storage, job_id, (z0, z1) = build_site(root, args.slices)
-        add_user(storage, "bench", "reviewer", "bench-pass-1")
+        add_user(storage, "bench", "reviewer", "slices-and-contours-1")
         with WebProcess(root, storage) as web:
             client = Client(web.url)
-            assert client.login("bench", "bench-pass-1") == 303
+            assert client.login("bench", "slices-and-contours-1") == 303
             t = time.perf_counter()
             status, _, page = client.get(f"/jobs/{job_id}/review")
             first_page_s = time.perf_counter() - t  # decodes the series (cold cache)

@@ -27,8 +27,8 @@ from cli.params import ISO_DATE, REGEX, config_option, emit, storage_option
 from config.errors import UserError
 from config.schema import Config
 from models import backends
-from pipeline.compute import LOG_FORMAT
 from pipeline.jobs import STATES
+from pipeline.logline import log_to_stderr
 
 log = logging.getLogger("rtprop")
 
@@ -63,7 +63,7 @@ checkpoint_option = click.option("--checkpoint", type=click.Path(path_type=Path)
 @click.version_option(package_name="rtprop")
 def cli(verbose: int) -> None:
     """rtprop: propagate a prompt drawn on a few slices through a CT/MR volume and return an RTSTRUCT."""
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    log_to_stderr(logging.WARNING)
     if verbose:
         logging.getLogger("rtprop").setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
 

@@ -1,4 +1,4 @@
-"""`rtprop web` and `rtprop users add|token|disable`: registered on the CLI group in cli/main.py.
+"""`rtprop web` and `rtprop users add|token|password|disable`: registered on the CLI group in cli/main.py.
 
 Only click, the configuration and the shared options are imported here at module level; the app itself is imported
 when a command runs, so `rtprop --help` stays fast.
@@ -19,23 +19,20 @@ from config.schema import Config
 
 
 def process_name(kind: str) -> str:
-    from dicom_node.scu import worker_id
+    from dicom_node.scu import process_name as name
 
-    return f"{worker_id()}#{kind}"
+    return name(kind)
 
 
 def start_web_and_heartbeats(factory, config: Config, stop, workers: list, node: bool = True) -> list:  # type: ignore[no-untyped-def]
-    """For `rtprop serve` (node=True) and `rtprop worker`: heartbeat rows for /health and the dashboard
-    (node: its SCP address; worker: while its worker threads live), and the web app in a thread of the
-    node when web.port is set. Returns the threads to join at shutdown (the heartbeats then mark their
-    rows stopped: a cleanly stopped process is not shown, nor counted, as running)."""
+    """For `rtprop serve` (node=True) and `rtprop worker`: the worker heartbeat row for /health and the
+    dashboard (while its worker threads live; the node's own is written by dicom_node/service.py), and the
+    web app in a thread of the node when web.port is set. Returns the threads to join at shutdown (the
+    heartbeats then mark their rows stopped: a cleanly stopped process is not shown, nor counted, as running)."""
     from db.heartbeat import start_heartbeat
 
     every = config.web.heartbeat_interval_s
     threads = []
-    if node:
-        threads.append(start_heartbeat(factory, process_name("node"), "node", stop, interval_s=every, details={
-            "ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port}))
     workers = [t for t in workers if t.name.startswith("rtprop-worker")]
     if workers:
         threads.append(start_heartbeat(factory, process_name("worker"), "worker", stop, interval_s=every,
@@ -65,7 +62,7 @@ def web(config_path: Path | None, storage: Path | None, http_port: int | None, h
 
 @click.group()
 def users() -> None:
-    """Web app users (in the node's database): add, API token, disable."""
+    """Web app users (in the node's database): add, API token, new password, disable."""
 
 
 def _audit(factory, event: str, **details: Any) -> None:  # type: ignore[no-untyped-def]
@@ -138,8 +135,30 @@ def users_disable(name: str, config_path: Path | None, storage: Path | None) -> 
     factory = open_node(load(config_path, storage))
     try:
         with transaction(factory) as session:
-            revoked = disable_user(session, name)
+            revoked, ended = disable_user(session, name)
     except AuthError as exc:
         raise click.UsageError(str(exc)) from exc
-    _audit(factory, "user.disabled", user=name, tokens_revoked=revoked)
-    click.echo(f"user {name} disabled ({revoked} token(s) revoked)")
+    _audit(factory, "user.disabled", user=name, tokens_revoked=revoked, sessions_ended=ended)
+    click.echo(f"user {name} disabled ({revoked} token(s) revoked, {ended} session(s) ended)")
+
+
+@users.command("password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input (else prompted).")
+@config_option
+@storage_option
+def users_password(name: str, password_stdin: bool, config_path: Path | None, storage: Path | None) -> None:
+    """Give NAME a new password (12 characters or more, not a common one); its open sessions end."""
+    from db.engine import transaction
+    from web.auth import AuthError, set_password
+
+    password = sys.stdin.readline().rstrip("\r\n") if password_stdin else \
+        click.prompt("new password", hide_input=True, confirmation_prompt=True)
+    factory = open_node(load(config_path, storage))
+    try:
+        with transaction(factory) as session:
+            ended = set_password(session, name, password)
+    except AuthError as exc:
+        raise click.UsageError(str(exc)) from exc
+    _audit(factory, "user.password_changed", user=name, sessions_ended=ended)
+    click.echo(f"user {name}: new password set ({ended} session(s) ended)")

@@ -131,9 +131,10 @@ def resolve_storage(config: Config) -> Config:
     def under_root(p: Path) -> Path:
         return p if p.is_absolute() else root / p
 
+    key = config.storage.pseudonym_key_file
     config.storage = config.storage.model_copy(update={
-        "root": root, **{name: under_root(getattr(config.storage, name))
-                         for name in ("archive", "quarantine", "outbox", "database")}})
+        "root": root, "pseudonym_key_file": None if key is None else under_root(key),
+        **{name: under_root(getattr(config.storage, name)) for name in ("archive", "quarantine", "outbox", "database")}})
     config.dropin = config.dropin.model_copy(update={
         name: under_root(getattr(config.dropin, name)) for name in ("inbox", "done", "quarantine", "outbox")})
     config.batch = config.batch.model_copy(update={"out": under_root(config.batch.out)})

@@ -23,6 +23,11 @@ class StorageConfig(Section):
     min_free_mb: int = Field(500, ge=0, description="refuse C-STORE (0xA700) below this free space")
     fsync: bool = Field(True, description="fsync each received file and its folder before answering 0x0000 "
                         "(off: faster, but a power cut may lose instances already acknowledged)")
+    pseudonym_key_file: Path | None = Field(
+        None, description="the site's secret key (32 random bytes, created mode 0600 on first start) for the keyed "
+        "hash (HMAC-SHA256) that stands for a Patient ID in the audit and the tables; kept outside the database "
+        "and backed up apart from it; null = beside the SQLite file (<database>.key), or under the storage root "
+        "(rtprop-postgresql.key) with database.url")
 
 
 class DatabaseConfig(Section):
@@ -69,7 +74,19 @@ class NodeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=1, le=65535)
     allowed_calling_aes: list[str] = Field(default_factory=list, description="empty = accept any")
-    max_associations: int = Field(10, ge=1)
+    max_associations: int = Field(10, ge=1, description="associations open at once (A-ASSOCIATE-RQ complete); "
+                                  "connections still sending their request do not count")
+    association_request_timeout_s: float = Field(
+        10.0, gt=0, description="ARTIM (PS3.8 9.1.5): a new connection must deliver its whole A-ASSOCIATE-RQ (TLS "
+        "handshake included) within this many seconds of being accepted, however its bytes are paced, else it is "
+        "closed")
+    max_pending_per_address: int = Field(4, ge=1, description="connections from one peer address whose "
+                                         "A-ASSOCIATE-RQ is not yet complete; more are closed at once")
+    max_association_request_bytes: int = Field(262144, ge=1024, description="an A-ASSOCIATE-RQ whose header "
+                                               "declares more is refused before its body is read")
+    max_pdu_bytes: int = Field(4194304, ge=4096, lt=2**32, description="Maximum Length Received we negotiate "
+                               "(P-DATA-TF); a PDU whose header declares more aborts the association before its "
+                               "body is read")
     reuse_port: bool = Field(False, description="listen with SO_REUSEPORT so that several `rtprop serve` processes "
                              "on this machine share node.port (needs database.url: they share one database)")
     series_quiet_period_s: float = Field(10.0, ge=0)
@@ -305,16 +322,23 @@ class WebConfig(Section):
     forwarded_allow_ips: str = Field("127.0.0.1", description="reverse proxies trusted for X-Forwarded-For/-Proto")
     session_secret_file: Path = Field(Path("web-session.key"), description="key signing session cookies; created "
                                       "(mode 0600) under the storage root on first start")
-    session_max_age_s: int = Field(12 * 3600, gt=0, description="a login lasts this long")
+    session_max_age_s: int = Field(12 * 3600, gt=0, description="a login lasts at most this long")
+    session_idle_timeout_s: int = Field(1800, gt=0, description="a session unused this long ends (the dashboard's "
+                                        "own 5 s refreshes do not count as use)")
     metrics_require_login: bool = Field(False, description="put GET /metrics behind login (a Bearer API token "
                                         "works for Prometheus)")
-    login_max_failures: int = Field(5, ge=1, description="failed logins (per user name and per client address) "
-                                    "before further tries are refused for login_lockout_s")
+    login_max_failures: int = Field(5, ge=1, description="failed logins for one user name from one client address "
+                                    "(4 times as many for one address, any names) before further tries from there "
+                                    "are refused for login_lockout_s")
     login_lockout_s: float = Field(60.0, gt=0)
     health_worker_max_age_s: float = Field(30.0, gt=0, description="/health: a worker heartbeat must be younger")
+    health_node_max_age_s: float = Field(30.0, gt=0, description="/health: a node (SCP) heartbeat must be younger")
+    health_refusals_window_s: float = Field(300.0, gt=0, description="/health is degraded while the node refused "
+                                            "a connection or association within this many seconds")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="node and worker processes write a heartbeat row "
                                         "this often (table heartbeats)")
-    health_echo_timeout_s: float = Field(3.0, gt=0, description="/health: C-ECHO to the node's SCP times out after")
+    health_echo_timeout_s: float = Field(3.0, gt=0, description="not used any more (/health reads heartbeats, it "
+                                         "opens no association); still accepted so older files load")
     volume_cache_series: int = Field(2, ge=1, description="decoded series kept in memory for the review pages")
     audit_verify_interval_s: float = Field(300.0, gt=0, description="/metrics: the audit chain is re-verified at "
                                            "most this often (it walks every row)")

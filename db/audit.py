@@ -1,6 +1,13 @@
 """The audit log: append-only rows, each carrying the hash of the previous one (tamper-evident).
 
-Rows carry UIDs, AE titles and an unsalted SHA-256 of the Patient ID, never patient names.
+Rows carry UIDs, AE titles and a pseudonym of the Patient ID, never patient names. The pseudonym is
+a keyed hash (HMAC-SHA256) with the site's secret key, a file outside the database
+(`storage.pseudonym_key_file`, mode 0600, made on first start; `open_site_key`): without the key a
+7-digit MRN cannot be found by trying every number, as it could from the unsalted SHA-256 that rows
+written before revision 0006_i22 carry. Those rows keep it (rewriting them would break the chain);
+`query` by Patient ID finds both kinds. Losing the key loses nothing recorded, but new rows of a
+patient could no longer be matched with older ones: a database whose key file is missing or
+different is refused at start, naming the file.
 
 The chain's head (id and hash of the last row) is also kept OUTSIDE the table, in the head anchor
 file beside the database (`<db>.audit-head`, rewritten in place and fsynced after every commit that
@@ -13,9 +20,11 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +33,8 @@ from typing import Any, Iterable, TextIO
 from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.schema import AuditEntry, utcnow
+from config.errors import UserError
+from db.schema import AuditEntry, SiteSetting, utcnow
 
 LOG = logging.getLogger("rtprop.db.audit")
 HEAD_BYTES = 256  # the anchor is one fixed-size record, overwritten in place (no new blocks on a full disk)
@@ -35,11 +45,64 @@ CHAINED_FIELDS = ("at", "event", "component", "job_id", "study_instance_uid", "s
                   "sop_instance_uid", "calling_ae", "patient_id_hash", "details", "prev_hash")
 
 
-def hash_patient_id(patient_id: str | None) -> str:
-    """Stable pseudonym for queries by patient without storing the ID itself."""
+KEY_SETTING = "pseudonym_key_sha256"  # site_settings: the SHA-256 of the key (the key stays outside)
+
+
+class SiteKeyError(UserError):
+    """The site's pseudonym key file is missing or is not the one this database was used with."""
+
+
+def pseudonym(key: bytes, text: str) -> str:
+    """HMAC-SHA256 of `text` with the site's key, hex: the same text gives the same pseudonym on this site only."""
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def hash_patient_id(patient_id: str | None, key: bytes) -> str:
+    """Stable pseudonym of a Patient ID (keyed with the site's key) for queries by patient; "" for no ID."""
     if not patient_id:
         return ""
+    return pseudonym(key, patient_id.strip())
+
+
+def legacy_patient_hash(patient_id: str) -> str:
+    """The unsalted SHA-256 that rows written before revision 0006_i22 carry instead of the pseudonym."""
     return hashlib.sha256(patient_id.strip().encode("utf-8")).hexdigest()
+
+
+def site_key(holder: Session | sessionmaker[Session]) -> bytes:
+    """The pseudonym key of the database a session or session factory opens (set by `open_site_key`)."""
+    info = holder.info if isinstance(holder, Session) else holder.kw["info"]
+    return info["pseudonym_key"]
+
+
+def open_site_key(session: Session, path: Path) -> bytes:
+    """The site's key from `path` (inside the caller's write transaction), made (32 random bytes, mode 0600)
+    when neither it nor a record of it exists; `SiteKeyError` when the database knows a key and the file is
+    missing or holds another."""
+    path = Path(path)
+    known = session.get(SiteSetting, KEY_SETTING)
+    if path.exists():
+        key = path.read_bytes()
+        if known is not None and hashlib.sha256(key).hexdigest() != known.value:
+            raise SiteKeyError(f"pseudonym key {path} is not the key this database was used with: restore the "
+                               "right file (storage.pseudonym_key_file) from the backup")
+    elif known is not None:
+        raise SiteKeyError(f"pseudonym key {path} is missing, and this database has used one: restore it from the "
+                           "backup (storage.pseudonym_key_file); a new key would make every patient's earlier "
+                           "rows unfindable by Patient ID")
+    else:
+        key = secrets.token_bytes(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+            fh.flush()
+            os.fsync(fh.fileno())
+    if known is None:
+        session.add(SiteSetting(name=KEY_SETTING, value=hashlib.sha256(key).hexdigest()))
+    if path.stat().st_mode & 0o077:
+        LOG.warning("%s is readable by others: chmod 600 it", path)
+    return key
 
 
 def _row_hash(values: dict[str, Any]) -> str:
@@ -112,7 +175,7 @@ def read_head(path: Path) -> Head | None:
 def write_head(path: Path, head: Head, *, fsync: bool = True) -> None:
     """Move the anchor forward to `head` (never back: concurrent writers commit in any order)."""
     path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         current = os.pread(fd, HEAD_BYTES, 0).rstrip(b"\0 \n")
@@ -235,8 +298,9 @@ def query(session: Session, *, since: datetime | None = None, until: datetime | 
         stmt = stmt.where(AuditEntry.study_instance_uid == study_instance_uid)
     if calling_ae:
         stmt = stmt.where(AuditEntry.calling_ae == calling_ae)
-    if patient_id:
-        stmt = stmt.where(AuditEntry.patient_id_hash == hash_patient_id(patient_id))
+    if patient_id:  # the pseudonym, or the unsalted hash of rows older than revision 0006_i22
+        stmt = stmt.where(AuditEntry.patient_id_hash.in_(
+            (hash_patient_id(patient_id, site_key(session)), legacy_patient_hash(patient_id))))
     return list(session.execute(stmt).scalars())
 
 

@@ -59,6 +59,9 @@ def make_engine(location: Path | str) -> Engine:
         return _postgres_engine(str(location))
     path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # it holds password hashes: the node's user only
+    for own in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        restrict(own)  # made by an earlier release; SQLite gives -wal/-shm the database file's mode
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
 
     @event.listens_for(engine, "connect")
@@ -81,6 +84,18 @@ def make_engine(location: Path | str) -> Engine:
             conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def restrict(path: Path, mode: int = 0o600) -> None:
+    """Take group and other permissions off a file or folder of the node's own that an earlier release made
+    open to them (new ones are made so); logged once when changed."""
+    try:
+        current = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return
+    if current & 0o077:
+        os.chmod(path, mode)
+        LOG.warning("%s was mode %03o: now %03o (the node's own files are not for other users)", path, current, mode)
 
 
 def _postgres_engine(url: str) -> Engine:
@@ -141,12 +156,15 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-def open_database(location: Path | str, *, head_path: Path | str | None = None) -> sessionmaker[Session]:
-    """Engine + migrations + the audit head anchor + the disk reserve: what every process calls once.
+def open_database(location: Path | str, *, head_path: Path | str | None = None,
+                  key_path: Path | str | None = None) -> sessionmaker[Session]:
+    """Engine + migrations + the audit head anchor + the site's pseudonym key + the disk reserve: what every
+    process calls once.
 
     `location`: the SQLite file, or a PostgreSQL URL. `head_path`: the audit chain's head anchor
     (default: beside the SQLite file, `<name>.audit-head`; required with a URL: under the shared
-    storage root, see `open_configured`).
+    storage root, see `open_configured`). `key_path`: the pseudonym key (db/audit.py), by default
+    beside the anchor (`<name>.key`).
     """
     from db import audit
 
@@ -161,10 +179,12 @@ def open_database(location: Path | str, *, head_path: Path | str | None = None) 
         path = Path(location)
         head = Path(head_path) if head_path is not None else path.with_name(path.name + ".audit-head")
         reserve = path.with_name(path.name + ".reserve")
+    key = Path(key_path) if key_path is not None else head.with_name(head.name.removesuffix(".audit-head") + ".key")
     factory = sessionmaker(engine, expire_on_commit=False, info={"audit_head": head, "reserve": reserve})
     audit.attach_head(factory)
     with transaction(factory) as session:
         audit.anchor_upgraded(session, before)
+        factory.kw["info"]["pseudonym_key"] = audit.open_site_key(session, key)
     ensure_reserve(factory)
     return factory
 
@@ -179,11 +199,13 @@ def database_location(config) -> Path | str:  # type: ignore[no-untyped-def]
 
 def open_configured(config) -> sessionmaker[Session]:  # type: ignore[no-untyped-def]
     """The database of a (storage-resolved) configuration, as every process opens it."""
+    key = config.storage.pseudonym_key_file  # None: beside the head anchor
     if config.database.url:
         Path(config.storage.root).mkdir(parents=True, exist_ok=True)  # the anchor's folder, on the shared storage
-        factory = open_database(config.database.url, head_path=Path(config.storage.root) / POSTGRES_HEAD)
+        factory = open_database(config.database.url, head_path=Path(config.storage.root) / POSTGRES_HEAD,
+                                key_path=key)
     else:
-        factory = open_database(config.storage.database)
+        factory = open_database(config.storage.database, key_path=key)
     return factory
 
 
@@ -220,7 +242,7 @@ def ensure_reserve(factory: sessionmaker[Session], size_mb: int = RESERVE_MB) ->
     try:
         if reserve.exists() and reserve.stat().st_size >= size_mb << 20:
             return True
-        with open(reserve, "wb") as fh:
+        with os.fdopen(os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
             os.posix_fallocate(fh.fileno(), 0, size_mb << 20)
         return True
     except OSError:

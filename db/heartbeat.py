@@ -43,15 +43,16 @@ def mark_stopped(factory: sessionmaker[Session], process: str) -> None:
 
 
 def start_heartbeat(factory: sessionmaker[Session], process: str, kind: str, stop: threading.Event, *,
-                    interval_s: float, details: dict[str, Any] | None = None,
+                    interval_s: float, details: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
                     alive: Callable[[], bool] | None = None) -> threading.Thread:
-    """A daemon thread beating every `interval_s` while `alive()` (e.g. the worker threads) holds; when `stop`
-    is set it marks the row stopped and ends (join it so the mark is written before the process exits)."""
+    """A daemon thread beating every `interval_s` while `alive()` (e.g. the worker threads) holds; `details`
+    may be a function, called at each beat (the node's counts of refused connections). When `stop` is set it
+    marks the row stopped and ends (join it so the mark is written before the process exits)."""
     def run() -> None:
         while not stop.is_set():
             if alive is None or alive():
                 try:
-                    beat(factory, process, kind, details)
+                    beat(factory, process, kind, details() if callable(details) else details)
                 except Exception as exc:  # noqa: BLE001 - a busy database must not kill the process
                     log_fault(LOG, f"heartbeat of {process}", exc)
             stop.wait(interval_s)

@@ -176,6 +176,31 @@ class ApiToken(Base):
     revoked: Mapped[bool] = mapped_column(default=False)
 
 
+class WebSession(Base):
+    """A login to the web app (revision 0006_i22). The cookie carries a random id, only its SHA-256 is kept,
+    so the server can end a session (logout, `users disable`, a new password); web/sessions.py also ends it
+    after web.session_idle_timeout_s unused or web.session_max_age_s in all."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    client: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    end_reason: Mapped[str] = mapped_column(String(16), default="")  # logout | disabled | password
+
+
+class SiteSetting(Base):
+    """A fact about this site the database must remember (revision 0006_i22), e.g. the SHA-256 of the
+    pseudonym key, whose secret itself stays outside the database."""
+
+    __tablename__ = "site_settings"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 class Heartbeat(Base):
     """One row per running process (node, worker, web): refreshed every web.heartbeat_interval_s."""
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
+import sys
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from pydicom import Dataset
 from pydicom.pixels import get_decoder
@@ -31,6 +31,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config as pynetdicom_config, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (
     CTImageStorage,
     MRImageStorage,
@@ -42,12 +43,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 from config.schema import Config
 from db.audit import record
 from db.engine import transaction
+from dicom_node.gate import Gate, GatedRequestHandler, GateLimits, Refused, printable
 from dicom_node.storage import Received, Store
 from dicom_node.tls import server_context
 
 LOG = logging.getLogger("rtprop.node.scp")
 
 STORAGE_CLASSES = (CTImageStorage, MRImageStorage, RTStructureSetStorage)
+NETWORK_TIMEOUT_S = 60.0  # idle association; also the longest silence in the middle of a PDU (dicom_node/gate.py)
 # Enhanced MR Image Storage (1.2.840.10008.5.1.4.1.1.4.1) is NOT accepted: the converters read
 # single-frame images only, so an Enhanced MR would be stored and then fail in the pipeline.
 
@@ -111,9 +114,14 @@ def _peer(event: evt.Event) -> str:
     return f"{info.address}:{info.port}"
 
 
-def build_handlers(config: Config, store: Store,
+# A-ASSOCIATE-RJ (source, reason) -> the refusal's key in the node's counts (PS3.8 table 9-21)
+REJECT_REASONS = {(3, 2): "local_limit", (3, 1): "congestion", (1, 3): "calling_ae_not_allowed",
+                  (1, 7): "called_ae_not_recognised", (2, 2): "protocol_version", (1, 2): "application_context"}
+
+
+def build_handlers(config: Config, store: Store, gate: Gate,
                    on_release: Callable[[set[str]], None] | None = None) -> list[tuple]:
-    """Event handlers for the server: connection tuning, C-STORE, release hint, rejection audit."""
+    """Event handlers for the server: connection tuning, C-STORE, release hint, rejection and abort audit."""
     seen = _AssociationSeries()
     factory = store.factory
 
@@ -127,7 +135,7 @@ def build_handlers(config: Config, store: Store,
         try:
             raw = event.encoded_dataset()
         except Exception as exc:  # nothing to keep: answer and go on
-            LOG.error("C-STORE without a usable data set: %s", exc)
+            LOG.error("C-STORE without a usable data set: %s", printable(exc, 200))
             return 0xC000
         received = Received(
             calling_ae=_calling_ae(event), peer_address=_peer(event),
@@ -145,13 +153,13 @@ def build_handlers(config: Config, store: Store,
             return rsp
         return 0x0000
 
-    def audit_end(event: evt.Event, how: str, series: set[str], stored: int) -> None:
+    def audit_end(event: evt.Event, how: str, series: set[str], stored: int, **more: Any) -> None:
         try:
             with transaction(factory) as session:
                 record(session, f"association.{how}", component="dicom_node", calling_ae=_calling_ae(event),
-                       peer_address=_peer(event), instances_stored=stored, series=sorted(series)[:20])
-        except Exception:  # noqa: BLE001 - the instances themselves are recorded already
-            LOG.exception("audit of the association's end failed")
+                       peer_address=_peer(event), instances_stored=stored, series=sorted(series)[:20], **more)
+        except Exception as exc:  # noqa: BLE001 - the instances themselves are recorded already
+            LOG.error("audit of the association's end failed: %s", printable(exc, 200))
 
     def handle_released(event: evt.Event) -> None:
         series, stored = seen.pop(id(event.assoc))
@@ -161,22 +169,28 @@ def build_handlers(config: Config, store: Store,
 
     def handle_aborted(event: evt.Event) -> None:
         series, stored = seen.pop(id(event.assoc))  # an aborted transfer may be incomplete: the quiet period decides
-        audit_end(event, "aborted", series, stored)
+        refusal = getattr(event.assoc.dul.socket, "refusal", None)  # set by GatedSocket when it cut the PDU
+        audit_end(event, "aborted", series, stored, **({"reason": refusal.reason} if refusal else {}))
+
+    def handle_acse_sent(event: evt.Event) -> None:
+        primitive = event.primitive
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (1, 2):  # our A-ASSOCIATE-RJ: why, for below
+            event.assoc.rtprop_reject = (primitive.result_source, primitive.diagnostic)
 
     def handle_rejected(event: evt.Event) -> None:
-        try:
-            with transaction(factory) as session:
-                record(session, "association.rejected", component="dicom_node", calling_ae=_calling_ae(event),
-                       peer_address=_peer(event), called_ae=str(event.assoc.acceptor.ae_title).strip())
-        except Exception:
-            LOG.exception("audit of rejected association failed")
-        LOG.warning("association from %s (%s) rejected", _calling_ae(event), _peer(event))
+        source, diagnostic = getattr(event.assoc, "rtprop_reject", (0, 0))
+        reason = REJECT_REASONS.get((source, diagnostic), f"rejected_{source}_{diagnostic}")
+        gate.record(_peer(event), Refused(reason, f"association from calling AE {_calling_ae(event)} "
+                                          f"rejected ({reason})", audit_event="association.rejected",
+                                          calling_ae=_calling_ae(event),
+                                          called_ae=str(event.assoc.acceptor.ae_title).strip()))
 
     return [
         (evt.EVT_CONN_OPEN, handle_open),
         (evt.EVT_C_STORE, handle_store),
         (evt.EVT_RELEASED, handle_released),
         (evt.EVT_ABORTED, handle_aborted),
+        (evt.EVT_ACSE_SENT, handle_acse_sent),
         (evt.EVT_REJECTED, handle_rejected),
     ]
 
@@ -189,12 +203,12 @@ def build_ae(config: Config) -> AE:
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=node.ae_title)
     ae.maximum_associations = node.max_associations
-    ae.maximum_pdu_size = 0  # unlimited: fewer, larger P-DATA PDUs from the peer
+    ae.maximum_pdu_size = node.max_pdu_bytes  # what a peer may send per P-DATA-TF; more aborts (dicom_node/gate.py)
     ae.require_called_aet = False
     if node.allowed_calling_aes:
-        # pynetdicom answers A-ASSOCIATE-RJ rejected-permanent / service-user / calling AE not recognised
+        # refused by the gate already (dicom_node/gate.py); kept as pynetdicom's own second check
         ae.require_calling_aet = list(node.allowed_calling_aes)
-    ae.network_timeout = 60
+    ae.network_timeout = NETWORK_TIMEOUT_S
     ae.acse_timeout = 30
     ae.dimse_timeout = 60
     syntaxes = decodable_transfer_syntaxes()
@@ -204,17 +218,24 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
-class AssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved off the accepting thread.
+def gate_limits(config: Config) -> GateLimits:
+    node = config.node
+    return GateLimits(request_timeout_s=node.association_request_timeout_s,
+                      max_pending_per_address=node.max_pending_per_address,
+                      max_request_bytes=node.max_association_request_bytes, max_pdu_bytes=node.max_pdu_bytes,
+                      network_timeout_s=NETWORK_TIMEOUT_S,
+                      allowed_calling_aes=frozenset(a.strip() for a in node.allowed_calling_aes))
 
-    pynetdicom shakes hands inside `accept`, with no timeout and no trace: one client that connects
-    and says nothing stops every other association, and a failed handshake leaves nothing in the log
-    or audit. Here the handshake runs in the association's own thread, bounded by the ACSE timeout,
-    and a failure is logged and audited (`association.tls_failed`) with the peer address and reason.
+
+class AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server behind the gate (dicom_node/gate.py).
+
+    Each connection's own thread does the TLS handshake (pynetdicom would do it inside `accept`, with
+    no timeout, so one silent client stopped every other) and reads the A-ASSOCIATE-RQ under the
+    gate's limits; only an admitted connection becomes a pynetdicom association.
     """
 
-    on_tls_failure: Callable[[str, str], None] = staticmethod(lambda peer, reason: None)  # type: ignore[assignment]
-    handshake_timeout_s: float = 30.0
+    gate: Gate
     reuse_port: bool = False  # SO_REUSEPORT: several `rtprop serve` processes share one port (node.reuse_port)
 
     def server_bind(self) -> None:
@@ -229,19 +250,18 @@ class AssociationServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        if isinstance(request, ssl.SSLSocket):
-            peer = f"{client_address[0]}:{client_address[1]}"
-            try:
-                request.settimeout(self.handshake_timeout_s)
-                request.do_handshake()
-                request.settimeout(None)
-            except (OSError, ValueError) as exc:  # ssl.SSLError, timeouts, resets
-                reason = f"{type(exc).__name__}: {exc}"
-                LOG.warning("TLS handshake with %s failed: %s", peer, reason)
-                self.on_tls_failure(peer, reason)
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+        try:
+            first_pdu = self.gate.admit(request, client_address)  # None: refused, answered and closed
+            if first_pdu is not None:
+                GatedRequestHandler(request, client_address, self, first_pdu)
+        except Exception:  # noqa: BLE001
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        """One log line, not socketserver's traceback on stderr."""
+        exc = sys.exc_info()[1]
+        LOG.error("connection from %s failed: %s", client_address[0], printable(f"{type(exc).__name__}: {exc}", 240))
 
 
 class SharedPortServer(AssociationServer):
@@ -250,26 +270,39 @@ class SharedPortServer(AssociationServer):
     reuse_port = True
 
 
+def audit_refusals(factory) -> Callable[[Refused, str, int], None]:  # type: ignore[no-untyped-def]
+    """The gate's audit hook: a failed TLS handshake and a rejected association get a row each (as they
+    always had); other refusals one `association.refused` row per address and reason a minute, with
+    the count since the last (a flood of connections must not become a flood of writes)."""
+    def on_refused(refusal: Refused, peer: str, due: int) -> None:
+        if not refusal.audit_event and not due:
+            return
+        with transaction(factory) as session:
+            if refusal.audit_event == "association.tls_failed":
+                record(session, refusal.audit_event, component="dicom_node", peer_address=peer, reason=refusal.detail)
+            elif refusal.audit_event:
+                record(session, refusal.audit_event, component="dicom_node", calling_ae=refusal.calling_ae[:16],
+                       peer_address=peer, called_ae=refusal.called_ae, reason=refusal.reason)
+            else:
+                record(session, "association.refused", component="dicom_node", peer_address=peer,
+                       reason=refusal.reason, detail=refusal.detail, refusals=due)
+    return on_refused
+
+
 def start_scp(config: Config, store: Store,
               on_release: Callable[[set[str]], None] | None = None) -> tuple[AE, ThreadedAssociationServer]:
-    """Start listening on config.node.host:port (non-blocking); returns (ae, server)."""
+    """Start listening on config.node.host:port (non-blocking); returns (ae, server); `server.gate` counts refusals."""
     ae = build_ae(config)
-    handlers = build_handlers(config, store, on_release)
+    gate = Gate(gate_limits(config), audit_refusals(store.factory))
+    handlers = build_handlers(config, store, gate, on_release)
     ssl_ctx = server_context(config.node.tls)
     server = ae.make_server((config.node.host, config.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,
                             server_class=SharedPortServer if config.node.reuse_port else AssociationServer)
-
-    def tls_failed(peer: str, reason: str) -> None:
-        try:
-            with transaction(store.factory) as session:
-                record(session, "association.tls_failed", component="dicom_node", peer_address=peer, reason=reason)
-        except Exception:  # noqa: BLE001 - the log line above is the record of last resort
-            LOG.exception("audit of a failed TLS handshake failed")
-
-    server.on_tls_failure = tls_failed  # type: ignore[attr-defined]
-    server.handshake_timeout_s = float(ae.acse_timeout or 30)  # type: ignore[attr-defined]
+    server.gate = gate  # type: ignore[attr-defined]
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() and ae.shutdown() expect it
-    threading.Thread(target=server.serve_forever, name="rtprop-scp-accept", daemon=True).start()
+    server.accept_thread = threading.Thread(target=server.serve_forever, name="rtprop-scp-accept",  # type: ignore[attr-defined]
+                                            daemon=True)
+    server.accept_thread.start()  # type: ignore[attr-defined]
     # Accepted sockets inherit TCP_NODELAY from the listening socket on Linux; the CONN_OPEN handler
     # sets it again per connection for other platforms.
     tune_socket(server.socket)

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.errors import UserError
 from config.schema import Config, Destination
 from db import queue
-from db.audit import hash_patient_id, record
+from db.audit import hash_patient_id, record, site_key
 from db.engine import transaction
 from db.schema import Send, utcnow
 from dicom_node.tls import client_context
@@ -98,6 +98,11 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{int(proc.create_time())}"
 
 
+def process_name(kind: str) -> str:
+    """The heartbeat name of this process' `kind` (node, worker, web): worker_id#kind."""
+    return f"{worker_id()}#{kind}"
+
+
 def owner_alive(claimed_by: str) -> bool:
     """Is the process named by `claimed_by` (see worker_id) still running on this host?"""
     try:
@@ -124,7 +129,7 @@ def enqueue(session: Session, path: Path | str, destination: Destination, job_id
                                                                     "StudyInstanceUID", "SeriesInstanceUID",
                                                                     "PatientID"])
         sop_uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
-        patient_id_hash = patient_id_hash or hash_patient_id(str(ds.get("PatientID", "") or ""))
+        patient_id_hash = patient_id_hash or hash_patient_id(str(ds.get("PatientID", "") or ""), site_key(session))
     except Exception as exc:
         raise SendError(f"cannot queue {path}: not a readable DICOM file with SOP UIDs ({exc})") from exc
     # a job's result: once per destination (unique index); a file without a job: not twice in the queue at once

@@ -21,11 +21,12 @@ from sqlalchemy.orm import Session
 from config.errors import UserError
 from config.schema import Config
 from db.audit import record
-from db.engine import open_configured, transaction
+from db.engine import open_configured, restrict, transaction
+from db.heartbeat import start_heartbeat
 from db.schema import Series
 from dicom_node.completion import CompletionChecker
 from dicom_node.scp import start_scp
-from dicom_node.scu import Sender
+from dicom_node.scu import Sender, process_name
 from dicom_node.storage import Store, recover
 
 LOG = logging.getLogger("rtprop.node.service")
@@ -51,6 +52,14 @@ def check_port(config: Config) -> None:
             raise port_error(config, exc) from None
 
 
+def node_status(config: Config, server: Any, port: int) -> dict[str, Any]:
+    """The node heartbeat's details (read by /health, /metrics and the dashboard): the SCP's address, its
+    open associations, connections still sending their request, and the refusals (dicom_node/gate.py)."""
+    return {"ae_title": config.node.ae_title, "host": config.node.host, "port": port,
+            "associations": len(server.active_associations), "max_associations": config.node.max_associations,
+            "pending": server.gate.pending, "refused": server.gate.refusals.snapshot(config.web.health_refusals_window_s)}
+
+
 def serve_forever(config: Config, stop: threading.Event | None = None,
                   on_series_complete: Callable[[Session, Series], Any] | None = None,
                   on_duplicate: Callable[[str, str, str], Any] | None = None) -> None:
@@ -62,8 +71,10 @@ def serve_forever(config: Config, stop: threading.Event | None = None,
     pipeline/delivery.py)."""
     stop = stop or threading.Event()
     st = config.storage
-    for folder in (st.root, st.archive, st.quarantine, st.outbox):
-        Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(st.root).mkdir(parents=True, exist_ok=True)
+    for folder in (st.archive, st.quarantine, st.outbox):  # patient data: the node's user only (docs/conformance.md)
+        Path(folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+        restrict(Path(folder), 0o700)
     factory = open_configured(config)
     removed = recover(st)
 
@@ -89,6 +100,10 @@ def serve_forever(config: Config, stop: threading.Event | None = None,
     for t in threads:
         t.start()
     port = server.server_address[1]
+    me = process_name("node")
+    threads.append(start_heartbeat(factory, me, "node", stop, interval_s=config.web.heartbeat_interval_s,
+                                   details=lambda: node_status(config, server, port),
+                                   alive=lambda: server.accept_thread.is_alive()))
     free_mb = shutil.disk_usage(st.archive).free // (1 << 20)
     with transaction(factory) as session:
         record(session, "node.started", component="dicom_node", calling_ae=config.node.ae_title,

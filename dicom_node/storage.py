@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import StorageConfig
 from converters.files import TEMP_PREFIX, fsync_dir, temp_name, temp_writer, write_atomic
-from db.audit import hash_patient_id, record
-from db.engine import ensure_reserve, is_unavailable, transaction, write_with_reserve
+from db.audit import hash_patient_id, record, site_key
+from db.engine import ensure_reserve, is_unavailable, restrict, transaction, write_with_reserve
 from db.instances import NewInstance, record_instance
 from db.schema import utcnow
 
@@ -145,8 +145,9 @@ def _check_pixels(ds, transfer_syntax: str) -> None:  # type: ignore[no-untyped-
         raise IngestError(DATASET_MISMATCH, f"Pixel Data holds {actual} bytes, Rows/Columns/Bits say {expected}")
 
 
-def parse_identifiers(raw: bytes, received: Received) -> _Parsed:
-    """Read the identifying attributes; IngestError(0xC000 / 0xA900) when they are unusable."""
+def parse_identifiers(raw: bytes, received: Received, patient_key: bytes) -> _Parsed:
+    """Read the identifying attributes (the Patient ID as its keyed pseudonym, db/audit.py); IngestError(0xC000 /
+    0xA900) when they are unusable."""
     try:
         ds = dcmread(BytesIO(raw), force=True)  # values stay raw bytes: cheap even for 0.5 MB
         truncated = _truncated_elements(ds)
@@ -174,7 +175,7 @@ def parse_identifiers(raw: bytes, received: Received) -> _Parsed:
     if clean["SOPClassUID"] in IMAGE_CLASSES:
         _check_pixels(ds, received.transfer_syntax_uid or tsyntax)
     return _Parsed(clean["SOPClassUID"], clean["SOPInstanceUID"], clean["StudyInstanceUID"],
-                   clean["SeriesInstanceUID"], modality[:16], hash_patient_id(patient_id),
+                   clean["SeriesInstanceUID"], modality[:16], hash_patient_id(patient_id, patient_key),
                    received.transfer_syntax_uid or tsyntax)
 
 
@@ -192,8 +193,9 @@ class Store:
         self.archive = Path(storage.archive)
         self.quarantine_dir = Path(storage.quarantine)
         self.min_free_bytes = int(storage.min_free_mb) * 1024 * 1024
-        self.archive.mkdir(parents=True, exist_ok=True)
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.archive, self.quarantine_dir):  # patient data: the node's user only
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            restrict(folder, 0o700)
         self._known_dirs: set[Path] = set()
         self.me = f"{socket.gethostname()}:{os.getpid()}"  # in each instance.received row (several receivers)
 
@@ -273,7 +275,7 @@ class Store:
             self._audit_refusal(received, OUT_OF_RESOURCES, reason)
             return IngestResult(OUT_OF_RESOURCES, reason, sop_instance_uid=received.affected_sop_instance_uid)
         ensure_reserve(self.factory)  # one stat when it is there; rebuilt once the disk has room again
-        p = parse_identifiers(raw, received)
+        p = parse_identifiers(raw, received, site_key(self.factory))
         start = _split_meta(raw)
         digest = hashlib.sha256(memoryview(raw)[start:]).hexdigest()
         final = archive_path(self.archive, p.study_instance_uid, p.series_instance_uid, p.sop_instance_uid)

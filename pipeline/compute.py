@@ -21,7 +21,7 @@ from db.engine import is_disk_full
 from pipeline.compute_types import (ComputeFailure, ComputeOutcome, ComputeResult, ComputeTask, FailureKind,
                                     StructureResult)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI and every child process log alike
+from pipeline.logline import log_to_stderr
 
 
 class SelfCheckError(RuntimeError):
@@ -130,7 +130,7 @@ def _child_main(conn, task: ComputeTask) -> None:  # type: ignore[no-untyped-def
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - not Linux: the worker's timeout still bounds the child
         pass
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    log_to_stderr(logging.WARNING)
     try:
         conn.send(outcome(task))
     finally:

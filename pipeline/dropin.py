@@ -137,6 +137,7 @@ class DropIn:
 
     def take(self, entry: Path) -> CaseOutcome:
         """Check, ingest and move one stable entry. Never deletes it; never raises for bad input."""
+        from db.audit import site_key
         from dicom_node.storage import IngestError, Received, parse_identifiers
 
         name = entry.name
@@ -148,7 +149,7 @@ class DropIn:
         for path in files:
             try:
                 raw = path.read_bytes()
-                parsed = parse_identifiers(raw, received)
+                parsed = parse_identifiers(raw, received, site_key(self.factory))
                 payloads.append((path, raw, parsed))
             except IngestError as exc:
                 problems.append(f"{path.relative_to(entry.parent)}: 0x{exc.status:04X} {exc.reason}")

@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,6 +169,58 @@ class StoreSCP:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ----------------------------------------------------------------------------- a hostile machine
+ATTACKER = "127.0.0.2"  # another machine on loopback (Linux routes all of 127/8 to lo)
+FIRST_BYTES = bytes([0x01, 0x00, 0x00, 0x00, 0x01, 0x00])  # an A-ASSOCIATE-RQ header promising 256 bytes
+
+
+class HalfOpen:
+    """`count` connections from ATTACKER, each sent the first 6 bytes of an A-ASSOCIATE-RQ, then one byte every
+    `every_s`; a connection the node closes is opened again, so `count` stay open for as long as this runs."""
+
+    def __init__(self, port: int, count: int = 12, every_s: float = 2.0) -> None:
+        self.port, self.count, self.every_s = port, count, every_s
+        self.stop = threading.Event()
+        self.opened = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def open(self) -> socket.socket | None:
+        s = socket.socket()
+        s.bind((ATTACKER, 0))
+        try:
+            s.connect(("127.0.0.1", self.port))
+            s.sendall(FIRST_BYTES)
+            self.opened += 1
+            return s
+        except OSError:
+            s.close()
+            return None
+
+    def run(self) -> None:
+        socks: list[socket.socket] = []
+        while not self.stop.is_set():
+            alive = []
+            for s in socks:
+                try:
+                    s.send(b"\x00")
+                    alive.append(s)
+                except OSError:
+                    s.close()
+            socks = alive + [s for s in (self.open() for _ in range(self.count - len(alive))) if s is not None]
+            self.stop.wait(self.every_s)
+        for s in socks:
+            s.close()
+
+    def __enter__(self) -> "HalfOpen":
+        self.thread.start()
+        wait_for(lambda: self.opened >= self.count, 10, what="the half-open connections")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
 
 
 # ----------------------------------------------------------------------------- the node

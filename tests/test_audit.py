@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.exc import DatabaseError
 
 from db import audit
@@ -16,10 +17,11 @@ from db.schema import AuditEntry
 
 def _fill(path, n=5):
     factory = open_database(path)
+    key = audit.site_key(factory)
     with transaction(factory) as session:
         for i in range(n):
             audit.record(session, "test.event", component="test", calling_ae="TPS",
-                         study_instance_uid=f"1.2.3.{i}", patient_id_hash=audit.hash_patient_id("PAT1"), step=i)
+                         study_instance_uid=f"1.2.3.{i}", patient_id_hash=audit.hash_patient_id("PAT1", key), step=i)
     return factory
 
 
@@ -152,3 +154,50 @@ def _last_hash(path) -> str:
         return raw.execute("SELECT hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()[0]
     finally:
         raw.close()
+
+
+def test_the_patient_pseudonym_is_keyed_with_a_file_outside_the_database_which_must_stay_the_same(tmp_path):
+    """Issue 22: a keyed hash (HMAC-SHA256) with the site's key, not the unsalted SHA-256 a 7-digit MRN is found
+    from by trying every number. Fails on the code before it (no key, no HMAC)."""
+    import hashlib
+    import hmac
+    import shutil
+
+    path = tmp_path / "db.sqlite"
+    factory = _fill(path)
+    key_file = tmp_path / "db.sqlite.key"
+    key = key_file.read_bytes()
+    assert len(key) == 32 and key_file.stat().st_mode & 0o777 == 0o600
+    with factory() as session:
+        stored = {e.patient_id_hash for e in session.execute(select(AuditEntry)).scalars()}
+    assert stored == {hmac.new(key, b"PAT1", hashlib.sha256).hexdigest()}
+    assert hashlib.sha256(b"PAT1").hexdigest() not in stored
+    factory.kw["bind"].dispose()
+    shutil.move(key_file, tmp_path / "elsewhere.key")
+    with pytest.raises(audit.SiteKeyError, match="missing"):
+        open_database(path)
+    key_file.write_bytes(b"x" * 32)
+    with pytest.raises(audit.SiteKeyError, match="not the key"):
+        open_database(path)
+    again = open_database(path, key_path=tmp_path / "elsewhere.key")  # storage.pseudonym_key_file
+    assert audit.site_key(again) == key
+
+
+def test_rows_of_the_previous_release_still_verify_and_are_found_by_patient_beside_new_ones(tmp_path):
+    """tests/data/db-0001.sqlite carries the unsalted hash of SYN011; after the upgrade its chain verifies and a
+    query by Patient ID finds those rows and the new, keyed ones."""
+    import shutil
+    from pathlib import Path
+
+    path = tmp_path / "rtprop.sqlite"
+    shutil.copy(Path(__file__).parent / "data" / "db-0001.sqlite", path)
+    factory = open_database(path)
+    with transaction(factory) as session:
+        old = len(audit.query(session, patient_id="SYN011"))
+        audit.record(session, "test.event", component="test",
+                     patient_id_hash=audit.hash_patient_id("SYN011", audit.site_key(factory)))
+    with factory() as session:
+        found = audit.query(session, patient_id="SYN011")
+        count, problems = audit.verify(session)
+    assert old >= 3 and len(found) == old + 1 and found[-1].event == "test.event"
+    assert problems == [] and count == 21

@@ -61,7 +61,7 @@ def test_a_read_cannot_write_and_does_not_block_a_writer(factory):
 
 def _new(uid: str, series: str = "1.2.3.2") -> NewInstance:
     return NewInstance(sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_instance_uid=series,
-                       study_instance_uid="1.2.3", modality="CT", patient_id_hash=audit.hash_patient_id("P1"),
+                       study_instance_uid="1.2.3", modality="CT", patient_id_hash=audit.hash_patient_id("P1", b"k" * 32),
                        path=f"/archive/{uid}.dcm", sha256="ab" * 32, transfer_syntax_uid="1.2.840.10008.1.2.1",
                        calling_ae="TPS", peer_address="127.0.0.1:1234", source="dimse", received_at=utcnow())
 
@@ -120,7 +120,7 @@ def test_a_database_made_by_the_previous_release_is_upgraded_with_its_data(tmp_p
         events = [e for (e,) in s.execute(select(AuditEntry.event).order_by(AuditEntry.id))]
     assert [(j.state, j.calling_ae) for j in jobs] == [("sent", "TPS"), ("received", "DROPIN")]
     assert jobs[1].dropin_case == "caseA" and jobs[0].dropin_case == ""
-    assert jobs[0].patient_id_hash == audit.hash_patient_id("SYN011")
+    assert jobs[0].patient_id_hash == audit.legacy_patient_hash("SYN011")  # rows before 0006_i22: unkeyed
     assert [(s.state, s.outcome, s.patient_id_hash) for s in sends] == [("sent", "sent", jobs[0].patient_id_hash)]
     assert problems == [] and count == 20 and events[-1] == "audit.anchored"
     assert audit.head_of(factory).row_id == 20

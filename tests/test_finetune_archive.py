@@ -98,7 +98,8 @@ def archived_sha256(files: list[str]) -> str:
 
 def test_finetune_from_the_archive_splits_by_patient_and_the_card_lists_the_right_series(archive, trained):
     card, summary = trained["card"], trained["summary"]
-    patients = {hash_patient_id("STS_001"), hash_patient_id(COPY_ID)}
+    key = (archive / "rtprop.sqlite.key").read_bytes()  # the site's pseudonym key (db/audit.py)
+    patients = {hash_patient_id("STS_001", key), hash_patient_id(COPY_ID, key)}
     assert len(card["train_patients"]) == 1 and len(card["validation_patients"]) == 1
     assert set(card["train_patients"]) | set(card["validation_patients"]) == patients
     assert summary["train_rois"] == 2 and summary["validation_rois"] == 2 and summary["audited"]
@@ -204,7 +205,7 @@ def test_jobs_are_routed_to_the_active_model_and_a_changed_checkpoint_is_refused
     assert settings_for(factory, config, "Bladder", "CT").name == "classic"  # not a GTV
 
     ct_folder = Path(query(archive, "SELECT path FROM instances WHERE modality='CT' AND patient_id_hash=? LIMIT 1",
-                           (hash_patient_id("STS_001"),))[0][0]).parent
+                           (hash_patient_id("STS_001", (archive / "rtprop.sqlite.key").read_bytes()),))[0][0]).parent
     volume = read_series(ct_folder)
     gtv = read_rtstruct(next((STS_CT / "rtstruct").iterdir()), volume).rois[0].mask
     z = middle_slice(gtv)

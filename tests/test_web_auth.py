@@ -184,7 +184,7 @@ def test_patient_name_shown_only_after_login(site):
 
 def test_users_cli_token_last_line_disable_and_weak_password(site, tmp_path):
     storage = tmp_path / "s"
-    add_user(storage, "olga", "reviewer", "olga-pass-123")
+    add_user(storage, "olga", "reviewer", "orchid-pass-123")
     out = rtprop("users", "token", "olga", "--storage", str(storage)).stdout
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"rtp_[A-Za-z0-9_-]{40,}", last) and last not in out.strip().splitlines()[0]
@@ -192,7 +192,7 @@ def test_users_cli_token_last_line_disable_and_weak_password(site, tmp_path):
         stored = con.execute("SELECT token_sha256 FROM api_tokens").fetchall()
         pw_hash = con.execute("SELECT password_hash FROM users WHERE name='olga'").fetchone()[0]
     assert stored and last not in json.dumps(stored)  # only the hash is kept
-    assert pw_hash.startswith("$argon2id$") and "olga-pass-123" not in pw_hash
+    assert pw_hash.startswith("$argon2id$") and "orchid-pass-123" not in pw_hash
     weak = rtprop("users", "add", "short", "--role", "viewer", "--password-stdin", "--storage", str(storage),
                   stdin="abc\n", check=False)
     assert weak.returncode == 2 and "too short" in weak.stderr
@@ -200,11 +200,11 @@ def test_users_cli_token_last_line_disable_and_weak_password(site, tmp_path):
                       stdin="long-enough-1\n", check=False)
     assert bad_role.returncode == 2
     # against the running server: a disabled user's token and login stop working
-    add_user(site["storage"], "temp", "reviewer", "temp-pass-123")
+    add_user(site["storage"], "temp", "reviewer", "tulip-pass-123")
     temp_token = token(site["storage"], "temp")
     api = Client(site["web"].url)
     assert api.get("/api/v1/jobs", headers={"Authorization": f"Bearer {temp_token}"})[0] == 200
-    session = logged_in_as(site, "temp", "temp-pass-123")
+    session = logged_in_as(site, "temp", "tulip-pass-123")
     rtprop("users", "disable", "temp", "--storage", str(site["storage"]))
     assert api.get("/api/v1/jobs", headers={"Authorization": f"Bearer {temp_token}"})[0] == 401
     assert session.get("/jobs")[0] == 302

@@ -26,7 +26,7 @@ def config(root: Path) -> dict:
     return {"node": {"series_quiet_period_s": 0.5, "poll_interval_s": 0.2},
             "pipeline": {"poll_interval_s": 0.2, "heartbeat_interval_s": 1.0},
             "storage": {"fsync": False},
-            "web": {"heartbeat_interval_s": 0.5, "health_worker_max_age_s": MAX_AGE_S, "health_echo_timeout_s": 2,
+            "web": {"heartbeat_interval_s": 0.5, "health_worker_max_age_s": MAX_AGE_S, "health_node_max_age_s": MAX_AGE_S,
                     "audit_verify_interval_s": 0.1}}
 
 

@@ -115,7 +115,9 @@ def test_review_in_browser_accept_sends_once_reject_sends_nothing(tmp_path, prom
 
             pw, chromium = browser()
             try:
-                page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+                # Playwright polls wait_for_function's string predicates with eval, which the pages' CSP forbids;
+                # the CSP itself is tested in test_web_security.py
+                page = chromium.new_page(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
                 base = f"http://127.0.0.1:{web_port}"
                 page.goto(f"{base}/jobs/{first[0]}/review")
                 assert "/login" in page.url  # not logged in: sent to the login page

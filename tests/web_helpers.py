@@ -3,6 +3,8 @@ HTTP client (urllib, cookies kept), and Debian's Chromium driven by Playwright (
 """
 from __future__ import annotations
 
+import functools
+import http.client
 import http.cookiejar
 import json
 import os
@@ -99,13 +101,28 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-class Client:
-    """A plain HTTP client with a cookie jar; redirects are NOT followed (tests look at 302/303)."""
+class _FromAddress(urllib.request.HTTPHandler):
+    """Connections from a chosen local address (e.g. 127.0.0.2: another client machine on loopback)."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def http_open(self, req):  # type: ignore[no-untyped-def]
+        return self.do_open(functools.partial(http.client.HTTPConnection, source_address=(self.source, 0)), req)
+
+
+class Client:
+    """A plain HTTP client with a cookie jar; redirects are NOT followed (tests look at 302/303). `source`: the
+    local address to connect from (another client machine, for per-address limits)."""
+
+    def __init__(self, base: str, source: str | None = None) -> None:
         self.base = base
         self.jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect())
+        handlers = [urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect()]
+        if source is not None:
+            handlers.append(_FromAddress(source))
+        self.opener = urllib.request.build_opener(*handlers)
 
     def request(self, method: str, path: str, *, form: dict | None = None, body: Any = None,
                 headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:

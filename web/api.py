@@ -14,7 +14,7 @@ from db.schema import Job, Send
 from pipeline import actions
 from pipeline.delivery import destination_text
 from pipeline.jobs import STATES
-from web.routing import Ctx, route
+from web.routing import Ctx, audit_read, route
 
 JOB_FIELDS = ("id", "state", "kind", "calling_ae", "study_instance_uid", "series_instance_uid",
               "rtstruct_sop_instance_uid", "result_sop_instance_uid", "dry_run", "backend", "checkpoint_sha256",
@@ -56,6 +56,7 @@ def get_job(ctx: Ctx) -> Response:
                         session.execute(select(Send).where(Send.job_id == job_id).order_by(Send.id)).scalars()]
         out["reviews"] = [{"roi": r.roi, "decision": r.decision, "rating": r.rating, "comment": r.comment,
                            "user": r.user, "at": r.at.isoformat()} for r in actions.decisions(session, job_id).values()]
+    audit_read(ctx, job, "api_job")
     return JSONResponse(out)
 
 
@@ -66,8 +67,11 @@ def post_review(ctx: Ctx) -> Response:
         return JSONResponse({"error": 'body must be JSON: {"roi": NAME|null, "decision": "accept"|"reject", '
                              '"rating": 1-5, "comment": "..."}'}, status_code=400)
     rating = body.get("rating")
-    if rating is not None and not isinstance(rating, int):
+    if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int)):  # True is an int in Python
         return JSONResponse({"error": "rating must be an integer 1-5"}, status_code=400)
+    for key in ("roi", "decision", "comment"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            return JSONResponse({"error": f"{key} must be a string"}, status_code=400)
     try:
         out = actions.review(ctx.state.factory, ctx.state.config, job_id, ctx.user.name, roi=body.get("roi"),
                              decision=str(body.get("decision", "")), rating=rating,

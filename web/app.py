@@ -1,5 +1,6 @@
 """The web app: one Starlette application over the node's storage and database (see web/routing.py for
-the login, role and CSRF checks every route goes through)."""
+the login, role and CSRF checks every route goes through, web/security.py for the headers every answer
+carries)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ from config.schema import Config
 from web import auth
 from web.overlay import LRU
 from web.routing import PUBLIC, WebState
+from web.security import SecurityHeaders
 
 __all__ = ["PUBLIC", "create_app", "routes", "secret_key"]
 LOG = logging.getLogger("rtprop.web")
@@ -53,7 +55,7 @@ def create_app(config: Config, factory: sessionmaker[Session], me: str = "web") 
     """The application for `config`'s storage (paths already resolved) and its database."""
     from prometheus_client import CollectorRegistry
 
-    from web.health import DatabaseCollector
+    from web.health import CachedHealth, DatabaseCollector
 
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["tojson_compact"] = lambda v: json.dumps(v, separators=(",", ":"), default=str)
@@ -64,9 +66,11 @@ def create_app(config: Config, factory: sessionmaker[Session], me: str = "web") 
     state.collector = DatabaseCollector(factory, config)
     registry.register(state.collector)
     secure = config.web.secure_cookies or config.web.tls_certificate is not None
-    app = Starlette(routes=routes(), middleware=[Middleware(
+    # The cookie holds the server-side session's id and the CSRF token (web/sessions.py decides validity)
+    app = Starlette(routes=routes(), middleware=[Middleware(SecurityHeaders), Middleware(
         SessionMiddleware, secret_key=secret_key(config), session_cookie="rtprop_session",
         max_age=config.web.session_max_age_s, same_site="strict", https_only=secure)])
     app.state.web = state
     app.state.registry = registry
+    app.state.health = CachedHealth(factory, config)
     return app

@@ -1,13 +1,17 @@
 """Users, passwords, API tokens, login rate limit, CSRF: everything about who is asking.
 
 - Passwords: argon2id (argon2-cffi's defaults: 64 MiB, 3 passes), never stored or logged in clear.
+  A new password needs at least 12 characters and must not be a common one (`password_problem`).
 - API tokens: 32 random bytes shown once; only their SHA-256 is stored (a token is as strong as a key,
   so a fast hash is enough and lets a token be looked up).
-- Roles: viewer < reviewer < admin, enforced on the server for every route (web/app.py).
-- Login attempts: after `web.login_max_failures` failures for one user name (4 times as many for one
-  client address, so one mistyping colleague does not lock out a shared workstation) within
-  `web.login_lockout_s`, further tries are refused (HTTP 429) until the window has passed, whether
-  or not the password is right.
+- Roles: viewer < reviewer < admin, enforced on the server for every route (web/routing.py).
+- Sessions: kept on the server (web/sessions.py); disabling a user or setting a new password ends them.
+- Login attempts (`LoginLimiter`): counted before the password is checked, so tries sent at once
+  cannot all be checked. After `web.login_max_failures` failures for one user name from one client
+  address (4 times as many from one address, whatever the names) within `web.login_lockout_s`,
+  further tries from there are refused (HTTP 429) until the window has passed, whether or not the
+  password is right. Another address can still log in as that user, so nobody can lock a colleague
+  out; an admin sees and clears the locks on /logins.
 - CSRF: a random token per session, required on every state-changing request made with the session
   cookie (form field `csrf_token` or header `X-CSRF-Token`); Bearer-token API calls carry no cookie.
 """
@@ -20,6 +24,8 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -28,11 +34,12 @@ from sqlalchemy.orm import Session
 
 from config.errors import UserError
 from db.schema import ApiToken, User, utcnow
+from web import sessions
 
 ROLES = ("viewer", "reviewer", "admin")
 RANK = {role: i for i, role in enumerate(ROLES)}
 TOKEN_PREFIX = "rtp_"
-MIN_PASSWORD = 8
+MIN_PASSWORD = 12
 ADDRESS_FACTOR = 4  # failures allowed per client address, in multiples of web.login_max_failures
 _HASHER = PasswordHasher()
 # Verified against when the user name is unknown, so a wrong name costs as long as a wrong password.
@@ -55,9 +62,43 @@ class Principal:
         return RANK[self.role] >= RANK[role]
 
 
-def hash_password(password: str) -> str:
+PADDING = "0123456789 !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"  # stripped from both ends before the list check
+UNLEET = str.maketrans("013457@$!", "oieastasi")
+
+
+@cache
+def common_passwords() -> frozenset[str]:
+    """The shipped list (web/common-passwords.txt): frequent passwords and the words they are made of."""
+    text = files("web").joinpath("common-passwords.txt").read_text(encoding="utf-8")
+    return frozenset(w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#"))
+
+
+def password_problem(password: str, user: str = "") -> str:
+    """Why `password` is refused ('' if it is not): shorter than 12; or, lower-cased, with digits and symbols
+    taken off both ends and look-alike digits read as letters, it is empty, on the shipped list of common
+    passwords, one short piece repeated, of fewer than 4 different characters, or the user's name."""
     if len(password) < MIN_PASSWORD:
-        raise AuthError(f"password too short: at least {MIN_PASSWORD} characters")
+        return f"password too short: at least {MIN_PASSWORD} characters"
+    lowered = password.lower()
+    core = lowered.strip(PADDING)
+    cores = {core, core.translate(UNLEET).strip(PADDING)}
+    for core in list(cores):
+        for size in range(1, len(core) // 2 + 1):  # "passwordpassword", "abcabcabcabc"
+            if len(core) % size == 0 and core == core[:size] * (len(core) // size):
+                cores.add(core[:size])
+                break
+    name = user.strip().lower()
+    if any(not c or c in common_passwords() or len(set(c)) < 4 or (len(name) >= 3 and c == name) for c in cores):
+        return "password too common or too easy to guess: choose a longer phrase of your own"
+    if len(name) >= 4 and name in lowered:
+        return "password contains the user name"
+    return ""
+
+
+def hash_password(password: str, user: str = "") -> str:
+    problem = password_problem(password, user)
+    if problem:
+        raise AuthError(problem)
     return _HASHER.hash(password)
 
 
@@ -69,7 +110,8 @@ def add_user(session: Session, name: str, role: str, password: str) -> User:
         raise AuthError(f"user name {name!r}: 1 to 64 characters, no spaces")
     if session.execute(select(User.id).where(User.name == name)).scalar() is not None:
         raise AuthError(f"user {name!r} exists already")
-    user = User(name=name, role=role, password_hash=hash_password(password), disabled=False, created_at=utcnow())
+    user = User(name=name, role=role, password_hash=hash_password(password, name), disabled=False,
+                created_at=utcnow())
     session.add(user)
     session.flush()
     return user
@@ -121,15 +163,26 @@ def token_user(session: Session, token: str) -> User | None:
     return user
 
 
-def disable_user(session: Session, name: str) -> int:
-    """Disable `name` and revoke its tokens (its sessions stop at their next request); returns tokens revoked."""
+def disable_user(session: Session, name: str) -> tuple[int, int]:
+    """Disable `name`, revoke its tokens and end its sessions; returns (tokens revoked, sessions ended)."""
     user = get_user(session, name)
     user.disabled = True
     tokens = session.execute(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked.is_(False))
                              ).scalars().all()
     for t in tokens:
         t.revoked = True
-    return len(tokens)
+    return len(tokens), sessions.end_all(session, user.id, "disabled")
+
+
+def set_password(session: Session, name: str, password: str) -> int:
+    """Give `name` a new password (the same rule as a new user's) and end its sessions; returns how many."""
+    user = get_user(session, name)
+    user.password_hash = hash_password(password, user.name)
+    return sessions.end_all(session, user.id, "password")
+
+
+def user_exists(session: Session, name: str) -> bool:
+    return session.execute(select(User.id).where(User.name == name)).scalar() is not None
 
 
 def new_csrf() -> str:
@@ -140,39 +193,74 @@ def csrf_ok(expected: str | None, given: str | None) -> bool:
     return bool(expected) and bool(given) and hmac.compare_digest(str(expected), str(given))
 
 
+Key = tuple[str, str]  # (client address, user name); "" as the name: the address' tries under any name
+
+
+@dataclass(frozen=True)
+class Lock:
+    """Login tries refused from `address` (as `user`, or under every name when `user` is "") for `retry_after_s`."""
+
+    address: str
+    user: str
+    failures: int
+    retry_after_s: float
+
+
 class LoginLimiter:
-    """Failed logins per key (user name, client address) in a sliding window; in memory, per process."""
+    """Login tries per (client address, user name) and per client address in a sliding window; in memory, per
+    process. A try is counted before its password is checked (`attempt`) and forgiven if it succeeds."""
 
     def __init__(self, max_failures: int, window_s: float) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._failures: dict[Key, deque[float]] = defaultdict(deque)
         self._lock = threading.Lock()
 
-    def _trim(self, key: str, now: float) -> deque[float]:
-        q = self._failures[key]
+    def _trim(self, key: Key, now: float) -> deque[float]:
+        q = self._failures.get(key, deque())
         while q and now - q[0] > self.window_s:
             q.popleft()
+        if not q:
+            self._failures.pop(key, None)  # a probe of many names must not grow the table for good
         return q
 
-    def limit(self, key: str) -> int:
-        return self.max_failures * (ADDRESS_FACTOR if key.startswith("addr:") else 1)
+    def limit(self, key: Key) -> int:
+        return self.max_failures * (1 if key[1] else ADDRESS_FACTOR)
 
-    def retry_after_s(self, *keys: str) -> float:
-        """0 if a try is allowed now, else the seconds until it is."""
+    def _wait(self, key: Key, now: float) -> float:
+        q = self._trim(key, now)
+        return self.window_s - (now - q[-self.limit(key)]) if len(q) >= self.limit(key) else 0.0
+
+    def attempt(self, user: str, address: str) -> tuple[float, float]:
+        """Count a try before its password is checked: (0, ticket) when it may be checked, else (seconds to
+        wait, 0) and it is not counted. Give the ticket to `succeeded` if the password was right."""
+        now = time.monotonic()
+        keys = ((address, user), (address, ""))
+        with self._lock:
+            wait = max(self._wait(k, now) for k in keys)
+            if wait > 0:
+                return wait, 0.0
+            for k in keys:
+                self._failures[k].append(now)
+            return 0.0, now
+
+    def succeeded(self, user: str, address: str, ticket: float) -> None:
+        """The try was right: the name's failures from that address are forgotten and the try is taken back
+        from the address' count (its other failures stay: logging in as oneself does not reset them)."""
+        with self._lock:
+            self._failures.pop((address, user), None)
+            q = self._failures.get((address, ""))
+            if q is not None and ticket in q:
+                q.remove(ticket)
+
+    def locks(self) -> list[Lock]:
+        """Every (address, name) and address refused now, longest wait first."""
         now = time.monotonic()
         with self._lock:
-            waits = [self.window_s - (now - q[-self.limit(k)]) for k in keys
-                     if len(q := self._trim(k, now)) >= self.limit(k)]
-        return max(waits, default=0.0)
+            out = [Lock(key[0], key[1], len(self._failures[key]), round(wait, 1))
+                   for key in list(self._failures) if (wait := self._wait(key, now)) > 0]
+        return sorted(out, key=lambda lock: -lock.retry_after_s)
 
-    def failed(self, *keys: str) -> None:
-        now = time.monotonic()
+    def clear(self, address: str, user: str) -> bool:
         with self._lock:
-            for k in keys:
-                self._trim(k, now).append(now)
-
-    def succeeded(self, *keys: str) -> None:
-        with self._lock:
-            for k in keys:
-                self._failures.pop(k, None)
+            return self._failures.pop((address, user), None) is not None

@@ -1,17 +1,24 @@
-"""`/health` checks and `/metrics` (Prometheus text), both read from the database and real probes.
+"""`/health` checks and `/metrics` (Prometheus text), both read from the database; neither writes.
 
 Metrics are computed from the database at scrape time, not kept in process memory, so they are the
 same whichever process serves them and however many `rtprop worker` processes share the storage.
 
-Health: status "ok" (HTTP 200) when every check passes; "down" (503) when the database cannot be
-written or the SCP does not answer; "degraded" (503) when no worker heartbeat is younger than
-`web.health_worker_max_age_s` or free disk is below `storage.min_free_mb`.
+Health reads the heartbeat rows the node and workers write (db/heartbeat.py) and the disk; it opens
+no association and writes nothing (it used to write a heartbeat and C-ECHO the SCP: an unauthenticated
+caller could make the node write audit rows at will). One result serves every caller for
+`CACHE_S`. Status "ok" (HTTP 200) when every check passes; "down" (503) when the database cannot be
+read or no node heartbeat is younger than `web.health_node_max_age_s` (or the node said it stopped);
+"degraded" (503) when no worker heartbeat is younger than `web.health_worker_max_age_s`, free disk is
+below `storage.min_free_mb`, or the node refused a connection or association within
+`web.health_refusals_window_s` (dicom_node/gate.py: half-open or oversized requests, unknown calling
+AEs, the association limit ...; the reasons and the addresses are shown).
 """
 from __future__ import annotations
 
 import shutil
 import threading
 import time
+from collections import Counter
 from typing import Any, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -21,71 +28,67 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config
 from db.audit import verify
-from db.heartbeat import beat, latest
-from db.schema import AuditEntry, Instance, Job, Send
+from db.heartbeat import latest
+from db.schema import AuditEntry, Heartbeat, Instance, Job, Send
 from pipeline.jobs import STATES
 
 PROPAGATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 SEND_STATES = ("pending", "sending", "sent", "dead-letter")
+CACHE_S = 1.0  # one health result serves every caller for this long
 
 
-def scp_address(session: Session, config: Config) -> tuple[str, int, str]:
-    """(host, port, AE title) of the node's SCP: the youngest node heartbeat, else the configuration."""
-    rows = latest(session, "node")
-    if rows:
-        d = rows[0][0].details or {}
-        if d.get("port"):
-            host = d.get("host") or "127.0.0.1"
-            return ("127.0.0.1" if host in ("0.0.0.0", "") else host), int(d["port"]), d.get("ae_title", "RTPROP")
-    host = config.node.host
-    return ("127.0.0.1" if host == "0.0.0.0" else host), config.node.port, config.node.ae_title
+def live_nodes(session: Session, config: Config) -> list[tuple[Heartbeat, float]]:
+    """Node heartbeats younger than `web.health_node_max_age_s` whose node has not said it stopped, youngest first."""
+    limit = config.web.health_node_max_age_s
+    return [(row, age) for row, age in latest(session, "node")
+            if age <= limit and not (row.details or {}).get("stopped")]
 
 
-def echo(host: str, port: int, called_ae: str, timeout_s: float) -> tuple[bool, str]:
-    """C-ECHO the SCP: (answered, what happened). A rejected association still proves it is listening."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+def _scp_checks(nodes: list[tuple[Heartbeat, float]], config: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scp, associations) checks from the live node heartbeats."""
+    if not nodes:
+        scp: dict[str, Any] = {"ok": False, "detail": "no node heartbeat younger than "
+                               f"{config.web.health_node_max_age_s:g} s: is `rtprop serve` running?"}
+    else:
+        d = nodes[0][0].details or {}
+        scp = {"ok": True, "address": f"{d.get('ae_title', '')}@{d.get('host', '')}:{d.get('port', '')}",
+               "nodes": len(nodes), "youngest_heartbeat_s": round(nodes[0][1], 1)}
+    recent: Counter[str] = Counter()
+    addresses: Counter[str] = Counter()
+    open_, pending = 0, 0
+    for row, _ in nodes:
+        d = row.details or {}
+        refused = d.get("refused") or {}
+        recent.update(refused.get("recent") or {})
+        addresses.update(refused.get("recent_addresses") or {})
+        open_ += int(d.get("associations", 0))
+        pending += int(d.get("pending", 0))
+    associations = {"ok": not recent, "open": open_, "pending_requests": pending,
+                    "refused_recent": dict(recent), "refused_addresses": dict(addresses.most_common(5)),
+                    "window_s": config.web.health_refusals_window_s}
+    return scp, associations
 
-    ae = AE(ae_title="RTPROP-HEALTH")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    try:
-        if assoc.is_established:
-            status = assoc.send_c_echo()
-            ok = status is not None and int(status.get("Status", -1)) == 0
-            return ok, "C-ECHO 0x0000" if ok else "C-ECHO without success status"
-        if assoc.is_rejected:
-            return True, "listening (association rejected for our AE title)"
-        return False, f"no association with {called_ae}@{host}:{port}"
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
 
-
-def health(factory: sessionmaker[Session], config: Config, me: str) -> dict[str, Any]:
-    """Run every check now; returns {"status", "checks"} (see the module docstring)."""
+def health(factory: sessionmaker[Session], config: Config) -> dict[str, Any]:
+    """Run every check now (reads only); returns {"status", "checks"} (see the module docstring)."""
     checks: dict[str, dict[str, Any]] = {}
     try:
-        beat(factory, me, "web")  # a real write-locked write
+        with factory() as session:
+            nodes = live_nodes(session, config)
+            workers = latest(session, "worker")
         checks["database"] = {"ok": True}
     except Exception as exc:  # noqa: BLE001
-        checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    try:
-        with factory() as session:
-            host, port, ae = scp_address(session, config)
-            workers = latest(session, "worker")
-        ok, what = echo(host, port, ae, config.web.health_echo_timeout_s)
-        checks["scp"] = {"ok": ok, "address": f"{ae}@{host}:{port}", "detail": what}
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        checks["database"] = {"ok": False, "error": error}
+        checks["scp"] = {"ok": False, "error": "database unreadable"}
+        checks["worker"] = {"ok": False, "error": "database unreadable"}
+    else:
+        checks["scp"], checks["associations"] = _scp_checks(nodes, config)
         limit = config.web.health_worker_max_age_s
         young = [age for _, age in workers if age <= limit]
         checks["worker"] = {"ok": bool(young), "alive": len(young), "youngest_heartbeat_s":
                             round(min((a for _, a in workers), default=float("inf")), 1) if workers else None,
                             "max_age_s": limit}
-    except Exception as exc:  # noqa: BLE001
-        checks.setdefault("scp", {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        checks.setdefault("worker", {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     free_mb = shutil.disk_usage(config.storage.root).free / 2**20
     checks["disk"] = {"ok": free_mb >= config.storage.min_free_mb, "free_mb": round(free_mb),
                       "min_free_mb": config.storage.min_free_mb}
@@ -96,6 +99,21 @@ def health(factory: sessionmaker[Session], config: Config, me: str) -> dict[str,
     else:
         status = "ok"
     return {"status": status, "checks": checks}
+
+
+class CachedHealth:
+    """`health()` at most once per CACHE_S, whatever the number of callers."""
+
+    def __init__(self, factory: sessionmaker[Session], config: Config) -> None:
+        self.factory, self.config = factory, config
+        self._lock = threading.Lock()
+        self._last: tuple[float, dict[str, Any]] | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        with self._lock:
+            if self._last is None or time.monotonic() - self._last[0] >= CACHE_S:
+                self._last = (time.monotonic(), health(self.factory, self.config))
+            return self._last[1]
 
 
 class DatabaseCollector(Collector):
@@ -163,6 +181,21 @@ class DatabaseCollector(Collector):
                 buckets = [(str(b), n) for b, n in zip(PROPAGATION_BUCKETS, counts)] + [("+Inf", len(values))]
                 h.add_metric([backend], buckets, sum_value=sum(values))
             yield h
+
+            nodes = live_nodes(session, self.config)
+            refused = CounterMetricFamily("rtprop_connections_refused", "Connections and associations the SCP "
+                                          "refused, by reason (dicom_node/gate.py), since each node started",
+                                          labels=["reason"])
+            totals: Counter[str] = Counter()
+            for row, _ in nodes:
+                totals.update(((row.details or {}).get("refused") or {}).get("total") or {})
+            for reason, n in sorted(totals.items()):
+                refused.add_metric([reason], n)
+            yield refused
+            yield GaugeMetricFamily("rtprop_connections_pending", "Connections still sending their A-ASSOCIATE-RQ",
+                                    value=sum(int((r.details or {}).get("pending", 0)) for r, _ in nodes))
+            yield GaugeMetricFamily("rtprop_associations_open", "Associations open at the SCP",
+                                    value=sum(int((r.details or {}).get("associations", 0)) for r, _ in nodes))
 
             alive = [age for _, age in latest(session, "worker") if age <= self.config.web.health_worker_max_age_s]
             yield GaugeMetricFamily("rtprop_workers_alive", "Worker processes with a young heartbeat", value=len(alive))

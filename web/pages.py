@@ -1,4 +1,4 @@
-"""Operations pages: dashboard, jobs (list, detail, admin actions), quarantine, batch reports, audit."""
+"""Operations pages: dashboard, jobs (list, detail, admin actions), quarantine, batch reports, audit, login locks."""
 from __future__ import annotations
 
 import csv
@@ -16,12 +16,13 @@ from starlette.responses import FileResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import BaseRoute
 
 from db import audit as audit_log
+from db.engine import transaction
 from db.heartbeat import latest
 from db.schema import AuditEntry, Job, Send, aware, utcnow
 from pipeline import actions
 from pipeline.delivery import destination_text
 from pipeline.jobs import STATES
-from web.routing import Ctx, route
+from web.routing import Ctx, client_address, route
 
 TIMELINE = ("job.created", "series.complete", "job.queued", "job.claimed", "job.propagated", "job.validated",
             "job.awaiting_review", "job.review", "job.accepted", "job.rejected", "job.sending", "send.queued",
@@ -254,6 +255,21 @@ def audit_page(ctx: Ctx) -> Response:
     return ctx.render("audit.html", rows=rows, q=q, verified=verified)
 
 
+# ---------------------------------------------------------------- login locks (web/auth.py LoginLimiter)
+def logins_page(ctx: Ctx) -> Response:
+    return ctx.render("logins.html", locks=ctx.state.limiter.locks(), limiter=ctx.state.limiter)
+
+
+def logins_clear(ctx: Ctx) -> Response:
+    address, user = ctx.form.get("address", ""), ctx.form.get("user", "")
+    if not ctx.state.limiter.clear(address, user):
+        return _back("/logins", "no such lock (it may have expired)")
+    with transaction(ctx.state.factory) as session:
+        audit_log.record(session, "web.login_lock_cleared", component="web", user=ctx.user.name,
+                         locked_address=address, locked_user=user, client=client_address(ctx.request))
+    return _back("/logins", f"lock on {user or 'every name'} from {address} cleared")
+
+
 def routes() -> list[BaseRoute]:
     return [
         route("/", dashboard),
@@ -270,4 +286,6 @@ def routes() -> list[BaseRoute]:
         route("/batch", batch_page),
         route("/batch/{run}/montage.png", batch_montage),
         route("/audit", audit_page),
+        route("/logins", logins_page, role="admin"),
+        route("/logins/clear", logins_clear, role="admin", methods=("POST",)),
     ]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlparse
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -10,20 +9,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from db.audit import record
+from db.audit import pseudonym, record, site_key
 from db.engine import transaction
-from web import auth
-from web.routing import WebState, _principal
+from web import auth, sessions
+from web.routing import WebState, _principal, client_address
 
 LOG = logging.getLogger("rtprop.web.login")
 
 
 def _safe_next(target: str | None) -> str:
-    """Only a path on this site (no scheme, no host): no open redirect after login."""
-    if not target:
+    """Only a path on this site: "/" then anything but a second "/" or "\\" (browsers read "//host", "/\\host"
+    and "///host" as another site), and no control character or space (browsers drop tabs and newlines)."""
+    if (not target or not target.startswith("/") or target[1:2] in ("/", "\\")
+            or any(c == "\\" or c.isspace() or not c.isprintable() for c in target)):
         return "/"
-    parsed = urlparse(target)
-    return target if not parsed.scheme and not parsed.netloc and target.startswith("/") else "/"
+    return target
 
 
 async def login_page(request: Request) -> Response:
@@ -35,32 +35,34 @@ async def login_page(request: Request) -> Response:
         "csrf": request.session["csrf"], "config": state.config, "msg": ""})
 
 
-def _try_login(state: WebState, name: str, password: str, client: str) -> tuple[str | None, float]:
-    """(user name or None, seconds to wait when refused by the rate limit)."""
-    keys = (f"user:{name}", f"addr:{client}")
-    wait = state.limiter.retry_after_s(*keys)
+def _try_login(state: WebState, name: str, password: str, client: str) -> tuple[str | None, str | None, float]:
+    """(user name, session id) when the password is right, else (None, None, seconds to wait when the rate limit
+    refused the try before its password was checked)."""
+    wait, ticket = state.limiter.attempt(name, client)
     if wait > 0:
-        return None, wait
+        return None, None, wait
     with transaction(state.factory) as session:
         user = auth.check_password(session, name, password)
         if user is None:
-            state.limiter.failed(*keys)
-            record(session, "web.login_failed", component="web", user=name[:64], client=client)
-            return None, 0.0
-        state.limiter.succeeded(*keys)
+            # a name that is no user may be a password typed in the wrong field: only its keyed hash is kept
+            who = {"user": name[:64]} if auth.user_exists(session, name) else \
+                {"user": "", "unknown_name": pseudonym(site_key(session), name)[:16]}
+            record(session, "web.login_failed", component="web", client=client, **who)
+            return None, None, 0.0
+        state.limiter.succeeded(name, client, ticket)
+        sid = sessions.start(session, user, client)
         record(session, "web.login", component="web", user=user.name, client=client)
-        return user.name, 0.0
+        return user.name, sid, 0.0
 
 
 async def login_submit(request: Request) -> Response:
     state: WebState = request.app.state.web
     form = await request.form()
-    name, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
+    name, password = str(form.get("username", "")).strip()[:64], str(form.get("password", ""))
     target = _safe_next(str(form.get("next", "")))
     if not auth.csrf_ok(request.session.get("csrf"), str(form.get("csrf_token", ""))):
         return PlainTextResponse("missing or wrong CSRF token: reload the login page", status_code=403)
-    client = request.client.host if request.client else "?"
-    user, wait = await run_in_threadpool(_try_login, state, name, password, client)
+    user, sid, wait = await run_in_threadpool(_try_login, state, name, password, client_address(request))
     if wait > 0:
         return state.templates.TemplateResponse(request, "login.html", {
             "next": target, "user": None, "csrf": request.session["csrf"], "config": state.config, "msg": "",
@@ -71,22 +73,29 @@ async def login_submit(request: Request) -> Response:
             "next": target, "user": None, "csrf": request.session["csrf"], "config": state.config, "msg": "",
             "error": "Wrong user name or password."}, status_code=401)
     request.session.clear()
-    request.session.update({"user": user, "csrf": auth.new_csrf()})  # a new session after login
+    request.session.update({"sid": sid, "csrf": auth.new_csrf()})  # a new session after login
     return RedirectResponse(target, status_code=303)
 
 
+def _logout(state: WebState, sid: str, client: str) -> None:
+    with transaction(state.factory) as session:
+        live = sessions.find(session, sid, state.config.web)
+        if sessions.end(session, sid, "logout") and live is not None:
+            record(session, "web.logout", component="web", user=live.user, client=client)
+
+
 async def logout(request: Request) -> Response:
+    state: WebState = request.app.state.web
     form = await request.form()
-    if request.session.get("user") and auth.csrf_ok(request.session.get("csrf"), str(form.get("csrf_token", ""))):
+    sid = request.session.get("sid")
+    if sid and auth.csrf_ok(request.session.get("csrf"), str(form.get("csrf_token", ""))):
+        await run_in_threadpool(_logout, state, sid, client_address(request))
         request.session.clear()
     return RedirectResponse("/login", status_code=302)
 
 
 async def health(request: Request) -> Response:
-    from web.health import health as run
-
-    state: WebState = request.app.state.web
-    result = await run_in_threadpool(run, state.factory, state.config, state.me)
+    result = await run_in_threadpool(request.app.state.health)
     return JSONResponse(result, status_code=200 if result["status"] == "ok" else 503)
 
 

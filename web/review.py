@@ -18,8 +18,11 @@ from db.schema import Job
 from pipeline import actions
 from pipeline.discovery import rtstruct_path, series_folder
 from pipeline.prompt_rois import PromptSpec
-from web.routing import Ctx, route
+from web.routing import Ctx, audit_read, route
 from web.overlay import WINDOWS, Overlay, SeriesImage, load_series, render_slice, rtstruct_overlays
+
+
+SLICE_READS_AUDITED_EVERY_S = 600.0  # slice images: one `web.read` row per user and job in this time, not per image
 
 
 def side_file(job: Job) -> dict[str, Any]:
@@ -86,6 +89,7 @@ def review_page(ctx: Ctx) -> Response:
                "id": str(header.get("PatientID", "")) if header is not None else ""}
     asked = ctx.request.query_params.get("z", "")
     start = int(asked) if asked.isdigit() else (contour_slices[0] if contour_slices else nz // 2)
+    audit_read(ctx, job, "review_page")
     return ctx.render("review.html", job=job, nz=nz, start=min(max(start, 0), nz - 1), rois=rois,
                       sources=sorted({o.name for o in drawn if o.source}), confidence=confidence,
                       contour_slices=contour_slices, prompt_slices=prompt_slices, uncertain=uncertain,
@@ -105,7 +109,8 @@ def slice_png(ctx: Ctx) -> Response:
     if not 0 <= z < image.array.shape[0]:
         return PlainTextResponse(f"slice {z} is outside 0..{image.array.shape[0] - 1}", status_code=404)
     png = render_slice(image, z, ctx.request.query_params.get("window", "soft"), overlays(ctx, job, image))
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    audit_read(ctx, job, "slice_images", every_s=SLICE_READS_AUDITED_EVERY_S)
+    return Response(png, media_type="image/png")  # Cache-Control: no-store (web/security.py): no disk copy
 
 
 def review_submit(ctx: Ctx) -> Response:

@@ -29,7 +29,8 @@ def make_server(config: Config, factory: sessionmaker[Session], me: str):  # typ
                               ssl_certfile=str(web.tls_certificate) if web.tls_certificate else None,
                               ssl_keyfile=str(web.tls_private_key) if web.tls_private_key else None,
                               proxy_headers=True, forwarded_allow_ips=web.forwarded_allow_ips,
-                              log_level="warning", access_log=False, server_header=False)
+                              log_level="warning", access_log=False, server_header=False,
+                              log_config=None)  # rtprop's own handler: one line per record (pipeline/logline.py)
     return uvicorn.Server(settings)
 
 

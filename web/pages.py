@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute
 
 from db import audit as audit_log
 from db.heartbeat import latest
+from db.receipts import verify_all
 from db.schema import AuditEntry, Job, Send, aware, utcnow
 from pipeline import actions
 from pipeline.jobs import STATES
@@ -234,7 +235,7 @@ def audit_page(ctx: Ctx) -> Response:
     verified = None
     if ctx.request.query_params.get("verify"):
         with ctx.state.factory() as session:
-            count, problems = audit_log.verify(session)
+            count, problems, _ = verify_all(session)
         verified = {"rows": count, "ok": not problems, "problems": problems[:20]}
     return ctx.render("audit.html", rows=rows, q=q, verified=verified)
 

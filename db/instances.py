@@ -73,8 +73,8 @@ def insert_new(connection: Connection, table: Table, values: dict, key: str) -> 
 
     A conflicting row still being written by another transaction makes this wait for its outcome."""
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
-    return bool(connection.execute(stmt).rowcount)
+    stmt = dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
+    return connection.execute(stmt).first() is not None  # (rowcount says 1 either way through psycopg)
 
 
 def record_instance(factory: sessionmaker[Session], new: NewInstance, place: Callable[[], None],

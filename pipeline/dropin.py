@@ -174,7 +174,7 @@ class DropIn:
             self.store.close_receipt(received.receipt, "done")  # the case's instances, audited once
         if problems:
             return self._quarantine(entry, problems, len(files))
-        self.completion.notify_release(series)
+        self.completion.notify_release(series, rule="dropin")
         self.completion.check()
         moved = _move(entry, self.paths.done)
         with transaction(self.factory) as session:

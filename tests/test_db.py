@@ -151,3 +151,39 @@ def _old_sha(factory, uid):
         details = s.execute(select(AuditEntry.details).where(AuditEntry.event == "instance.received",
                                                              AuditEntry.sop_instance_uid == uid)).scalar()
     return json.loads(details)["sha256"]
+
+
+def test_a_receipt_proves_its_instances_and_any_row_added_altered_or_removed_afterwards_shows(factory):
+    """Issue 23: one `instances.received` row per series of an association, checked against the instance rows."""
+    from db.receipts import close_receipt
+
+    receipt = NewReceipt("r2", "host:1:2", "TPS", "127.0.0.1:1234", "dimse", utcnow())
+    for n in range(5):
+        record_instance(factory, dataclasses.replace(_new(f"1.2.3.4.{n}"), receipt="r2"), lambda: None,
+                        receipt if n == 0 else None)
+    with factory() as s:
+        _, problems, proof = verify_all(s)
+    assert problems == [] and (proof.pending_instances, proof.pending_receipts) == (5, 1)  # open: not yet audited
+    with transaction(factory) as s:
+        assert close_receipt(s, "r2", "released") == 5
+        assert close_receipt(s, "r2", "released") == 0  # once
+    with factory() as s:
+        _, problems, proof = verify_all(s)
+        rows = [json.loads(d) for (d,) in s.execute(select(AuditEntry.details).where(
+            AuditEntry.event == "instances.received"))]
+    assert problems == [] and proof.pending_instances == 0 and [r["instances"] for r in rows] == [5]
+
+    def tampered(statement) -> list[str]:
+        with transaction(factory) as s:
+            s.execute(statement)
+        with factory() as s:
+            return [p.reason for p in verify_all(s)[1]]
+
+    altered = tampered(update(Instance).where(Instance.sop_instance_uid == "1.2.3.4.1").values(sha256="cd" * 32))
+    assert len(altered) == 1 and "receipt r2, series 1.2.3.2" in altered[0]
+    tampered(update(Instance).where(Instance.sop_instance_uid == "1.2.3.4.1").values(sha256="ab" * 32))
+    from sqlalchemy import delete, insert
+
+    assert tampered(delete(Instance).where(Instance.sop_instance_uid == "1.2.3.4.2"))[0].startswith("receipt r2")
+    extra = {**dataclasses.asdict(_new("1.2.3.4.9")), "receipt": "forged"}
+    assert any("forged" in p for p in tampered(insert(Instance).values(**extra)))

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -195,6 +196,8 @@ class Store:
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
         self._opened: set[str] = set()  # receipts this process opened and has not closed
+        self._unclosed: list[tuple[str, str]] = []  # (receipt, how) whose close failed: tried again with the next
+        self._lock = threading.Lock()
         from dicom_node.scu import worker_id
 
         self.me = worker_id()  # host:pid:start, on each receipt (several receivers; recovery after a crash)
@@ -259,20 +262,26 @@ class Store:
 
     def close_receipt(self, receipt: str, how: str, audit: Callable[[Session], object] | None = None) -> int:
         """Audit what `receipt` stored and close it, with `audit(session)`'s rows in the same transaction;
-        returns the number of instances. Never raises (logged: the instance rows are there, and the
-        receipt is recorded at the next start)."""
+        returns the number of instances. Never raises: a receipt whose close failed (database away) is
+        closed with the next one, or at the next start."""
         opened = receipt in self._opened
         self._opened.discard(receipt)
         if not opened and audit is None:
             return 0
+        with self._lock:
+            retry, self._unclosed = self._unclosed, []
         try:
             with transaction(self.factory) as session:
+                for earlier, earlier_how in retry:
+                    close_receipt(session, earlier, earlier_how)
                 count = close_receipt(session, receipt, how) if opened else 0
                 if audit is not None:
                     audit(session)
                 return count
-        except Exception:  # noqa: BLE001 - recover() at the next start closes it
-            LOG.exception("closing receipt %s failed", receipt)
+        except Exception:  # noqa: BLE001 - the instance rows are there; the receipt is recorded later
+            LOG.exception("closing receipt %s failed; it is recorded with the next one", receipt)
+            with self._lock:
+                self._unclosed += retry + ([(receipt, how)] if opened else [])
             return 0
 
     def recover_receipts(self) -> list[str]:

@@ -42,7 +42,13 @@ def run(count: int, parallel: int, work: Path, max_associations: int = 16) -> di
         elapsed = time.perf_counter() - t0
         rows, distinct = node.query("select count(*), count(distinct sop_instance_uid) from instances")[0]
         series_counts = node.query("select sum(instance_count) from series")[0][0]
-        received_audit = node.query("select count(*) from audit where event='instance.received'")[0][0]
+        deadline = time.monotonic() + 30  # receipts are written when each association's release is handled
+        while True:
+            received_audit = node.query("select coalesce(sum(json_extract(details, '$.instances')), 0) from audit "
+                                        "where event='instances.received'")[0][0]  # what the receipts recorded
+            if received_audit >= rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         node.stop()
     archive = [p for p in (node.storage / "archive").rglob("*") if p.is_file()]

@@ -516,16 +516,18 @@ def audit() -> None:
 @config_option
 @storage_option
 def audit_verify(config_path: Path | None, storage: Path | None) -> None:
-    """Walk the chain and compare its end with the head anchor; exit 3 naming the rows if any row was
-    altered, removed or inserted."""
+    """Walk the chain and compare its end with the head anchor, and check every instance row against the
+    receipt that recorded it; exit 3 naming the rows if any row was altered, removed or inserted."""
     from db import audit as audit_log
+    from db.receipts import verify_all
 
     factory = open_node(load(config_path, storage))
     with factory() as session:  # a read: the anchor is read before the walk's snapshot, writers go on meanwhile
-        count, problems = audit_log.verify(session)
+        count, problems, proof = verify_all(session)
     head = audit_log.head_of(factory)
     emit({"rows": count, "ok": not problems, "problems": [p.__dict__ for p in problems],
-           "head": dataclasses.asdict(head) if head else None})
+          "head": dataclasses.asdict(head) if head else None, "instances": proof.instances,
+          "instances_pending": proof.pending_instances, "receipts_open": proof.pending_receipts})
     if problems:
         sys.exit(3)
 

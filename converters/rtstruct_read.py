@@ -269,3 +269,37 @@ def _read_contours(path: Path, rc, roi: Roi, volume: Volume | None, structure_se
         for k, polygons in per_slice.items():
             mask[k] ^= polygons_to_mask(polygons, mask.shape[1:])
         roi.mask = mask
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The images a structure set says it was drawn on, for one referenced series.
+
+    `listed`: SOP Instance UIDs in RTReferencedSeriesSequence -> ContourImageSequence; `contoured`: those its
+    contours name (ROIContourSequence -> ContourSequence -> ContourImageSequence)."""
+
+    series_instance_uid: str
+    listed: frozenset[str]
+    contoured: frozenset[str]
+
+    @property
+    def whole_series(self) -> bool:
+        """Does it list images without contours (a TPS export listing every image of the series)? A listing of
+        only the contoured slices, or one whose contours name no image, says nothing about the series' size."""
+        return bool(self.contoured) and not self.listed <= self.contoured
+
+
+def image_listings(ds: pydicom.Dataset) -> dict[str, ImageListing]:
+    """Per referenced Series Instance UID, what an RTSTRUCT data set (header read) lists; {} when it lists none."""
+    contoured = frozenset(str(img.get("ReferencedSOPInstanceUID", "")) for rc in ds.get("ROIContourSequence", [])
+                          for c in rc.get("ContourSequence", []) for img in c.get("ContourImageSequence", []))
+    out: dict[str, ImageListing] = {}
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        for study in frame.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                uid = str(series.get("SeriesInstanceUID", "") or "")
+                listed = frozenset(str(img.get("ReferencedSOPInstanceUID", ""))
+                                   for img in series.get("ContourImageSequence", [])) - {""}
+                if uid and listed:
+                    out[uid] = ImageListing(uid, listed, contoured & listed)
+    return out

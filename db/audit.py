@@ -39,6 +39,7 @@ from db.schema import AuditEntry, SiteSetting, utcnow
 LOG = logging.getLogger("rtprop.db.audit")
 HEAD_BYTES = 256  # the anchor is one fixed-size record, overwritten in place (no new blocks on a full disk)
 TAIL_KEY = "audit_tail"  # session.info: (id, hash) of the last row this transaction appended
+LOCKED_KEY = "write_locked"  # session.info: True in a transaction holding the write lock (db/engine.py)
 
 GENESIS = "0" * 64
 CHAINED_FIELDS = ("at", "event", "component", "job_id", "study_instance_uid", "series_instance_uid",
@@ -139,6 +140,8 @@ def record(session: Session, event: str, *, component: str = "", job_id: int | N
     One Core INSERT on the session's connection (the ORM unit of work cost ~3 ms per row on the
     receive path); `tests/test_audit.py` holds it against rows made through the ORM.
     """
+    if not session.info.get(LOCKED_KEY):  # two unlocked appenders would both read the same last row: a forked chain
+        raise RuntimeError(f"audit row {event!r} outside the write lock (a transaction opened with lock=False)")
     if session.new or session.dirty or session.deleted:
         session.flush()
     connection = session.connection()

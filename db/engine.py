@@ -10,6 +10,9 @@ PostgreSQL (`database.url`, the distributed mode of docs/scaling.md).
   both read "the latest audit row" or "the next queued job" and both act on it. A thread holds at
   most one: opening a second one inside the first raises `NestedTransactionError` at once instead
   of waiting on itself (issue 10: a job failing at discovery once stalled the whole node that way).
+  `transaction(factory, lock=False)` writes without that lock on PostgreSQL: only the receive path's
+  instance rows (db/instances.py), which unique indexes and one series row lock keep consistent, so
+  receivers commit in parallel; such a unit of work cannot append to the audit chain.
 - `with factory() as session:` a read. It takes no write lock (WAL readers / MVCC snapshots never
   block writers) and cannot write: SQLite's connection is `query_only`, PostgreSQL's transaction
   is READ ONLY, so a write slipped into a read fails loudly.
@@ -35,9 +38,12 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.audit import LOCKED_KEY
+
 LOG = logging.getLogger("rtprop.db")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 WRITE = "rtprop_write"  # execution option that marks a connection of `transaction()`
+LOCKED = "rtprop_locked"  # ... and one that holds the cluster-wide write lock (every one but `transaction(lock=False)`)
 RESERVE_MB = 8  # room kept back on the database's disk for the audit rows of refusals
 WRITE_LOCK = 0x72747072  # "rtpr": the PostgreSQL advisory lock key every write unit of work takes
 CONNECT_TIMEOUT_S = 10  # a database host that does not answer: fail fast (the SCP answers 0xA700)
@@ -109,8 +115,10 @@ def _postgres_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        if conn.get_execution_options().get(WRITE):
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+        options = conn.get_execution_options()
+        if options.get(WRITE):
+            if options.get(LOCKED):
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
         else:
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
@@ -151,7 +159,7 @@ def migrate(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger("rtprop").getEffectiveLevel()))
-    with engine.connect().execution_options(**{WRITE: True}) as connection:
+    with engine.connect().execution_options(**{WRITE: True, LOCKED: True}) as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
 
@@ -213,15 +221,21 @@ _local = threading.local()
 
 
 @contextmanager
-def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One write-locked unit of work: committed on success, rolled back on any exception."""
+def transaction(factory: sessionmaker[Session], *, lock: bool = True) -> Iterator[Session]:
+    """One write-locked unit of work: committed on success, rolled back on any exception.
+
+    `lock=False`: a write that does not take PostgreSQL's cluster-wide advisory lock, for a unit of work
+    that is safe by row locks and unique indexes alone (the receive path's instance rows, db/instances.py);
+    it cannot append to the audit chain (db/audit.py refuses). SQLite serialises every writer either way.
+    """
     if getattr(_local, "open", False):
         raise NestedTransactionError("a database transaction is already open in this thread: finish one unit "
                                      "of work before starting the next (a nested one would wait on itself)")
     _local.open = True
     try:
         with factory() as session, session.begin():
-            session.connection(execution_options={WRITE: True})
+            session.connection(execution_options={WRITE: True, LOCKED: lock})
+            session.info[LOCKED_KEY] = lock
             yield session
     finally:
         _local.open = False

@@ -43,6 +43,24 @@ class Instance(Base):
     peer_address: Mapped[str] = mapped_column(String(64), default="")
     source: Mapped[str] = mapped_column(String(16), default="dimse")  # dimse | dropin | import
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    receipt: Mapped[str] = mapped_column(String(32), default="", index=True)  # receipts.id ('' before 0006)
+
+
+class Receipt(Base):
+    """What one association (or drop-in case, or re-ingest) stored: its instance rows carry its id, and
+    the audit records it once, when it ends (`instances.received` per series: count and digest of its
+    instances' SOP Instance UIDs and SHA-256), or at the next start when a crash cut it (db/receipts.py)."""
+
+    __tablename__ = "receipts"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    received_by: Mapped[str] = mapped_column(String(128), default="")  # host:pid:start of the receiving process
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    peer_address: Mapped[str] = mapped_column(String(64), default="")
+    source: Mapped[str] = mapped_column(String(16), default="dimse")
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    how: Mapped[str] = mapped_column(String(16), default="")  # released | aborted | done | recovered
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Series(Base):
@@ -63,6 +81,7 @@ class Series(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     patient_id_hash: Mapped[str] = mapped_column(String(64), default="")
+    completed_by: Mapped[str] = mapped_column(String(16), default="")  # the rule that closed it (COMPLETION_RULES)
 
 
 class Job(Base):

@@ -43,6 +43,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from config.schema import Config
 from db.audit import record
 from db.engine import transaction
+from db.receipts import new_id
 from dicom_node.gate import Gate, GatedRequestHandler, GateLimits, Refused, printable
 from dicom_node.storage import Received, Store
 from dicom_node.tls import server_context
@@ -80,23 +81,27 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 class _AssociationSeries:
-    """Series UIDs and instances stored per association: a release hints the completion checker, and the
-    association's end is audited with what it brought."""
+    """Per association: its receipt (db/receipts.py) and the series and instances it stored, so that its end
+    records them in the audit once and hints the completion checker."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_assoc: dict[int, tuple[set[str], list[int]]] = {}
+        self._by_assoc: dict[int, tuple[str, set[str], list[int]]] = {}
+
+    def receipt(self, assoc_id: int) -> str:
+        with self._lock:
+            return self._by_assoc.setdefault(assoc_id, (new_id(), set(), [0]))[0]
 
     def add(self, assoc_id: int, series_uid: str) -> None:
         with self._lock:
-            series, count = self._by_assoc.setdefault(assoc_id, (set(), [0]))
+            _, series, count = self._by_assoc.setdefault(assoc_id, (new_id(), set(), [0]))
             series.add(series_uid)
             count[0] += 1
 
-    def pop(self, assoc_id: int) -> tuple[set[str], int]:
+    def pop(self, assoc_id: int) -> tuple[str, set[str], int]:
         with self._lock:
-            series, count = self._by_assoc.pop(assoc_id, (set(), [0]))
-            return series, count[0]
+            receipt, series, count = self._by_assoc.pop(assoc_id, ("", set(), [0]))
+            return receipt, series, count[0]
 
 
 def _error_comment(reason: str) -> str:
@@ -123,7 +128,6 @@ def build_handlers(config: Config, store: Store, gate: Gate,
                    on_release: Callable[[set[str]], None] | None = None) -> list[tuple]:
     """Event handlers for the server: connection tuning, C-STORE, release hint, rejection and abort audit."""
     seen = _AssociationSeries()
-    factory = store.factory
 
     def handle_open(event: evt.Event) -> None:
         sock = getattr(event.assoc.dul.socket, "socket", None)
@@ -141,7 +145,7 @@ def build_handlers(config: Config, store: Store, gate: Gate,
             calling_ae=_calling_ae(event), peer_address=_peer(event),
             affected_sop_class_uid=str(req.AffectedSOPClassUID or ""),
             affected_sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+            transfer_syntax_uid=str(event.context.transfer_syntax), receipt=seen.receipt(id(event.assoc)),
         )
         result = store.ingest(raw, received)
         if result.status == 0x0000 and result.series_instance_uid:
@@ -153,24 +157,23 @@ def build_handlers(config: Config, store: Store, gate: Gate,
             return rsp
         return 0x0000
 
-    def audit_end(event: evt.Event, how: str, series: set[str], stored: int, **more: Any) -> None:
-        try:
-            with transaction(factory) as session:
-                record(session, f"association.{how}", component="dicom_node", calling_ae=_calling_ae(event),
-                       peer_address=_peer(event), instances_stored=stored, series=sorted(series)[:20], **more)
-        except Exception as exc:  # noqa: BLE001 - the instances themselves are recorded already
-            LOG.error("audit of the association's end failed: %s", printable(exc, 200))
+    def audit_end(event: evt.Event, how: str, **more: Any) -> set[str]:
+        """One write for the association's end: its receipt (what it stored, per series) and `association.<how>`."""
+        receipt, series, stored = seen.pop(id(event.assoc))
+        store.close_receipt(receipt, how, audit=lambda session: record(
+            session, f"association.{how}", component="dicom_node", calling_ae=_calling_ae(event),
+            peer_address=_peer(event), instances_stored=stored, series=sorted(series)[:20], receipt=receipt, **more))
+        return series
 
     def handle_released(event: evt.Event) -> None:
-        series, stored = seen.pop(id(event.assoc))
-        audit_end(event, "released", series, stored)
+        series = audit_end(event, "released")
         if series and on_release is not None and config.node.complete_on_release:
             on_release(series)
 
     def handle_aborted(event: evt.Event) -> None:
-        series, stored = seen.pop(id(event.assoc))  # an aborted transfer may be incomplete: the quiet period decides
         refusal = getattr(event.assoc.dul.socket, "refusal", None)  # set by GatedSocket when it cut the PDU
-        audit_end(event, "aborted", series, stored, **({"reason": refusal.reason} if refusal else {}))
+        # an aborted transfer may be incomplete: the quiet period decides
+        audit_end(event, "aborted", **({"reason": refusal.reason} if refusal else {}))
 
     def handle_acse_sent(event: evt.Event) -> None:
         primitive = event.primitive

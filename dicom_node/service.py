@@ -87,6 +87,7 @@ def serve_forever(config: Config, stop: threading.Event | None = None,
             previous[sig] = signal.signal(sig, _on_signal)
 
     store = Store(st, factory, fsync=st.fsync, on_duplicate=on_duplicate)
+    receipts_recovered = store.recover_receipts()
     checker = CompletionChecker(factory, config, on_series_complete)
     sender = Sender(factory, config)
     try:
@@ -107,7 +108,7 @@ def serve_forever(config: Config, stop: threading.Event | None = None,
     free_mb = shutil.disk_usage(st.archive).free // (1 << 20)
     with transaction(factory) as session:
         record(session, "node.started", component="dicom_node", calling_ae=config.node.ae_title,
-               host=config.node.host, port=port, temp_files_removed=removed, worker=sender.me, free_mb=free_mb)
+               host=config.node.host, port=port, temp_files_removed=removed, receipts_recovered=len(receipts_recovered), worker=sender.me, free_mb=free_mb)
         if free_mb < st.min_free_mb:
             record(session, "node.low_disk", component="dicom_node", free_mb=free_mb, min_free_mb=st.min_free_mb)
     if free_mb < st.min_free_mb:

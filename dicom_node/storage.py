@@ -2,8 +2,9 @@
 
 One call, `ingest`, takes the bytes a peer sent in a C-STORE and either
   * writes them to archive/<StudyUID>/<SeriesUID>/<SOPUID>.dcm (temp file in the same folder,
-    fsync, rename, folder fsync) and records Instance + Series + audit rows in ONE transaction,
-    and only then reports success (0x0000), or
+    fsync, rename, folder fsync) and records the Instance + Series rows in ONE transaction (without
+    the cluster-wide write lock, db/instances.py), and only then reports success (0x0000); the
+    audit records the association's instances once, when it ends (`close_receipt`, db/receipts.py), or
   * keeps the raw bytes in quarantine/ with a <name>.reason.json beside them and reports a
     failure status. Nothing a peer sent is dropped without trace.
 
@@ -14,6 +15,7 @@ reason "conflict" and audit `instance.conflict`, so an operator can see both ver
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -37,7 +40,8 @@ from config.schema import StorageConfig
 from converters.files import TEMP_PREFIX, fsync_dir, temp_name, temp_writer, write_atomic
 from db.audit import hash_patient_id, record, site_key
 from db.engine import ensure_reserve, is_unavailable, restrict, transaction, write_with_reserve
-from db.instances import NewInstance, record_instance
+from db.instances import NewInstance, NewReceipt, record_instance
+from db.receipts import close_receipt, new_id, recover as recover_open_receipts
 from db.schema import utcnow
 
 LOG = logging.getLogger("rtprop.node.storage")
@@ -63,6 +67,7 @@ class Received:
     affected_sop_instance_uid: str = ""
     transfer_syntax_uid: str = ""
     source: str = "dimse"
+    receipt: str = ""  # the association's receipt (db/receipts.py); '' = a receipt of its own, closed at once
 
 
 @dataclass
@@ -197,7 +202,12 @@ class Store:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             restrict(folder, 0o700)
         self._known_dirs: set[Path] = set()
-        self.me = f"{socket.gethostname()}:{os.getpid()}"  # in each instance.received row (several receivers)
+        self._opened: set[str] = set()  # receipts this process opened and has not closed
+        self._unclosed: list[tuple[str, str]] = []  # (receipt, how) whose close failed: tried again with the next
+        self._lock = threading.Lock()
+        from dicom_node.scu import worker_id
+
+        self.me = worker_id()  # host:pid:start, on each receipt (several receivers; recovery after a crash)
 
     # ------------------------------------------------------------------ space
     def has_space(self, needed: int) -> bool:
@@ -246,7 +256,51 @@ class Store:
 
     # ----------------------------------------------------------------- ingest
     def ingest(self, raw: bytes, received: Received) -> IngestResult:
-        """Archive + record one instance; return the status to send back. Never raises."""
+        """Archive + record one instance; return the status to send back. Never raises.
+
+        Without `received.receipt` the instance gets a receipt of its own, audited at once."""
+        if not received.receipt:
+            received = dataclasses.replace(received, receipt=new_id())
+            try:
+                return self._ingest_safely(raw, received)
+            finally:
+                self.close_receipt(received.receipt, "done")
+        return self._ingest_safely(raw, received)
+
+    def close_receipt(self, receipt: str, how: str, audit: Callable[[Session], object] | None = None) -> int:
+        """Audit what `receipt` stored and close it, with `audit(session)`'s rows in the same transaction;
+        returns the number of instances. Never raises: a receipt whose close failed (database away) is
+        closed with the next one, or at the next start."""
+        opened = receipt in self._opened
+        self._opened.discard(receipt)
+        if not opened and audit is None:
+            return 0
+        with self._lock:
+            retry, self._unclosed = self._unclosed, []
+        try:
+            with transaction(self.factory) as session:
+                for earlier, earlier_how in retry:
+                    close_receipt(session, earlier, earlier_how)
+                count = close_receipt(session, receipt, how) if opened else 0
+                if audit is not None:
+                    audit(session)
+                return count
+        except Exception:  # noqa: BLE001 - the instance rows are there; the receipt is recorded later
+            LOG.exception("closing receipt %s failed; it is recorded with the next one", receipt)
+            with self._lock:
+                self._unclosed += retry + ([(receipt, how)] if opened else [])
+            return 0
+
+    def recover_receipts(self) -> list[str]:
+        """At start-up: audit the receipts of associations a crash cut (their process is gone)."""
+        from dicom_node.scu import owner_alive
+
+        closed = recover_open_receipts(self.factory, owner_alive, self.me)
+        if closed:
+            LOG.warning("recorded %d receipt(s) left open by a process that ended: %s", len(closed), closed)
+        return closed
+
+    def _ingest_safely(self, raw: bytes, received: Received) -> IngestResult:
         try:
             return self._ingest(raw, received)
         except IngestError as exc:
@@ -300,14 +354,20 @@ class Store:
                 if self.fsync:
                     fh.flush()
                     os.fsync(fh.fileno())
-            # 2. one write transaction: duplicate check, rename, rows, audit; commit = success
+            # 2. one transaction (no cluster-wide lock): duplicate check, rename, rows; commit = success
+            now = utcnow()
+            first = received.receipt not in self._opened
             done = record_instance(self.factory, NewInstance(
                 sop_instance_uid=p.sop_instance_uid, sop_class_uid=p.sop_class_uid,
                 series_instance_uid=p.series_instance_uid, study_instance_uid=p.study_instance_uid,
                 modality=p.modality, patient_id_hash=p.patient_id_hash, path=str(final), sha256=digest,
                 transfer_syntax_uid=p.transfer_syntax_uid, calling_ae=received.calling_ae[:16],
-                peer_address=received.peer_address[:64], source=received.source, received_at=utcnow()), place,
-                received_by=self.me)
+                peer_address=received.peer_address[:64], source=received.source, received_at=now,
+                receipt=received.receipt), place,
+                NewReceipt(received.receipt, self.me, received.calling_ae[:16], received.peer_address[:64],
+                           received.source, now) if first else None)
+            if not done.duplicate:
+                self._opened.add(received.receipt)
         finally:
             if tmp.exists():
                 tmp.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from converters.errors import ConversionError
 from converters.rtstruct_write import MANUFACTURER
 from db.engine import transaction
 from db.schema import Instance, Job, Series, aware, utcnow
+from dicom_node.completion import RULES
 from dicom_node.routing import route_for_job
 from pipeline.jobs import JobStateError, audit_job, create_job, transition
 from pipeline.prompt_rois import PromptSpec, find_prompts
@@ -211,6 +212,7 @@ class Decision:
     specs: list[PromptSpec] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     queue: str = "cpu"  # the job engine's queue of the models routed to its structures
+    completed_by: str = ""  # the rule that closed the image series (dicom_node/completion.py RULES)
 
 
 def decide(factory: sessionmaker[Session], config: Config, job_id: int, now: datetime) -> Decision:
@@ -246,11 +248,12 @@ def decide(factory: sessionmaker[Session], config: Config, job_id: int, now: dat
             limit = wait_s + config.node.series_gap_timeout_s
             if waited > limit:
                 return Decision("failed", f"image series {s.series_instance_uid} still receiving after {waited:.0f} s")
-            return Decision(None, f"waiting for image series {s.series_instance_uid} ({s.modality}) to complete")
+            return Decision(None, f"waiting for image series {s.series_instance_uid} ({s.modality}) to complete: "
+                                  + _completion_hint(ds, s.series_instance_uid, config))
         if s.state != "complete":
             return Decision("failed", f"image series {s.series_instance_uid} is {s.state}: {s.reason}",
                             series_uid=s.series_instance_uid)
-        series_uid = s.series_instance_uid
+        series_uid, completed_by = s.series_instance_uid, s.completed_by
         try:
             folder = series_folder(session, series_uid)
         except DiscoveryError as exc:
@@ -270,7 +273,22 @@ def decide(factory: sessionmaker[Session], config: Config, job_id: int, now: dat
 
     with factory() as session:
         queue = job_queue(session, config, [s.structure for s in specs], series_uid)
-    return Decision("queued", series_uid=series_uid, specs=specs, notes=notes, queue=queue)
+    return Decision("queued", series_uid=series_uid, specs=specs, notes=notes, queue=queue,
+                    completed_by=completed_by)
+
+
+def _completion_hint(rtstruct: pydicom.Dataset, series_uid: str, config: Config) -> str:
+    """Which rule will complete the series this prompt waits for (dicom_node/completion.py), in words."""
+    from converters.rtstruct_read import image_listings
+
+    listing = image_listings(rtstruct).get(series_uid)
+    if listing is not None and listing.whole_series:
+        return f"the prompt lists all {len(listing.listed)} of its images; complete at once when every one is here"
+    node = config.node
+    what = "lists only its contoured slices" if listing is not None else "lists no images of it"
+    release = " or at its association's release (node.complete_on_release)" if node.complete_on_release else ""
+    return (f"the prompt {what}, so the series completes after node.series_quiet_period_s="
+            f"{node.series_quiet_period_s:g} s without a new image{release}")
 
 
 def apply(factory: sessionmaker[Session], job_id: int, decision: Decision) -> str:
@@ -295,7 +313,9 @@ def apply(factory: sessionmaker[Session], job_id: int, decision: Decision) -> st
             fields["series_instance_uid"] = decision.series_uid
         try:
             if decision.state == "queued":
-                transition(session, job, "queued", prompts=[s.to_json() for s in decision.specs],
+                rule = {"series_completed_by": decision.completed_by,
+                        "series_rule": RULES.get(decision.completed_by, "")} if decision.completed_by else {}
+                transition(session, job, "queued", prompts=[s.to_json() for s in decision.specs], details=rule,
                            queue=decision.queue, **fields)
                 audit_job(session, job, "job.prompts", notes=decision.notes[:20], prompts=[
                     {"structure": s.structure, "prompt": s.describe(), "slices": s.slices, "mode": s.mode}

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.schema import Config
 from db.audit import record
 from db.engine import transaction
+from db.receipts import new_id
 from db.schema import utcnow
 
 LOG = logging.getLogger("rtprop.pipeline.dropin")
@@ -108,6 +109,7 @@ class DropIn:
         self.config = config
         self.paths = DropinPaths.from_config(config)
         self.store = Store(config.storage, factory, fsync=config.storage.fsync)
+        self.store.recover_receipts()  # a case cut by a crash of an earlier watcher
         self.completion = CompletionChecker(factory, config, jobs_on_completion(config))
         self.seen: dict[str, tuple[tuple[int, int, float], float]] = {}  # name -> (signature, since)
         self.wake = threading.Event()
@@ -143,7 +145,7 @@ class DropIn:
         name = entry.name
         files = _files(entry)
         received = Received(calling_ae=self.config.dropin.calling_ae, peer_address=f"dropin:{name}"[:64],
-                            source="dropin")
+                            source="dropin", receipt=new_id())
         problems: list[str] = []
         payloads: list[tuple[Path, bytes, Any]] = []
         for path in files:
@@ -160,18 +162,21 @@ class DropIn:
         if problems:
             return self._quarantine(entry, problems, len(files))
         rtstructs, series = [], set()
-        for path, raw, parsed in payloads:
-            result = self.store.ingest(raw, received)
-            if result.status != 0x0000:
-                problems.append(f"{path.relative_to(entry.parent)}: 0x{result.status:04X} {result.reason}")
-                continue
-            series.add(parsed.series_instance_uid)
-            if parsed.sop_class_uid == RTStructureSetStorage:
-                rtstructs.append(parsed.sop_instance_uid)
-                self._job_for(parsed, name)
+        try:
+            for path, raw, parsed in payloads:
+                result = self.store.ingest(raw, received)
+                if result.status != 0x0000:
+                    problems.append(f"{path.relative_to(entry.parent)}: 0x{result.status:04X} {result.reason}")
+                    continue
+                series.add(parsed.series_instance_uid)
+                if parsed.sop_class_uid == RTStructureSetStorage:
+                    rtstructs.append(parsed.sop_instance_uid)
+                    self._job_for(parsed, name)
+        finally:
+            self.store.close_receipt(received.receipt, "done")  # the case's instances, audited once
         if problems:
             return self._quarantine(entry, problems, len(files))
-        self.completion.notify_release(series)
+        self.completion.notify_release(series, rule="dropin")
         self.completion.check()
         moved = _move(entry, self.paths.done)
         with transaction(self.factory) as session:

@@ -30,7 +30,8 @@ def _fmt(v: float) -> str:
 def make_prompt_rtstruct(volume: Volume, path: Path, *, boxes: Iterable[tuple[str, int, tuple[int, int, int, int]]] = (),
                          points: Iterable[tuple[str, int, Iterable[tuple[float, float]]]] = (),
                          outlines: Iterable[tuple[str, int, np.ndarray]] = (),
-                         manufacturer: str = "TPS-SIM", label: str = "PROMPT", reference_images: bool = True) -> Path:
+                         manufacturer: str = "TPS-SIM", label: str = "PROMPT", reference_images: bool = True,
+                         list_only_contoured: bool = False) -> Path:
     """Write a prompt RTSTRUCT for `volume` at `path`.
 
     reference_images=False: the contours reference images of another (e.g. original, uncropped)
@@ -39,6 +40,8 @@ def make_prompt_rtstruct(volume: Volume, path: Path, *, boxes: Iterable[tuple[st
     boxes: (ROI name, slice, (x0, y0, x1, y1) voxel indices) -> a rectangle through those pixel centres.
     points: (ROI name, slice, [(x, y), ...]) -> a POINT ROI.
     outlines: (ROI name, slice, (N, 2) x/y voxel coordinates) -> a CLOSED_PLANAR polygon.
+    list_only_contoured: RTReferencedSeriesSequence lists only the slices the contours are on (as some TPSs
+    export), instead of every image of the series.
     """
     header = volume.header
     geometry = volume.geometry
@@ -138,6 +141,9 @@ def make_prompt_rtstruct(volume: Volume, path: Path, *, boxes: Iterable[tuple[st
         keep_rois.append(item)
         keep_contours.append(rc)
         keep_obs.append(obs)
+    if list_only_contoured:
+        drawn = {c.ContourImageSequence[0].ReferencedSOPInstanceUID for rc in keep_contours for c in rc.ContourSequence}
+        series.ContourImageSequence = Sequence([i for i in images if i.ReferencedSOPInstanceUID in drawn])
     for n, (item, rc, obs) in enumerate(zip(keep_rois, keep_contours, keep_obs), start=1):
         item.ROINumber = rc.ReferencedROINumber = obs.ReferencedROINumber = obs.ObservationNumber = n
     ds.StructureSetROISequence = Sequence(keep_rois)
@@ -179,7 +185,8 @@ def sts_prompt_case(kind: str, out: Path) -> dict:
     return {"volume": volume, "gtv": gtv, "prompt_path": path, **p}
 
 
-def synthetic_case(folder: Path, seed: int, *, size: int = 24, slices: int = 12, patient_id: str = "SYN") -> dict:
+def synthetic_case(folder: Path, seed: int, *, size: int = 24, slices: int = 12, patient_id: str = "SYN",
+                   list_only_contoured: bool = False) -> dict:
     """A small CT phantom (bright ellipsoid in soft tissue) and a box-prompt RTSTRUCT in `folder`."""
     from converters.series import read_series
     from phantoms import ball, write_series
@@ -196,7 +203,8 @@ def synthetic_case(folder: Path, seed: int, *, size: int = 24, slices: int = 12,
     z = slices // 2
     rows, cols = np.flatnonzero(mask[z].any(axis=1)), np.flatnonzero(mask[z].any(axis=0))
     make_prompt_rtstruct(volume, folder / "RS_prompt.dcm",
-                         boxes=[("Tumour", z, (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])))])
+                         boxes=[("Tumour", z, (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])))],
+                         list_only_contoured=list_only_contoured)
     return {"mask": mask, "volume": volume}
 
 

@@ -177,3 +177,73 @@ def test_an_older_database_with_re_sent_jobs_upgrades_to_one_send_row_per_job_an
     assert [(r[0], r[1]) for r in rows] == [(1, None), (2, None), (3, 1)]
     assert all("re-sent as send 3" in r[2] for r in rows[:2])
     engine.dispose()
+
+
+def _receive(url: str, head: str, n: int, tag: str, series: str) -> None:
+    """One receiver: `n` instances of `series` (every other UID shared with the other receivers)."""
+    from db.instances import NewInstance, record_instance
+    from db.schema import utcnow
+
+    factory = open_database(url, head_path=head)
+    for i in range(n):
+        uid = f"1.2.9.{i}" if i % 2 else f"1.2.9.{i}.{tag[1:]}"
+        record_instance(factory, NewInstance(
+            sop_instance_uid=uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_instance_uid=series,
+            study_instance_uid="1.2.9", modality="CT", patient_id_hash="", path=f"/a/{uid}", sha256=tag * 32,
+            transfer_syntax_uid="", calling_ae=tag, peer_address="", source="dimse", received_at=utcnow()),
+            lambda: None)
+    factory.kw["bind"].dispose()
+
+
+def test_instances_are_recorded_without_the_write_lock_and_stay_exact_with_receivers_racing(pg_url,
+                                                                                         tmp_path: Path) -> None:
+    """Issue 23: no cluster-wide lock per image. An instance row commits while another process holds the write
+    lock (the old receive path waited for it), the audit refuses a row outside the lock, and four receivers
+    racing on one series and on shared SOP Instance UIDs store each UID once with the series count exact."""
+    import threading
+
+    from db.instances import NewInstance, record_instance
+    from db.schema import Instance, Series, utcnow
+
+    head = str(tmp_path / "head")
+    factory = open_database(pg_url, head_path=head)
+    new = NewInstance(sop_instance_uid="1.2.8.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                      series_instance_uid="1.2.8", study_instance_uid="1.2.7", modality="CT", patient_id_hash="",
+                      path="/a/1", sha256="ab" * 32, transfer_syntax_uid="", calling_ae="TPS", peer_address="",
+                      source="dimse", received_at=utcnow())
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with transaction(factory):
+            held.set()
+            release.wait(20)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert held.wait(10)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (record_instance(factory, new, lambda: None), done.set()))
+        t.start()
+        assert done.wait(5), "the instance row waited for the write lock"
+        t.join()
+    finally:
+        release.set()
+        holder.join()
+    with pytest.raises(RuntimeError, match="outside the write lock"):
+        with transaction(factory, lock=False) as session:
+            audit.record(session, "test.unlocked")
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_receive, args=(pg_url, head, 60, f"p{k}", "1.2.9.0.0")) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    with factory() as session:
+        uids = session.execute(select(Instance.sop_instance_uid).where(
+            Instance.series_instance_uid == "1.2.9.0.0")).scalars().all()
+        count = session.execute(select(Series.instance_count).where(Series.series_instance_uid == "1.2.9.0.0")).scalar()
+    assert len(uids) == len(set(uids)) == 30 + 4 * 30 and count == len(uids)
+    factory.kw["bind"].dispose()

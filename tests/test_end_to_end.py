@@ -101,7 +101,7 @@ def test_storescu_to_serve_to_storescp(tmp_path, sts_case):
         assert backend == "classic" and self_dice >= 0.98 and attempts == 1
         assert json.loads(versions)["rtprop"]
         assert set(json.loads(timings)) >= {"read_s", "propagate_s", "write_s", "self_check_s"}
-        for event in ("instance.received", "series.complete", "job.created", "job.queued", "job.prompts",
+        for event in ("instances.received", "series.complete", "job.created", "job.queued", "job.prompts",
                       "job.claimed", "job.propagated", "job.validated", "job.self_check", "send.queued",
                       "job.sending", "send.sent", "job.sent"):
             assert event in events, event

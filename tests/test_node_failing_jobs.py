@@ -129,5 +129,5 @@ def test_failing_jobs_in_every_path_leave_the_node_serving(tmp_path):
     assert stopped_s < 20
     # every row of the first patient, not only its received instances: its job and its send too
     events = {json.loads(line)["event"] for line in exported.stdout.splitlines()}
-    assert {"instance.received", "series.complete", "job.created", "job.sent", "send.queued", "send.sent"} <= events
+    assert {"instances.received", "series.complete", "job.created", "job.sent", "send.queued", "send.sent"} <= events
     assert "-> sent" in node.log()  # the admin sees job state changes without -v

@@ -17,6 +17,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config as pyn_config
 from pynetdicom.sop_class import Verification
 
+from test_node_receive import audit_verify
 from node_helpers import ENV, NodeProcess, StoreSCP, enqueue_file, make_ct_series, make_ct_slice, wait_for
 from pydicom import dcmread
 
@@ -53,9 +54,14 @@ def test_sigkill_mid_receive_loses_nothing_acknowledged(tmp_path: Path) -> None:
     assert 50 <= len(acked) < 400, f"{len(acked)} acknowledged: the kill should land mid-transfer"
     archive = node.storage / "archive"
     leftovers = list(archive.rglob(".rtprop-tmp-*"))
+    stored_before_restart = node.query("select count(*) from instances")[0][0]
     node2 = NodeProcess(tmp_path / "n", port=node.port, config=CFG).start()  # restart on the same storage
     try:
         assert not list(archive.rglob(".rtprop-tmp-*")), "temp files cleaned at restart"
+        # the association the kill cut is in the audit, recorded at the start, with what it had stored
+        cut = [json.loads(d) for (d,) in node2.query("select details from audit where event='instances.received'")]
+        assert [(c["how"], c["instances"]) for c in cut] == [("recovered", stored_before_restart)]
+        assert json.loads(audit_verify(node2.storage).stdout)["ok"]
         rows = {uid: (Path(p), sha) for uid, p, sha in node2.query("select sop_instance_uid, path, sha256 from instances")}
         for f in acked:
             uid = dcmread(f, stop_before_pixels=True).SOPInstanceUID

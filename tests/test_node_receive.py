@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 
-from node_helpers import ENV, NodeProcess, echoscu, make_ct_series, storescu, wait_for
+from node_helpers import ENV, VENV_BIN, NodeProcess, echoscu, make_ct_series, storescu, wait_for
 
 FAST = {"series_quiet_period_s": 1.0, "poll_interval_s": 0.2}
 
@@ -16,6 +16,12 @@ def _dataset_sha(path: Path) -> str:
     raw = path.read_bytes()
     start = 144 + int.from_bytes(raw[140:144], "little") if raw[128:132] == b"DICM" else 0
     return hashlib.sha256(raw[start:]).hexdigest()
+
+
+def audit_verify(storage: Path) -> subprocess.CompletedProcess:
+    """`rtprop audit verify` as an operator runs it (exit 0, or 3 naming the rows)."""
+    return subprocess.run([str(VENV_BIN / "rtprop"), "audit", "verify", "--storage", str(storage)],
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_echo_and_real_ct_series_with_rtstruct(tmp_path: Path, shared_data: Path) -> None:
@@ -47,9 +53,16 @@ def test_echo_and_real_ct_series_with_rtstruct(tmp_path: Path, shared_data: Path
         assert ae == "TPS" and peer.startswith("127.0.0.1:")
         # layout: archive/<study UID>/<series UID>/<SOP UID>.dcm, no names
         assert Path(path).relative_to(node.storage / "archive").parts[0][0].isdigit()
-    assert events["instance.received"] == 60 and events["series.complete"] == 2
+    assert events["series.complete"] == 2
     # each association's end is audited with what it brought (the echo probes bring nothing)
     assert sorted(e["instances_stored"] for e in ends if e["instances_stored"]) == [5, 60]
+    # ... and what it stored is in the chain once per series, not once per instance: the 59 CT images and the
+    # RTSTRUCT under one receipt; the re-send stored nothing new, so it has none
+    assert "instance.received" not in events
+    receipts = [json.loads(d) for (d,) in node.query("select details from audit where event='instances.received'")]
+    assert sorted(r["instances"] for r in receipts) == [1, 59] and len({r["receipt"] for r in receipts}) == 1
+    verified = audit_verify(node.storage)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["instances"] == 60
     assert "Synthetic" not in node.log() and "STS_001" not in node.log()
 
 

@@ -27,8 +27,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.schema import Config
-from db.audit import verify
 from db.heartbeat import latest
+from db.receipts import verify_all
 from db.schema import AuditEntry, Heartbeat, Instance, Job, Send
 from pipeline.jobs import STATES
 
@@ -128,7 +128,7 @@ class DatabaseCollector(Collector):
     def audit_status(self, session: Session) -> tuple[float, int, bool]:
         with self._lock:
             if self._verified is None or time.time() - self._verified[0] > self.config.web.audit_verify_interval_s:
-                rows, problems = verify(session)
+                rows, problems, _ = verify_all(session)
                 self._verified = (time.time(), rows, not problems)
             return self._verified
 

@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute
 from db import audit as audit_log
 from db.engine import transaction
 from db.heartbeat import latest
+from db.receipts import verify_all
 from db.schema import AuditEntry, Job, Send, aware, utcnow
 from pipeline import actions
 from pipeline.delivery import destination_text
@@ -250,7 +251,7 @@ def audit_page(ctx: Ctx) -> Response:
     verified = None
     if ctx.request.query_params.get("verify"):
         with ctx.state.factory() as session:
-            count, problems = audit_log.verify(session)
+            count, problems, _ = verify_all(session)
         verified = {"rows": count, "ok": not problems, "problems": problems[:20]}
     return ctx.render("audit.html", rows=rows, q=q, verified=verified)
 

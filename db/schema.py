@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -195,6 +195,30 @@ class Review(Base):
     comment: Mapped[str] = mapped_column(Text, default="")
     user: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+class Revision(Base):
+    """One revision of a job's result made by a reviewer (pipeline/revisions.py; revision 0, the job's own
+    result, has no row): a correction on one ROI or an undo, the ROI's corrections then in force, its mask
+    (NPZ) and the RTSTRUCT of every ROI at this revision (revision 0006_i20)."""
+
+    __tablename__ = "revisions"
+    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_revisions_job_number"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    number: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per job; only grows (an undo is a new revision)
+    roi: Mapped[str] = mapped_column(String(64))  # the ROI name in the RTSTRUCT
+    action: Mapped[str] = mapped_column(String(16))  # correction | undo
+    correction: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # as the reviewer gave it (API form)
+    corrections: Mapped[list] = mapped_column(JSON)  # the ROI's corrections in force after this revision
+    previous: Mapped[int] = mapped_column(Integer)  # the revision an undo from here goes back to (-1: none)
+    restores: Mapped[int | None] = mapped_column(Integer, nullable=True)  # undo: the revision whose state it restores
+    mask_path: Mapped[str] = mapped_column(Text)  # NPZ of the ROI's mask and confidence ('' = the job's result)
+    rtstruct_path: Mapped[str] = mapped_column(Text)
+    rtstruct_sha256: Mapped[str] = mapped_column(String(64))
+    summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # slices, confidence, warnings, seconds
+    user: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Model(Base):
     """A propagation model in the registry: a registered checkpoint (or the built-in `classic`) and where it is active.
 

@@ -75,6 +75,11 @@ def versions() -> dict[str, str]:
     return out
 
 
+def roi_description(backend: str, prompt: str, warnings: list[str]) -> str:
+    """A result ROI's ROIDescription (LO, 64 characters): a flagged result leads with the warning a TPS shows."""
+    return f"CHECK: {'; '.join(warnings)}" if warnings else f"rtprop {backend} from {prompt}"
+
+
 def compute(task: dict[str, Any]) -> dict[str, Any]:
     """Read the series and prompt RTSTRUCT, propagate every prompt, write one RTSTRUCT, self-check it.
 
@@ -112,11 +117,8 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
                                  "nothing to send")
         backend, checkpoint = result.backend, result.checkpoint_sha256 or checkpoint
         style = output_style(spec.structure, config.rtstruct, implausible=bool(result.warnings))
-        # ROI Description is 64 characters (LO): a flagged result leads with the warning a TPS shows
-        description = (f"CHECK: {'; '.join(result.warnings)}" if result.warnings
-                       else f"rtprop {result.backend} from {spec.describe()}")
-        rois.append(RoiMask(style["name"], result.mask, color=style["color"],
-                            interpreted_type=style["interpreted_type"], description=description))
+        rois.append(RoiMask(style["name"], result.mask, color=style["color"], interpreted_type=style["interpreted_type"],
+                            description=roi_description(result.backend, spec.describe(), result.warnings)))
         masks.append(result.mask)
         slices = result.mask.any(axis=(1, 2)).nonzero()[0]
         per_structure.append({"structure": spec.structure, "prompt": spec.describe(), "warnings": result.warnings,

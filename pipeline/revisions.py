@@ -264,7 +264,7 @@ def _int(body: Mapping[str, Any], key: str, what: str) -> int:
 
 def _in(value: int, key: str, size: int, what: str) -> None:
     if not 0 <= value < size:
-        raise CorrectionError(f"{key} = {value} is outside the image: {what} runs 0..{size - 1}")
+        raise CorrectionError(f"{key} = {value} is outside the image: {what} are 0..{size - 1}")
 
 
 def parse_correction(body: Mapping[str, Any], shape_zyx: tuple[int, int, int]) -> dict[str, Any]:
@@ -351,10 +351,13 @@ SHAPES = ("box", "outline")
 
 def in_force(corrections: Sequence[Mapping[str, Any]], item: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
     """The corrections in force once `item` is added: a box or outline replaces the box or outline drawn
-    before on its slice, an extent the extent before (the engine takes one of each); clicks add up."""
+    before on its slice, an extent the extent before (the engine takes one of each), a click the click
+    before on the same voxel (the reviewer changed their mind); other clicks add up."""
     def replaced(c: Mapping[str, Any]) -> bool:
         if item["kind"] == "extent":
             return c["kind"] == "extent"
+        if item["kind"] == "point":
+            return c["kind"] == "point" and (c["slice"], c["x"], c["y"]) == (item["slice"], item["x"], item["y"])
         return item["kind"] in SHAPES and c["kind"] in SHAPES and c["slice"] == item["slice"]
 
     return (*(dict(c) for c in corrections if not replaced(c)), dict(item))

@@ -459,10 +459,18 @@ def _open_job(session: Session, job_id: int, roi: str | None = None) -> Job:
     return job
 
 
-def _check_based_on(job_id: int, newest: int, based_on: int | None) -> None:
-    if based_on is not None and based_on != newest:
-        raise RevisionConflict(f"job {job_id} is at revision {newest}, not {based_on}: someone else changed it; "
-                               f"look at revision {newest} and correct again", newest)
+def _begin(factory: sessionmaker[Session], job_id: int, roi: str,
+           based_on: int | None) -> tuple[Job, JobRevision, RoiState, int]:
+    """The job (open to corrections of `roi`), its newest revision (RevisionConflict if that is not
+    `based_on`), the ROI's state there and its index in the RTSTRUCT."""
+    with factory() as session:
+        job = _open_job(session, job_id, roi)
+        revision = current(session, job)
+    if based_on is not None and based_on != revision.number:
+        raise RevisionConflict(f"job {job_id} is at revision {revision.number}, not {based_on}: someone else "
+                               f"changed it; look at revision {revision.number} and correct again", revision.number)
+    state = revision.roi(roi)
+    return job, revision, state, revision.rois.index(state)
 
 
 def add_correction(factory: sessionmaker[Session], config: Config, job_id: int, user: str, roi: str,
@@ -475,21 +483,16 @@ def add_correction(factory: sessionmaker[Session], config: Config, job_id: int, 
     CorrectionError for a correction that cannot be used, RevisionError when the job or ROI is closed.
     """
     from models.corrections import correct
+    from models.prompts import PromptError
     from models.result import PropagationResult
     from pipeline.model_routing import check_loaded, settings_for, verified_settings
     from pipeline.prompt_rois import PromptSpec, prompt_objects
-    from models.prompts import PromptError
 
     memo = memo or _Once()
     t0 = time.perf_counter()
-    with factory() as session:
-        job = _open_job(session, job_id, roi)
-        revision = current(session, job)
-    _check_based_on(job_id, revision.number, based_on)
-    state = revision.roi(roi)
+    job, revision, state, index = _begin(factory, job_id, roi, based_on)
     volume = volume if volume is not None else load_volume(factory, job)
     item = parse_correction(correction, volume.array.shape)
-    index = revision.rois.index(state)
     corrections = in_force(state.corrections, item)
     reused = _same_correction_made(factory, job_id, roi, corrections, state.mask_path)
     timings: dict[str, float] = {"read_s": time.perf_counter() - t0}
@@ -525,7 +528,6 @@ def add_correction(factory: sessionmaker[Session], config: Config, job_id: int, 
                                   "reject the ROI instead")
         new_mask = RoiMask.of(result.mask, result.confidence)
         summary = {"warnings": list(result.warnings), "backend": result.backend, "prompt": spec.describe()}
-        mask_path = None
     summary.update(slices=list(new_mask.slices or ()), confidence=round(new_mask.mean_confidence, 3),
                    description=describe(item))
     new_state = replace(state, corrections=corrections, previous=state.number,
@@ -540,16 +542,12 @@ def undo(factory: sessionmaker[Session], config: Config, job_id: int, user: str,
     before it (nothing is computed again). RevisionError when there is nothing to undo."""
     memo = memo or _Once()
     t0 = time.perf_counter()
+    job, revision, state, index = _begin(factory, job_id, roi, based_on)
+    if state.previous < 0:
+        raise RevisionError(f"job {job_id}: ROI {roi!r} has no correction to undo")
     with factory() as session:
-        job = _open_job(session, job_id, roi)
-        revision = current(session, job)
-        _check_based_on(job_id, revision.number, based_on)
-        state = revision.roi(roi)
-        if state.previous < 0:
-            raise RevisionError(f"job {job_id}: ROI {roi!r} has no correction to undo")
         row = session.execute(select(Revision).where(Revision.job_id == job_id,
                                                      Revision.number == state.previous)).scalar()
-    index = revision.rois.index(state)
     base = _base_states(job)[index]
     target = base if row is None else _state(base, row)
     volume = volume if volume is not None else load_volume(factory, job)

@@ -283,3 +283,18 @@ def test_review_in_browser_click_undo_accept_sends_the_corrected_contour_once(tm
                 if j == first[0] and e in ("job.correction", "job.undo", "job.review", "job.accepted")]
         assert made == [("job.correction", "dana", 1), ("job.undo", "dana", 2), ("job.correction", "dana", 3),
                         ("job.review", "dana", 3), ("job.accepted", "dana", 3)]
+
+
+def test_review_page_has_no_inline_script_style_or_handler():
+    """The page runs under a Content-Security-Policy with script-src 'self' (no inline code, no inline styles)."""
+    import re
+
+    from web.app import HERE
+
+    page = (HERE / "templates" / "review.html").read_text()
+    assert not re.search(r"<script(?![^>]*\bsrc=)", page), "an inline <script>"
+    assert not re.search(r"\sstyle\s*=", page), "an inline style attribute"
+    assert not re.search(r"\son[a-z]+\s*=", page), "an inline event handler"
+    assert "<style" not in page
+    script = (HERE / "static" / "review.js").read_text()
+    assert "eval(" not in script and "new Function" not in script and "setAttribute(\"style\"" not in script

@@ -7,6 +7,7 @@ row. Every correction, undo, download and decision is audited with the user, ref
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from pipeline.jobs import STATES
 from web.review import series_image
 from web.routing import Ctx, route
 
+LOG = logging.getLogger("rtprop.web.api")
 JOB_FIELDS = ("id", "state", "kind", "calling_ae", "study_instance_uid", "series_instance_uid",
               "rtstruct_sop_instance_uid", "dry_run", "backend", "checkpoint_sha256", "timings_s", "self_check_dice",
               "result_sha256", "error", "attempts", "created_at", "updated_at")
@@ -109,6 +111,10 @@ def _change(ctx: Ctx, event: str, usage: str, act) -> Response:  # type: ignore[
         return _refused(ctx, job_id, event + "_refused", exc, 400, roi=roi)
     except (revisions.RevisionError, actions.ActionError) as exc:
         return _refused(ctx, job_id, event + "_refused", exc, 409, roi=roi)
+    except Exception as exc:  # noqa: BLE001 - ours (or the model's files): said, audited, logged, nothing recorded
+        LOG.exception("job %s: %s failed", job_id, event)
+        return _refused(ctx, job_id, event + "_failed", RuntimeError(f"{type(exc).__name__}: {exc}; nothing "
+                                                                     "recorded"), 500, roi=roi)
     return _made(made)
 
 

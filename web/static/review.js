@@ -219,6 +219,7 @@
     }
     $("history").replaceChildren(...state.history.slice().reverse().map((h) =>
       html("li", "", `r${h.revision} · ${h.user} · ${h.roi}: ${h.what} · ${h.at.replace("T", " ").slice(0, 19)}`)));
+    if (!state.history.length) $("history").append(html("li", "none", "none yet: revision 0 is the result as propagated"));
     $("revision-number").textContent = state.revision;
     $("revision-by").textContent = state.revision ? `by ${state.by} · ${state.corrections} correction` +
       (state.corrections === 1 ? "" : "s") + " in force" : "(as propagated)";

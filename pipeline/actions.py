@@ -6,9 +6,10 @@ two people clicking at once cannot both act: the second gets `ActionError`. Ever
 carries `user=` the person's name.
 
 Review (job state `awaiting_review`, see pipeline/jobs.py): a decision per ROI of the result's newest
-revision (a reviewer's corrections, pipeline/revisions.py), final once made. When every ROI has one: all rejected -> `rejected` (nothing sent); all accepted
--> the result goes out by `pipeline.delivery.deliver` (the same durable queue as an unreviewed job, so it is
-sent exactly once); some rejected -> a copy holding only the accepted ROIs (new SOP Instance UID,
+revision (a reviewer's corrections, pipeline/revisions.py), final once made. When every ROI has one:
+all rejected -> `rejected` (nothing sent); all accepted -> that revision goes out by
+`pipeline.delivery.deliver` (the same durable queue as an unreviewed job, so it is sent exactly once);
+some rejected -> a copy holding only the accepted ROIs (new SOP Instance UID,
 converters.rtstruct_subset) goes out instead.
 """
 from __future__ import annotations

@@ -124,8 +124,10 @@ class RoiMask:
     @property
     def mean_confidence(self) -> float:
         """Mean per-slice confidence over the slices the structure is on (0 when empty)."""
-        span = self.slices
-        return 0.0 if span is None else float(np.mean(self.confidence[span[0]:span[1] + 1]))
+        if not self.box.size:
+            return 0.0
+        on = self.offset[0] + np.flatnonzero(self.box.any(axis=(1, 2)))
+        return float(np.mean(self.confidence[on]))
 
     def plane(self, axis: int, index: int) -> np.ndarray:
         """The mask on one plane through the volume: axis 2 = sagittal at column `index` -> (z, y), axis 1 =
@@ -425,11 +427,24 @@ def _base(job: Job, volume: Volume, memo: Memo) -> _Base:
     return memo.get(("revision-base", job.id, job.result_path), load)
 
 
-def roi_mask(job: Job, state: RoiState, index: int, volume: Volume, memo: Memo) -> RoiMask:
-    """The mask of ROI number `index + 1` in `state` (its NPZ, or the job's own result read on the series)."""
+def roi_mask(job: Job, state: RoiState, index: int, volume: Volume | None, memo: Memo) -> RoiMask:
+    """The mask of ROI number `index + 1` in `state`: its NPZ, or the job's own result read on the series
+    (`volume`, needed only then)."""
     if not state.mask_path:
+        if volume is None:
+            raise ValueError(f"job {job.id}: the series is needed to read ROI {state.name!r} of its result")
         return _base(job, volume, memo).masks[index]
     return memo.get(("revision-mask", state.mask_path), lambda: RoiMask.from_npz(state.mask_path))
+
+
+def roi_confidence(job: Job, state: RoiState, index: int, n_slices: int, memo: Memo) -> np.ndarray:
+    """Per-slice confidence of ROI number `index + 1` in `state`, without reading the series: its NPZ's, or
+    for the job's own result its review.json's (none recorded: zeros)."""
+    if state.mask_path:
+        return roi_mask(job, state, index, None, memo).confidence
+    side = side_file(job).get("structures", [])
+    conf = side[index].get("confidence", []) if index < len(side) else []
+    return np.asarray(conf, np.float32) if len(conf) == n_slices else np.zeros(n_slices, np.float32)
 
 
 def load_volume(factory: sessionmaker[Session], job: Job) -> Volume:
@@ -581,7 +596,8 @@ def _same_correction_made(factory: sessionmaker[Session], job_id: int, roi: str,
     return None
 
 
-def _prompt_structure_set(factory: sessionmaker[Session], job: Job, volume: Volume, memo: Memo):  # type: ignore[no-untyped-def]
+def _prompt_structure_set(factory: sessionmaker[Session], job: Job, volume: Volume,
+                          memo: Memo):  # type: ignore[no-untyped-def]
     """The job's prompt RTSTRUCT read on the series (outline prompts are taken from it)."""
     from converters.rtstruct_read import read_rtstruct
     from pipeline.discovery import rtstruct_path

@@ -116,22 +116,20 @@ def review_state(ctx: Ctx) -> Response:
         rows = revisions.history(session, job.id)
     drawn = overlays(ctx, job, image, revision.rtstruct)
     by_name = {o.name: o for o in drawn if not o.source}
-    volume = image.volume
     threshold = ctx.state.config.review.uncertain_below
     rois = []
     for i, state in enumerate(revision.rois):
-        mask = revisions.roi_mask(job, state, i, volume, ctx.state.revision_cache)
+        confidence = revisions.roi_confidence(job, state, i, image.array.shape[0], ctx.state.revision_cache)
         overlay = by_name.get(state.name)
-        slices = mask.slices
-        contoured = sorted(int(z) for z in (overlay.polygons if overlay else {}))
+        contoured = sorted(int(z) for z in (overlay.polygons if overlay else {}))  # as the RTSTRUCT has it
         decision = done.get(state.name)
         rois.append({
             "name": state.name, "structure": state.structure,
             "colour": "#%02x%02x%02x" % (overlay.colour if overlay else (255, 128, 0)),
-            "revision": state.number, "slices": list(slices) if slices else None,
-            "confidence": [round(float(c), 3) for c in mask.confidence],
-            "mean_confidence": round(mask.mean_confidence, 3),
-            "uncertain": [z for z in contoured if mask.confidence[z] < threshold],
+            "revision": state.number, "slices": [contoured[0], contoured[-1]] if contoured else None,
+            "confidence": [round(float(c), 3) for c in confidence],
+            "mean_confidence": round(float(np.mean(confidence[contoured])) if contoured else 0.0, 3),
+            "uncertain": [z for z in contoured if confidence[z] < threshold],
             "corrections": [revisions.describe(c) for c in state.corrections], "items": list(state.corrections),
             "can_undo": state.previous >= 0,
             "warnings": list(state.warnings), "contours": _polygons(overlay) if overlay else {},

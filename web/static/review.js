@@ -190,16 +190,22 @@
       rect.append(el("title", {}, `slice ${k}: ` + (contoured.has(k) ? `confidence ${c.toFixed(2)}` : "no contour")));
       strip.append(rect);
     }
-    for (const k of r ? r.uncertain : []) strip.append(el("rect", { x: k, y: 0, width: 1, height: 3, class: "uncertain", fill: "#ff3030" }));
-    for (const k of prompts) strip.append(el("rect", { x: k, y: 0, width: 1, height: 12, class: "prompt-mark", fill: "#40a0ff", opacity: 0.9 }));
-    strip.append(el("rect", { id: "strip-cursor", x: z, y: 0, width: 1, height: 12, fill: "none", stroke: "#fff", "stroke-width": 0.3 }));
+    for (const k of r ? r.uncertain : []) {
+      strip.append(el("rect", { x: k, y: 0, width: 1, height: 3, class: "uncertain", fill: "#ff3030" }));
+    }
+    for (const k of prompts) {
+      strip.append(el("rect", { x: k, y: 0, width: 1, height: 12, class: "prompt-mark", fill: "#40a0ff", opacity: 0.9 }));
+    }
+    strip.append(el("rect", { id: "strip-cursor", x: z, y: 0, width: 1, height: 12, fill: "none", stroke: "#fff",
+                              "stroke-width": 0.3 }));
   }
   function drawLabel() {
     const r = roi();
     label.replaceChildren();
     let text = `Slice ${z} (0–${nz - 1}) · ${positions[z].toFixed(1)} mm`;
     const on = r && r.contours[z];
-    if (r) text += ` · ${r.name}: ` + (on ? (hasConfidence || r.revision ? `confidence ${r.confidence[z].toFixed(2)}` : "contoured") : "no contour");
+    const known = hasConfidence || (r && r.revision);
+    if (r) text += ` · ${r.name}: ` + (!on ? "no contour" : known ? `confidence ${r.confidence[z].toFixed(2)}` : "contoured");
     label.append(text);
     if (prompts.includes(z)) label.append(" · ", html("span", "prompt", "PROMPT SLICE"));
     if (r && r.uncertain.includes(z)) label.append(" · ", html("span", "uncertain", "UNCERTAIN"));
@@ -503,7 +509,11 @@
     if (e.target.closest && e.target.closest("textarea, input:not([type=range]), select")) return;
     const step = { ArrowUp: 1, ArrowRight: 1, ArrowDown: -1, ArrowLeft: -1, PageUp: 10, PageDown: -10 }[e.key];
     if (step !== undefined) { e.preventDefault(); show(z + step); return; }
-    if ((e.ctrlKey || e.metaKey) && e.key.toLowerCase() === "z") { e.preventDefault(); if (canCorrect) send("corrections/undo", {}); return; }
+    if ((e.ctrlKey || e.metaKey) && e.key.toLowerCase() === "z") {
+      e.preventDefault();
+      if (canCorrect) send("corrections/undo", {});
+      return;
+    }
     if (e.ctrlKey || e.metaKey || e.altKey) return;
     const key = e.key.toLowerCase();
     const tools = { b: "browse", p: "positive", n: "negative", x: "box", d: "brush", e: "eraser", w: "wl" };

@@ -448,8 +448,11 @@
     if (!drag) return;
     const d = drag, a = voxelAt(e), t0 = performance.now();
     drag = null;
+    const correcting = ["positive", "negative", "box", "brush", "eraser"].includes(d.mode);
     if (!canCorrect || !roi() || roi().decision !== null || sending) {
       if (d.mode === "brush" || d.mode === "eraser") paint.hidden = true;
+      if (correcting && sending) say("Wait: the last correction is still propagating.", "warn");
+      else if (correcting && roi() && roi().decision) say(`${roi().name} is decided: a decision is final.`, "warn");
       return;
     }
     if ((d.mode === "positive" || d.mode === "negative") && !d.moved) sendPoint(a, d.mode === "positive", t0);

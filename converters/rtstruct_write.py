@@ -45,6 +45,7 @@ RT_ROI_INTERPRETED_TYPES = frozenset({"EXTERNAL", "PTV", "CTV", "GTV", "TREATED_
                                       "CONTRAST_AGENT", "CAVITY", "BRACHY_CHANNEL", "BRACHY_ACCESSORY",
                                       "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "SUPPORT", "FIXATION",
                                       "DOSE_REGION", "CONTROL", "DOSE_MEASUREMENT", ""})
+ROI_GENERATION_ALGORITHMS = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")  # DICOM defined terms (C.8.8.5)
 
 def software_version() -> str:
     """rtprop's version as installed (package metadata), written to SoftwareVersions."""
@@ -68,7 +69,8 @@ class RoiMask:
     """One structure to write: `mask` is boolean (z, y, x) on the volume's grid.
 
     `color` (R, G, B 0-255) and `interpreted_type` (RTROIInterpretedType, e.g. ORGAN, GTV) default
-    to the settings' roi_color / roi_interpreted_type.
+    to the settings' roi_color / roi_interpreted_type. `generation_algorithm` is ROIGenerationAlgorithm
+    (AUTOMATIC; SEMIAUTOMATIC once a person corrected it), `generation_description` says how (LO, 64).
     """
 
     name: str
@@ -76,6 +78,8 @@ class RoiMask:
     color: tuple[int, int, int] | None = None
     interpreted_type: str | None = None
     description: str = ""
+    generation_algorithm: str = "AUTOMATIC"
+    generation_description: str = "rtprop propagation"
 
 
 def format_ds(value: float) -> str:
@@ -162,7 +166,8 @@ def _contour_items(volume: Volume, mask: np.ndarray, sop_class: str) -> list[Dat
 
 def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructConfig | None = None,
                    *, series_description: str = "rtprop propagated contours",
-                   now: dt.datetime | None = None, uid_seed: str | None = None) -> Dataset:
+                   now: dt.datetime | None = None, uid_seed: str | None = None,
+                   structure_set_description: str = "") -> Dataset:
     """A complete, validated RT Structure Set dataset for `rois` drawn on `volume` (a DICOM series).
 
     New SOP Instance and Series UIDs: random, or derived from `uid_seed` (the same seed always gives
@@ -193,6 +198,9 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
         itype = (roi.interpreted_type if roi.interpreted_type is not None else settings.roi_interpreted_type).upper()
         if itype not in RT_ROI_INTERPRETED_TYPES:
             raise RTStructError(f"ROI {roi.name!r}: RTROIInterpretedType {itype!r} is not a DICOM defined term")
+        if roi.generation_algorithm not in ROI_GENERATION_ALGORITHMS:
+            raise RTStructError(f"ROI {roi.name!r}: ROIGenerationAlgorithm {roi.generation_algorithm!r} is not one of "
+                                f"{', '.join(ROI_GENERATION_ALGORITHMS)}")
     header = volume.header
     sop_class = volume.sop_class_uid or (header.get("SOPClassUID", "") if header is not None else "")
     if not sop_class:
@@ -232,6 +240,8 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
     ds.StructureSetName = ds.StructureSetLabel
     ds.StructureSetDate = ds.InstanceCreationDate
     ds.StructureSetTime = ds.InstanceCreationTime
+    if structure_set_description:
+        ds.StructureSetDescription = structure_set_description[:1024]  # ST
     ds.InstanceNumber = 1
 
     contour_images = []
@@ -265,8 +275,8 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
         item.ReferencedFrameOfReferenceUID = volume.frame_of_reference_uid
         item.ROIName = name
         item.ROIDescription = (roi.description or roi.name)[:64]
-        item.ROIGenerationAlgorithm = "AUTOMATIC"
-        item.ROIGenerationDescription = "rtprop propagation"
+        item.ROIGenerationAlgorithm = roi.generation_algorithm
+        item.ROIGenerationDescription = roi.generation_description[:64]
         ss_rois.append(item)
 
         color = roi.color if roi.color is not None else settings.roi_color

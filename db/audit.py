@@ -4,7 +4,7 @@ Rows carry UIDs, AE titles and a pseudonym of the Patient ID, never patient name
 a keyed hash (HMAC-SHA256) with the site's secret key, a file outside the database
 (`storage.pseudonym_key_file`, mode 0600, made on first start; `open_site_key`): without the key a
 7-digit MRN cannot be found by trying every number, as it could from the unsalted SHA-256 that rows
-written before revision 0006_i22 carry. Those rows keep it (rewriting them would break the chain);
+written before revision 0007_web_sessions carry. Those rows keep it (rewriting them would break the chain);
 `query` by Patient ID finds both kinds. Losing the key loses nothing recorded, but new rows of a
 patient could no longer be matched with older ones: a database whose key file is missing or
 different is refused at start, naming the file.
@@ -66,7 +66,7 @@ def hash_patient_id(patient_id: str | None, key: bytes) -> str:
 
 
 def legacy_patient_hash(patient_id: str) -> str:
-    """The unsalted SHA-256 that rows written before revision 0006_i22 carry instead of the pseudonym."""
+    """The unsalted SHA-256 that rows written before revision 0007_web_sessions carry instead of the pseudonym."""
     return hashlib.sha256(patient_id.strip().encode("utf-8")).hexdigest()
 
 
@@ -301,7 +301,7 @@ def query(session: Session, *, since: datetime | None = None, until: datetime | 
         stmt = stmt.where(AuditEntry.study_instance_uid == study_instance_uid)
     if calling_ae:
         stmt = stmt.where(AuditEntry.calling_ae == calling_ae)
-    if patient_id:  # the pseudonym, or the unsalted hash of rows older than revision 0006_i22
+    if patient_id:  # the pseudonym, or the unsalted hash of rows older than revision 0007_web_sessions
         stmt = stmt.where(AuditEntry.patient_id_hash.in_(
             (hash_patient_id(patient_id, site_key(session)), legacy_patient_hash(patient_id))))
     return list(session.execute(stmt).scalars())

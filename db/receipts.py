@@ -8,7 +8,7 @@ write lock is taken once per association, not once per image, and every received
 proven by the chain: `verify` recomputes each digest from the instance rows, and an instance row
 added, altered or removed afterwards shows. A receipt left open by a process that died (a crash cuts
 the association) is closed at the next start (`recover`, how = "recovered"). Instances received
-before receipts existed (migration 0006) are proven by their own `instance.received` rows.
+before receipts existed (migration 0008_receipts) are proven by their own `instance.received` rows.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from db.engine import transaction
 from db.schema import AuditEntry, Instance, Receipt, utcnow
 
 EVENT = "instances.received"
-OLD_EVENT = "instance.received"  # one row per instance, before revision 0006
+OLD_EVENT = "instance.received"  # one row per instance, before revision 0008_receipts
 
 
 def new_id() -> str:

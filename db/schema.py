@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -43,7 +43,7 @@ class Instance(Base):
     peer_address: Mapped[str] = mapped_column(String(64), default="")
     source: Mapped[str] = mapped_column(String(16), default="dimse")  # dimse | dropin | import
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    receipt: Mapped[str] = mapped_column(String(32), default="", index=True)  # receipts.id ('' before 0006)
+    receipt: Mapped[str] = mapped_column(String(32), default="", index=True)  # receipts.id ('' before 0008_receipts)
 
 
 class Receipt(Base):
@@ -117,7 +117,7 @@ class Job(Base):
     waiting_for: Mapped[str] = mapped_column(Text, default="")  # what a received job waits for (shown, audited)
     waiting_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # where the result goes, decided from the receiving node's routes when the job was created
-    # (dicom_node.routing.JobRoute as JSON; None: a job from before revision 0006, routed at delivery)
+    # (dicom_node.routing.JobRoute as JSON; None: a job from before revision 0006_job_routes, routed at delivery)
     route: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     queue: Mapped[str] = mapped_column(String(16), default="cpu", server_default="cpu")  # the engine's: cpu | gpu
     result_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="", server_default="")
@@ -196,7 +196,7 @@ class ApiToken(Base):
 
 
 class WebSession(Base):
-    """A login to the web app (revision 0006_i22). The cookie carries a random id, only its SHA-256 is kept,
+    """A login to the web app (revision 0007_web_sessions). The cookie carries a random id, only its SHA-256 is kept,
     so the server can end a session (logout, `users disable`, a new password); web/sessions.py also ends it
     after web.session_idle_timeout_s unused or web.session_max_age_s in all."""
 
@@ -212,7 +212,7 @@ class WebSession(Base):
 
 
 class SiteSetting(Base):
-    """A fact about this site the database must remember (revision 0006_i22), e.g. the SHA-256 of the
+    """A fact about this site the database must remember (revision 0007_web_sessions), e.g. the SHA-256 of the
     pseudonym key, whose secret itself stays outside the database."""
 
     __tablename__ = "site_settings"
@@ -244,6 +244,30 @@ class Review(Base):
     comment: Mapped[str] = mapped_column(Text, default="")
     user: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+class Revision(Base):
+    """One revision of a job's result made by a reviewer (pipeline/revisions.py; revision 0, the job's own
+    result, has no row): a correction on one ROI or an undo, the ROI's corrections then in force, its mask
+    (NPZ) and the RTSTRUCT of every ROI at this revision (revision 0009_revisions)."""
+
+    __tablename__ = "revisions"
+    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_revisions_job_number"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    number: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per job; only grows (an undo is a new revision)
+    roi: Mapped[str] = mapped_column(String(64))  # the ROI name in the RTSTRUCT
+    action: Mapped[str] = mapped_column(String(16))  # correction | undo
+    correction: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # as the reviewer gave it (API form)
+    corrections: Mapped[list] = mapped_column(JSON)  # the ROI's corrections in force after this revision
+    previous: Mapped[int] = mapped_column(Integer)  # the revision an undo from here goes back to (-1: none)
+    restores: Mapped[int | None] = mapped_column(Integer, nullable=True)  # undo: the revision whose state it restores
+    mask_path: Mapped[str] = mapped_column(Text)  # NPZ of the ROI's mask and confidence ('' = the job's result)
+    rtstruct_path: Mapped[str] = mapped_column(Text)
+    rtstruct_sha256: Mapped[str] = mapped_column(String(64))
+    summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # slices, confidence, warnings, seconds
+    user: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Model(Base):
     """A propagation model in the registry: a registered checkpoint (or the built-in `classic`) and where it is active.
 

@@ -5,10 +5,11 @@ runs in ONE write-locked transaction (the state check, the change and its audit 
 two people clicking at once cannot both act: the second gets `ActionError`. Every audit row
 carries `user=` the person's name.
 
-Review (job state `awaiting_review`, see pipeline/jobs.py): a decision per ROI of the result,
-final once made. When every ROI has one: all rejected -> `rejected` (nothing sent); all accepted
--> the result goes out by `pipeline.delivery.deliver` (the same durable queue as an unreviewed job, so it is
-sent exactly once); some rejected -> a copy holding only the accepted ROIs (new SOP Instance UID,
+Review (job state `awaiting_review`, see pipeline/jobs.py): a decision per ROI of the result's newest
+revision (a reviewer's corrections, pipeline/revisions.py), final once made. When every ROI has one:
+all rejected -> `rejected` (nothing sent); all accepted -> that revision goes out by
+`pipeline.delivery.deliver` (the same durable queue as an unreviewed job, so it is sent exactly once);
+some rejected -> a copy holding only the accepted ROIs (new SOP Instance UID,
 converters.rtstruct_subset) goes out instead.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from db.audit import record
 from db.engine import transaction
 from db.schema import Job, Review, Send, utcnow
 from pipeline import jobs as J
+from pipeline.revisions import RevisionConflict, current, result_rois
 
 LOG = logging.getLogger("rtprop.pipeline.actions")
 DECISIONS = ("accept", "reject")
@@ -55,14 +57,6 @@ def _job(session: Session, job_id: int) -> Job:
     return job
 
 
-def result_rois(path: str | Path) -> list[str]:
-    """ROI names of a result RTSTRUCT, in file order."""
-    from pydicom import dcmread
-
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=["StructureSetROISequence"])
-    return [str(item.ROIName) for item in ds.get("StructureSetROISequence", [])]
-
-
 def decisions(session: Session, job_id: int) -> dict[str, Review]:
     """The decision on each reviewed ROI of a job (first one wins: decisions are final)."""
     out: dict[str, Review] = {}
@@ -72,8 +66,11 @@ def decisions(session: Session, job_id: int) -> dict[str, Review]:
 
 
 def review(factory: sessionmaker[Session], config: Config, job_id: int, user: str, *, roi: str | None,
-           decision: str, rating: int | None = None, comment: str = "") -> Outcome:
-    """Record `user`'s decision on ROI `roi` (None: every ROI not yet decided) and close the job when all are."""
+           decision: str, rating: int | None = None, comment: str = "", revision: int | None = None) -> Outcome:
+    """Record `user`'s decision on ROI `roi` (None: every ROI not yet decided) and close the job when all are.
+
+    The decision is on the result's newest revision (pipeline/revisions.py), which is what an accept sends;
+    `revision`: the one the reviewer looked at (RevisionConflict if someone corrected it since)."""
     if decision not in DECISIONS:
         raise ActionError(f"decision {decision!r}: expected one of {', '.join(DECISIONS)}")
     if rating is not None and not 1 <= int(rating) <= 5:
@@ -84,6 +81,11 @@ def review(factory: sessionmaker[Session], config: Config, job_id: int, user: st
         if job.state != "awaiting_review":
             raise ActionError(f"job {job_id} is {job.state}, not awaiting_review: nothing to review "
                               "(a reviewer's decision is final)")
+        shown = current(session, job)
+        if revision is not None and revision != shown.number:
+            raise RevisionConflict(f"job {job_id} is at revision {shown.number}, not {revision}: "
+                                   f"{shown.user or 'someone'} corrected it since; look at revision {shown.number} "
+                                   "before deciding", shown.number)
         names = result_rois(job.result_path)
         done = decisions(session, job_id)
         if roi is None:
@@ -98,7 +100,7 @@ def review(factory: sessionmaker[Session], config: Config, job_id: int, user: st
             session.add(Review(job_id=job_id, roi=name, decision=decision, rating=rating, comment=comment,
                                user=user, at=utcnow()))
             J.audit_job(session, job, "job.review", user=user, roi=name, decision=decision, rating=rating,
-                        comment=comment)
+                        comment=comment, revision=shown.number)
         session.flush()
         done = decisions(session, job_id)
         if any(n not in done for n in names):
@@ -108,7 +110,7 @@ def review(factory: sessionmaker[Session], config: Config, job_id: int, user: st
         if not accepted:
             J.transition(session, job, "rejected", details={"user": user, "rois": names})
             return Outcome(job_id, "rejected", "rejected: nothing sent", {"rois": names})
-        path = Path(job.result_path)
+        path = shown.rtstruct  # the revision on screen: the job's own result or the reviewers' corrected one
         if len(accepted) < len(names):
             from converters.rtstruct_subset import keep_rois
             from pipeline.write_result import sha256_file
@@ -123,9 +125,10 @@ def review(factory: sessionmaker[Session], config: Config, job_id: int, user: st
             J.audit_job(session, job, "job.result_subset", full_result=str(full), result_path=str(path),
                         result_sha256=job.result_sha256, rois=accepted)
         state = _deliver_reviewed(factory, config, session, job, path)
-        J.audit_job(session, job, "job.accepted", user=user, rois=accepted, sent_path=str(path), state=state)
-        return Outcome(job_id, state, f"accepted ({', '.join(accepted)}): {state}", {"rois": accepted,
-                                                                                      "path": str(path)})
+        J.audit_job(session, job, "job.accepted", user=user, rois=accepted, sent_path=str(path), state=state,
+                    revision=shown.number, corrections=shown.corrections)
+        return Outcome(job_id, state, f"accepted ({', '.join(accepted)}): {state}", {
+            "rois": accepted, "path": str(path), "revision": shown.number})
 
 
 def _deliver_reviewed(factory: sessionmaker[Session], config: Config, session: Session, job: Job,

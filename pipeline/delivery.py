@@ -35,7 +35,7 @@ LOG = logging.getLogger("rtprop.pipeline.delivery")
 
 def job_route(config: Config, job: Job) -> JobRoute:
     """Where `job`'s result goes: the route stored when it was created; a job created before routes were
-    stored (revision 0006) is routed now, by `config`."""
+    stored (revision 0006_job_routes) is routed now, by `config`."""
     if job.route is not None:
         return JobRoute.from_json(job.route)
     return route_for_job(config, job.calling_ae, dropin=bool(job.dropin_case))

@@ -50,6 +50,11 @@ class WrittenResult:
     timings_s: dict[str, float]  # write_s, self_check_s
 
 
+def roi_description(backend: str, prompt: str, warnings: Sequence[str]) -> str:
+    """A result ROI's ROIDescription (LO, 64 characters): a flagged result leads with the warning a TPS shows."""
+    return f"CHECK: {'; '.join(warnings)}" if warnings else f"rtprop {backend} from {prompt}"
+
+
 def sha256_file(path: Path) -> str:
     import hashlib
 
@@ -72,10 +77,8 @@ def write_result(volume: Volume, structures: Sequence[Structure], out: Path, con
     rois = []
     for s in structures:
         style = output_style(s.name, config.rtstruct, implausible=bool(s.warnings))
-        # ROI Description is 64 characters (LO): a flagged result leads with the warning a TPS shows
-        description = f"CHECK: {'; '.join(s.warnings)}" if s.warnings else f"rtprop {s.backend} from {s.prompt}"
         rois.append(RoiMask(style["name"], s.mask, color=style["color"], interpreted_type=style["interpreted_type"],
-                            description=description))
+                            description=roi_description(s.backend, s.prompt, s.warnings)))
     out = Path(out)
     (out if out.suffix.lower() != ".dcm" else out.parent).mkdir(parents=True, exist_ok=True)
     path = write_rtstruct(volume, rois, out, config.rtstruct, series_description=series_description,

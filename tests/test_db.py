@@ -125,7 +125,7 @@ def test_a_database_made_by_the_previous_release_is_upgraded_with_its_data(tmp_p
         events = [e for (e,) in s.execute(select(AuditEntry.event).order_by(AuditEntry.id))]
     assert [(j.state, j.calling_ae) for j in jobs] == [("sent", "TPS"), ("received", "DROPIN")]
     assert jobs[1].dropin_case == "caseA" and jobs[0].dropin_case == ""
-    assert jobs[0].patient_id_hash == audit.legacy_patient_hash("SYN011")  # rows before 0006_i22: unkeyed
+    assert jobs[0].patient_id_hash == audit.legacy_patient_hash("SYN011")  # rows before 0007_web_sessions: unkeyed
     assert [(s.state, s.outcome, s.patient_id_hash) for s in sends] == [("sent", "sent", jobs[0].patient_id_hash)]
     assert problems == [] and count == 20 and events[-1] == "audit.anchored"
     assert audit.head_of(factory).row_id == 20

@@ -1,36 +1,38 @@
-"""Slice images for the review page: a CT/MR slice, windowed, with the RTSTRUCT's contours drawn on it.
+"""Images for the review page: a CT/MR slice or a sagittal/coronal reconstruction, windowed, as PNG;
+and the RTSTRUCT's contours as polygons the page draws over the slice.
 
 The contour is drawn where the RTSTRUCT says it is: each ContourData point (patient mm) goes through
 the series' geometry (`Geometry.patient_to_index`, which uses ImageOrientationPatient, not origin +
 spacing alone) to a continuous (column, row, slice) index, and the polygon is drawn on the slice
-that index falls on. No mask array is involved, so what the reviewer sees is what the TPS will get.
+that index falls on. No mask array is involved, so what the reviewer sees on the slice is what the
+TPS will get. The page draws these polygons as vector graphics over the slice image (voxel (c, r)
+covers [c - 0.5, c + 0.5] x [r - 0.5, r + 0.5] of index space), so they stay sharp at any zoom.
 
-Display coordinates: the slice is magnified by an integer `scale` (small crops would be tiny), voxel
-(c, r) covers display pixels [c*scale, (c+1)*scale); its centre is at c*scale + (scale-1)/2, and a
-contour point at continuous index (x, y) is drawn at (x*scale + (scale-1)/2, y*scale + (scale-1)/2).
+Sagittal and coronal reconstructions are resampled to square pixels (the in-plane pixel spacing),
+superior at the top; there each ROI is drawn as the outline of its mask on that plane.
 
 Speed: a series is decoded once and kept (LRU of `web.volume_cache_series` series, CT as int16);
-one request windows one slice, draws its polygons (cv2, 1/16 pixel precision) and encodes a PNG.
+one request windows one plane and encodes a PNG.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import cv2
 import numpy as np
 
-from converters.geometry import Geometry
+from converters.geometry import Geometry, Volume
 
 # (level, width) in HU; MR gets its own percentiles.
 WINDOWS: dict[str, tuple[float, float]] = {"soft": (40.0, 400.0), "lung": (-600.0, 1500.0),
                                            "bone": (400.0, 1800.0), "brain": (40.0, 80.0)}
 SOURCE_COLOUR = (0, 255, 255)  # RGB cyan: the prompt / original contour, beside the result's own colour
 DEFAULT_COLOUR = (255, 128, 0)
-SHIFT = 4  # cv2 fixed-point bits: 1/16 pixel
+PLANES = {"sagittal": 2, "coronal": 1}  # the array axis a plane is perpendicular to
 
 
 @dataclass
@@ -43,10 +45,12 @@ class SeriesImage:
     auto_window: tuple[float, float]  # (level, width) from the 0.5/99.5 percentiles
     positions_mm: list[float]  # slice position along the normal, per index
     header: Any = None
+    volume: Volume | None = None  # the series as converters read it (array shared), for corrections
 
     @property
-    def scale(self) -> int:
-        return display_scale(self.array.shape[1:])
+    def superior_last(self) -> bool:
+        """Do slice positions grow with the index (then the last slice is drawn at the top of a reconstruction)?"""
+        return len(self.positions_mm) < 2 or self.positions_mm[-1] >= self.positions_mm[0]
 
 
 @dataclass
@@ -58,11 +62,6 @@ class Overlay:
     polygons: dict[int, list[np.ndarray]] = field(default_factory=dict)
     points: dict[int, list[np.ndarray]] = field(default_factory=dict)
     source: bool = False  # the prompt / original contour rather than the result
-
-
-def display_scale(shape_yx: tuple[int, ...]) -> int:
-    """Integer magnification so a slice shows at about 512 pixels (1 for 512x512, at most 4)."""
-    return int(max(1, min(4, 512 // max(shape_yx))))
 
 
 def load_series(folder: Path, series_uid: str) -> SeriesImage:
@@ -80,7 +79,8 @@ def load_series(folder: Path, series_uid: str) -> SeriesImage:
     normal = volume.geometry.direction_matrix[:, 2]
     return SeriesImage(array=data, geometry=volume.geometry, modality=volume.modality,
                        auto_window=((lo + hi) / 2, max(hi - lo, 1.0)),
-                       positions_mm=[round(float(v), 2) for v in centres @ normal], header=volume.header)
+                       positions_mm=[round(float(v), 2) for v in centres @ normal], header=volume.header,
+                       volume=replace(volume, array=data))
 
 
 def rtstruct_overlays(path: Path, geometry: Geometry, *, only: set[str] | None = None,
@@ -106,40 +106,66 @@ def rtstruct_overlays(path: Path, geometry: Geometry, *, only: set[str] | None =
     return out
 
 
-def window_slice(image: SeriesImage, z: int, window: str) -> np.ndarray:
-    level, width = image.auto_window if window == "auto" or image.modality.upper() != "CT" \
-        else WINDOWS.get(window, WINDOWS["soft"])
+def window(image: SeriesImage, preset: str = "", level: float | None = None,
+           width: float | None = None) -> tuple[float, float]:
+    """(level, width): given numbers win; else a CT preset (`WINDOWS`), or "auto" (the series' percentiles,
+    always for MR)."""
+    if level is not None and width is not None:
+        return float(level), max(float(width), 1.0)
+    if preset == "auto" or image.modality.upper() != "CT":
+        return image.auto_window
+    return WINDOWS.get(preset, WINDOWS["soft"])
+
+
+def _grey(plane: np.ndarray, level: float, width: float) -> np.ndarray:
     lo = level - width / 2
-    plane = image.array[z].astype(np.float32)
-    return np.clip((plane - lo) * (255.0 / width), 0, 255).astype(np.uint8)
+    return np.clip((plane.astype(np.float32) - lo) * (255.0 / width), 0, 255).astype(np.uint8)
 
 
-def to_display(xy: np.ndarray, scale: int) -> np.ndarray:
-    """Continuous (column, row) indices -> display pixel coordinates (see the module docstring)."""
-    return np.asarray(xy, dtype=float) * scale + (scale - 1) / 2.0
+def _png(image: np.ndarray, what: str) -> bytes:
+    ok, png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RuntimeError(f"PNG encoding of {what} failed")
+    return png.tobytes()
 
 
-def render_slice(image: SeriesImage, z: int, window: str, overlays: list[Overlay]) -> bytes:
-    """PNG bytes of slice `z` with every overlay's polygons (closed, 1 px) and points (crosses) drawn."""
+def render_slice(image: SeriesImage, z: int, level: float, width: float) -> bytes:
+    """PNG bytes of axial slice `z`, windowed, one pixel per voxel (the page draws the contours over it)."""
     if not 0 <= z < image.array.shape[0]:
         raise IndexError(f"slice {z} is outside 0..{image.array.shape[0] - 1}")
-    scale = image.scale
-    grey = window_slice(image, z, window)
-    if scale > 1:
-        grey = cv2.resize(grey, (grey.shape[1] * scale, grey.shape[0] * scale), interpolation=cv2.INTER_LINEAR)
+    return _png(_grey(image.array[z], level, width), f"slice {z}")
+
+
+def plane_shape(image: SeriesImage, plane: str) -> tuple[int, int]:
+    """(height, width) in pixels of a reconstruction: slices stretched to the in-plane pixel spacing."""
+    nz, ny, nx = image.array.shape
+    sx, sy, sz = image.geometry.spacing_mm
+    along = sy if plane == "sagittal" else sx
+    return max(1, int(round(nz * sz / along))), (ny if plane == "sagittal" else nx)
+
+
+def render_plane(image: SeriesImage, plane: str, index: int, level: float, width: float,
+                 outlines: list[tuple[tuple[int, int, int], np.ndarray]]) -> bytes:
+    """PNG of the sagittal (column `index`) or coronal (row `index`) plane with each (RGB colour, (z, ·) mask)
+    of `outlines` drawn as the mask's outline; superior at the top, square pixels."""
+    axis = PLANES[plane]
+    size = image.array.shape[axis]
+    if not 0 <= index < size:
+        raise IndexError(f"{plane} plane {index} is outside 0..{size - 1}")
+    height, width_px = plane_shape(image, plane)
+    flip = image.superior_last
+
+    def fit(a: np.ndarray, interpolation: int) -> np.ndarray:
+        a = cv2.resize(a, (width_px, height), interpolation=interpolation)
+        return a[::-1] if flip else a
+
+    grey = fit(_grey(np.take(image.array, index, axis=axis), level, width), cv2.INTER_LINEAR)
     bgr = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-    for overlay in sorted(overlays, key=lambda o: not o.source):  # the result is drawn last, on top
-        colour = tuple(int(c) for c in overlay.colour[::-1])
-        polys = [np.round(to_display(p, scale) * (1 << SHIFT)).astype(np.int32) for p in overlay.polygons.get(z, [])]
-        if polys:
-            cv2.polylines(bgr, polys, isClosed=True, color=colour, thickness=1, lineType=cv2.LINE_8, shift=SHIFT)
-        for pts in overlay.points.get(z, []):
-            for x, y in np.round(to_display(pts, scale)).astype(int):
-                cv2.drawMarker(bgr, (int(x), int(y)), colour, cv2.MARKER_CROSS, 4 + 2 * scale, 1)
-    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise RuntimeError(f"PNG encoding of slice {z} failed")
-    return png.tobytes()
+    for colour, mask in outlines:
+        on = fit(mask.astype(np.uint8), cv2.INTER_NEAREST)
+        edge = on.astype(bool) & ~cv2.erode(on, np.ones((3, 3), np.uint8)).astype(bool)
+        bgr[edge] = colour[::-1]
+    return _png(bgr, f"{plane} plane {index}")
 
 
 class LRU:

@@ -48,6 +48,7 @@ class WebState:
     limiter: auth.LoginLimiter
     series_cache: LRU
     overlay_cache: LRU = field(default_factory=lambda: LRU(32))
+    revision_cache: LRU = field(default_factory=lambda: LRU(64))  # ROI masks of revisions (pipeline/revisions.py)
     collector: Any = None
     reads: "ReadLog" = field(default_factory=lambda: ReadLog())
 

@@ -6,7 +6,6 @@
     document.body.addEventListener("htmx:configRequest", (e) => { e.detail.headers["X-CSRF-Token"] = csrf.content; });
   }
   for (const el of document.querySelectorAll("[data-swatch]")) el.style.background = el.dataset.swatch;
-  for (const el of document.querySelectorAll("[data-width]")) el.style.width = el.dataset.width + "px";
   for (const el of document.querySelectorAll("select[data-autosubmit]")) {
     el.addEventListener("change", () => el.form.submit());
   }

@@ -1,6 +1,6 @@
 """jobs: where the result goes (decided when the job is created), the engine queue, the result's UID
 
-Revision ID: 0006_i21
+Revision ID: 0006_job_routes
 Revises: 0005_models
 Create Date: 2026-12-10
 
@@ -17,7 +17,7 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = "0006_i21"
+revision = "0006_job_routes"
 down_revision = "0005_models"
 branch_labels = None
 depends_on = None

@@ -1,8 +1,8 @@
 """web sessions kept on the server (a login can be ended: logout, users disable, new password, idle);
 site settings (the fingerprint of the site's pseudonym key, kept outside the database)
 
-Revision ID: 0006_i22
-Revises: 0005_models
+Revision ID: 0007_web_sessions
+Revises: 0006_job_routes
 Create Date: 2026-12-06
 
 The session cookie carries a random id; its SHA-256 is the row's key, so the cookie alone proves
@@ -13,8 +13,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = "0006_i22"
-down_revision = "0005_models"
+revision = "0007_web_sessions"
+down_revision = "0006_job_routes"
 branch_labels = None
 depends_on = None
 

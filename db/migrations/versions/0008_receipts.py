@@ -1,7 +1,7 @@
 """receipts: the audit records what an association stored once, not one chained row per instance
 
-Revision ID: 0006_i23
-Revises: 0005_models
+Revision ID: 0008_receipts
+Revises: 0007_web_sessions
 Create Date: 2026-12-02
 
 A `receipts` row per association (drop-in case, re-ingest); `instances.receipt` names it, and
@@ -13,8 +13,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = "0006_i23"
-down_revision = "0005_models"
+revision = "0008_receipts"
+down_revision = "0007_web_sessions"
 branch_labels = None
 depends_on = None
 

@@ -193,7 +193,7 @@ def test_a_batch_tells_patients_apart_and_every_run_shows_on_the_batch_page(tmp_
     lost), drift.csv and the /batch page named cases only by UID, and a run written with --out elsewhere did not
     show on /batch (issue 21, item 9)."""
     from config.load import load_config, resolve_storage
-    from db.audit import hash_patient_id
+    from db.audit import hash_patient_id, site_key
     from db.engine import open_database
     from dicom_node.completion import CompletionChecker
     from dicom_node.storage import Received, Store
@@ -208,13 +208,14 @@ def test_a_batch_tells_patients_apart_and_every_run_shows_on_the_batch_page(tmp_
     for path in case_files(STS_CT) + copy_as_new_patient(case_files(STS_CT), tmp_path / "copy", "STS_COPY"):
         assert store.ingest(Path(path).read_bytes(), Received(calling_ae="ARCHIVE", source="import")).status == 0
     CompletionChecker(factory, config).check()
+    key = site_key(factory)
     factory.kw["bind"].dispose()
     elsewhere = tmp_path / "reports-elsewhere"
     r = subprocess.run([str(VENV_BIN / "rtprop"), "batch", "--storage", str(storage), "--roi-regex", "GTV_Mass_CT",
                         "--out", str(elsewhere), "--no-progress"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    labels = {hash_patient_id("STS_001")[:12], hash_patient_id("STS_COPY")[:12]}
+    labels = {hash_patient_id("STS_001", key)[:12], hash_patient_id("STS_COPY", key)[:12]}
     assert len(summary["dice"]) == 2 and {key.split("/")[0] for key in summary["dice"]} == labels
     rows = list(csv.DictReader(open(summary["csv"])))
     assert {row["patient"] for row in rows} == labels and all(row["study_instance_uid"] for row in rows)

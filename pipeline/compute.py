@@ -1,4 +1,4 @@
-"""A job's computation: read the series and prompt RTSTRUCT, propagate, write ONE RTSTRUCT, self-check.
+"""A job's computation: read the series and prompt RTSTRUCT, propagate, write ONE RTSTRUCT, check the file.
 
 Pure file work, no database: it runs in a child process (`run_child`, pipeline.isolate_jobs) so a
 hung or crashed propagation is killed after pipeline.job_timeout_s while the worker keeps its
@@ -28,7 +28,7 @@ from db.engine import is_disk_full
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the CLI and every child process log alike
 
 
-class SelfCheckError(RuntimeError):
+class HeldError(RuntimeError):
     """The result cannot leave the node (empty, or the RTSTRUCT does not match its masks): held."""
 
 
@@ -44,8 +44,8 @@ class JobLost(RuntimeError):
 
 
 def classify(exc: BaseException) -> str:
-    """"input" (the user's to fix), "transient" (retry later), "held" (self-check) or "internal" (ours)."""
-    if isinstance(exc, SelfCheckError):
+    """"input" (the user's to fix), "transient" (retry later), "held" (empty, or the file check failed) or "internal" (ours)."""
+    if isinstance(exc, HeldError):
         return "held"
     if isinstance(exc, UserError):
         return "input"
@@ -76,7 +76,7 @@ def versions() -> dict[str, str]:
 
 
 def compute(task: dict[str, Any]) -> dict[str, Any]:
-    """Read the series and prompt RTSTRUCT, propagate every prompt, write one RTSTRUCT, self-check it.
+    """Read the series and prompt RTSTRUCT, propagate every prompt, write one RTSTRUCT, check the file.
 
     Returns a JSON-able summary.
     """
@@ -87,7 +87,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     from models.propagate import propagate
     from pipeline.model_routing import check_loaded, verified_settings
     from pipeline.prompt_rois import PromptSpec, prompt_objects
-    from pipeline.selfcheck import self_check
+    from pipeline.file_check import check_file
 
     config: Config = task["config"]
     timings: dict[str, float] = {}
@@ -108,7 +108,7 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
                            verified_settings(routed))
         check_loaded(routed, result.checkpoint_sha256)
         if not result.mask.any():
-            raise SelfCheckError(f"propagation of {spec.structure!r} ({spec.describe()}) gave an empty mask: "
+            raise HeldError(f"propagation of {spec.structure!r} ({spec.describe()}) gave an empty mask: "
                                  "nothing to send")
         backend, checkpoint = result.backend, result.checkpoint_sha256 or checkpoint
         style = output_style(spec.structure, config.rtstruct, implausible=bool(result.warnings))
@@ -136,12 +136,12 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
     timings["write_s"] = time.perf_counter() - t
     write_atomic(out_dir / "review.json", json.dumps({"rtstruct": path.name, "structures": review}).encode())
     t = time.perf_counter()
-    check = self_check(path, volume, masks, config.pipeline.self_check_min_dice)
-    timings["self_check_s"] = time.perf_counter() - t
+    check = check_file(path, volume, masks, config.pipeline.file_check_min_dice)
+    timings["file_check_s"] = time.perf_counter() - t
     return {"path": str(path), "sha256": sha256_file(path), "backend": backend, "checkpoint_sha256": checkpoint or "",
             "model": ",".join(dict.fromkeys(s["model"] for s in per_structure)),
             "timings_s": {k: round(v, 3) for k, v in timings.items()}, "structures": per_structure,
-            "self_check": {"ok": check.ok, "dice": check.dice, "min_dice": check.min_dice, "problems": check.problems}}
+            "file_check": {"ok": check.ok, "dice": check.dice, "min_dice": check.min_dice, "problems": check.problems}}
 
 
 def outcome(task: dict[str, Any]) -> dict[str, Any]:

@@ -7,10 +7,10 @@ States and the only transitions allowed (anything else raises `JobStateError`):
                                incomplete, or none arrived within pipeline.series_wait_s
     received  -> ignored       an RTSTRUCT rtprop wrote itself, sent back to the node: never a prompt
     queued    -> running       a worker claimed it (attempts + 1)
-    running   -> validated     propagated, RTSTRUCT written, self-check passed
+    running   -> validated     propagated, RTSTRUCT written, file check passed
     running   -> queued        the worker died or timed out, or a transient fault (full disk, busy
                                database); attempts < pipeline.job_max_attempts (with backoff)
-    running   -> failed        an error in the input (bad prompt, unreadable series) or the self-check
+    running   -> failed        an error in the input (bad prompt, unreadable series) or the file check
                                failed (the RTSTRUCT is then held in quarantine with the reason)
     running   -> dead-letter   it died, timed out or hit transient faults pipeline.job_max_attempts times
     validated -> sending       queued for C-STORE (a row in `sends`)
@@ -133,7 +133,7 @@ def transition(session: Session, job: Job, target: str, *, event: str | None = N
     if target == "queued":
         queue.defer(session, queue.TASK_PROPAGATE, session.info.get("job_queue", "cpu"), {"job_id": job.id},
                     scheduled_at=aware(job.not_before))
-    logged = {k: v for k, v in fields.items() if k in ("error", "attempts", "result_sha256", "self_check_dice",
+    logged = {k: v for k, v in fields.items() if k in ("error", "attempts", "result_sha256", "file_check_dice",
                                                         "claimed_by", "backend", "result_path", "not_before")}
     audit_job(session, job, event or EVENTS[target], previous_state=current, **logged, **(details or {}))
     LOG.info("job %s: %s -> %s", job.id, current, target)

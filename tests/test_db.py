@@ -124,3 +124,18 @@ def test_a_database_made_by_the_previous_release_is_upgraded_with_its_data(tmp_p
     assert [(s.state, s.outcome, s.patient_id_hash) for s in sends] == [("sent", "sent", jobs[0].patient_id_hash)]
     assert problems == [] and count == 20 and events[-1] == "audit.anchored"
     assert audit.head_of(factory).row_id == 20
+
+
+def test_the_self_check_dice_of_an_old_database_is_kept_as_its_file_check_dice(tmp_path):
+    """0006 renames jobs.self_check_dice (the written file read back against its masks) to file_check_dice,
+    the values kept: the column says what it measures."""
+    import sqlite3
+
+    path = tmp_path / "rtprop.sqlite"
+    shutil.copy(DATA / "db-0001.sqlite", path)
+    with sqlite3.connect(path) as raw:  # as a worker of that release would have written it
+        raw.execute("UPDATE jobs SET self_check_dice = 0.99875 WHERE id = 1")
+    factory = open_database(path)
+    with factory() as s:
+        job = s.get(Job, 1)
+    assert job.file_check_dice == 0.99875

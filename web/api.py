@@ -16,7 +16,7 @@ from pipeline.jobs import STATES
 from web.routing import Ctx, route
 
 JOB_FIELDS = ("id", "state", "kind", "calling_ae", "study_instance_uid", "series_instance_uid",
-              "rtstruct_sop_instance_uid", "dry_run", "backend", "checkpoint_sha256", "timings_s", "self_check_dice",
+              "rtstruct_sop_instance_uid", "dry_run", "backend", "checkpoint_sha256", "timings_s", "file_check_dice",
               "result_sha256", "error", "attempts", "created_at", "updated_at")
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from config.schema import PropagationConfig
-from models import guard
+from models import confidence, guard
 from models.prompts import Prompt, check_prompts
 from models.result import Backend, PropagationResult
 
@@ -42,12 +42,14 @@ def propagate(
 ) -> PropagationResult:
     """Spread `prompts` (one prompt, or several on one or more slices) through `image` (z, y, x).
 
-    The result's `warnings` hold the guard's reasons it looks implausible (models/guard.py), for
-    either backend.
+    The result's `structure_confidence` says how good it is likely to be (models/confidence.py), and its
+    `warnings` hold the guard's reasons it looks implausible (models/guard.py), for either backend.
     """
     settings = settings or PropagationConfig()
     image = np.asarray(image)
     checked = check_prompts(image.shape, spacing_zyx, prompts)
     result = backend_function(choose_backend(settings))(image, spacing_zyx, checked, modality, settings)
+    result.structure_confidence, result.details["confidence_signals"] = confidence.structure_confidence(
+        image, spacing_zyx, checked, result, modality)
     result.warnings = guard.assess(image, spacing_zyx, checked, result, modality)
     return result

@@ -1,0 +1,186 @@
+"""How good a propagation result is likely to be: one number in [0, 1] per structure, whichever backend ran.
+
+Nothing here sees the reference. A result is checked against what it can be checked against:
+- its own prompts, on their slices (`box_fit`, `click_fit`, the outline's Dice): a tight box touches its
+  structure on all four sides, the structure covers the box's centre and has the centre's intensity,
+  not the corners'; a click sits inside its structure, near its middle, and the structure is about as
+  large as the click's rays measure (models/classic_points.py);
+- how clearly the result stands out from the tissue around it on the prompted slice (ring contrast):
+  an iso-intense neighbour is where a result leaks;
+- its size in pixels: a cross-section a few pixels across is delineated to within a pixel at best;
+- the backend's own per-slice confidence on the slices it propagated to;
+- for the classic backend, how stable the prompted slice is when the prompt moves by a pixel or two
+  (`details["key_stability"]`, models/classic.py): an answer that changes with the box's last pixel
+  is not known.
+models/guard.py turns the same measures into reasons (one definition of each); `structure_confidence`
+combines them into one number (`SIGNAL_WEIGHTS`, calibrated by bench/quality.py against Dice).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from models.classic_points import click_scale_mm
+from models.intensity_model import ring_contrast, slice_features
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt
+from models.result import PropagationResult
+
+# A planner's box is tight to within a pixel or two (more on a large box): the rows and columns within
+# this tolerance of each side are not required to hold the structure.
+BOX_TOLERANCE_PX = 2
+BOX_TOLERANCE_FRACTION = 0.05
+# The box's centre: the ellipse of this fraction of the inscribed ellipse's radii (at least a pixel).
+CENTRE_FRACTION = 0.25
+
+
+def box_tolerance(box: BoxPrompt) -> tuple[int, int]:
+    """Rows and columns (dy, dx) by which a planner's tight box may miss its structure on each side."""
+    h, w = box.y1 - box.y0 + 1, box.x1 - box.x0 + 1
+    return tuple(int(min(max(BOX_TOLERANCE_PX, BOX_TOLERANCE_FRACTION * n), (n - 1) / 4)) for n in (h, w))
+
+
+def _in_box(shape: tuple[int, int], box: BoxPrompt) -> np.ndarray:
+    out = np.zeros(shape, dtype=bool)
+    out[box.y0:box.y1 + 1, box.x0:box.x1 + 1] = True
+    return out
+
+
+def box_regions(shape: tuple[int, int], box: BoxPrompt) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, corners) of a box: the central ellipse (CENTRE_FRACTION of the inscribed one) and the box
+    outside its inscribed ellipse. A tight box's corners are its structure's surroundings."""
+    yy, xx = np.ogrid[:shape[0], :shape[1]]
+    cy, cx = (box.y0 + box.y1) / 2.0, (box.x0 + box.x1) / 2.0
+    ry, rx = (box.y1 - box.y0 + 1) / 2.0, (box.x1 - box.x0 + 1) / 2.0
+    r2 = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+    centre = ((yy - cy) / max(CENTRE_FRACTION * ry, 0.75)) ** 2 + ((xx - cx) / max(CENTRE_FRACTION * rx, 0.75)) ** 2 <= 1
+    return centre & _in_box(shape, box), (r2 > 1.0) & _in_box(shape, box)
+
+
+@dataclass(frozen=True)
+class BoxFit:
+    """How a result on a box's slice fits that box (each in [0, 1])."""
+
+    fill: float  # share of the box the result fills
+    reach: float  # share of the box's rows and columns, less BOX_TOLERANCE at each side, it reaches
+    centre: float  # share of the box's central region it covers
+    corner_likeness: float  # its intensity as far from the centre's as from the corners' (0: the centre's, 1: the corners')
+    corners_differ: bool  # whether centre and corners differ at all (else corner_likeness says nothing)
+
+
+def box_fit(feature2d: np.ndarray, box: BoxPrompt, mask2d: np.ndarray) -> BoxFit:
+    """Measure `mask2d` against `box` on that slice's feature image (models/intensity_model.py)."""
+    ty, tx = box_tolerance(box)
+    inner = mask2d[box.y0 + ty:box.y1 - ty + 1, box.x0 + tx:box.x1 - tx + 1]
+    reach = 0.5 * (float(inner.any(axis=1).mean()) + float(inner.any(axis=0).mean())) if inner.size else 0.0
+    inside = mask2d[box.y0:box.y1 + 1, box.x0:box.x1 + 1]
+    centre, corners = box_regions(mask2d.shape, box)
+    covered = float(mask2d[centre].mean()) if centre.any() else 0.0
+    likeness, differ = 0.5, False
+    if mask2d.any() and corners.any():
+        level, at_centre, at_corners = (float(np.median(feature2d[r])) for r in (mask2d, centre, corners))
+        spread = float(np.std(feature2d[_in_box(mask2d.shape, box)])) + 1e-6
+        differ = abs(at_centre - at_corners) > 0.5 * spread
+        if differ:
+            near_centre, near_corners = abs(level - at_centre), abs(level - at_corners)
+            likeness = near_centre / (near_centre + near_corners + 1e-9)
+    return BoxFit(float(inside.mean()), reach, covered, likeness, differ)
+
+
+@dataclass(frozen=True)
+class ClickFit:
+    """How a result on a clicked slice fits its positive clicks (the worst click)."""
+
+    inside: bool  # every positive click lies in the result
+    depth_ratio: float  # the result's depth at the click over the structure's inscribed radius the rays measure
+    centrality: float  # the result's depth at the click over the depth of its deepest point (planners click mid-structure)
+
+
+def click_fit(feature2d: np.ndarray, clicks: PointPrompt, mask2d: np.ndarray,
+              spacing_yx: tuple[float, float]) -> ClickFit | None:
+    """Measure `mask2d` against the positive clicks of `clicks` (None if there is none)."""
+    positives = [(x, y) for x, y, p in clicks.points if p]
+    if not positives:
+        return None
+    depth = ndimage.distance_transform_edt(np.pad(mask2d, 1), sampling=spacing_yx)[1:-1, 1:-1]
+    labels, _ = ndimage.label(mask2d)
+    inside, ratio, central = True, np.inf, np.inf
+    for x, y in positives:
+        if not mask2d[y, x]:
+            return ClickFit(False, 0.0, 0.0)
+        piece = labels == labels[y, x]
+        deepest = float(depth[piece].max())
+        ratio = min(ratio, deepest / click_scale_mm(feature2d, y, x, spacing_yx))
+        central = min(central, float(depth[y, x]) / max(deepest, 1e-6))
+    return ClickFit(inside, float(ratio), float(central))
+
+
+def outline_dice(prompt: MaskPrompt, mask2d: np.ndarray) -> float:
+    drawn = np.asarray(prompt.mask, dtype=bool)
+    return 2.0 * float((drawn & mask2d).sum()) / max(float(drawn.sum() + mask2d.sum()), 1.0)
+
+
+def _ramp(value: float, low: float, high: float) -> float:
+    """0 at or below `low`, 1 at or above `high`, linear between."""
+    return float(np.clip((value - low) / (high - low), 0.0, 1.0))
+
+
+def signals(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
+            result: PropagationResult, modality: str = "",
+            features: Callable[[int], np.ndarray] | None = None) -> dict[str, float]:
+    """The measures the structure confidence is made of, each in [0, 1] (1: nothing doubtful)."""
+    mask = np.asarray(result.mask, dtype=bool)
+    spacing_yx = (float(spacing_zyx[1]), float(spacing_zyx[2]))
+    features = features or slice_features(image, modality)
+    prompt_fit, contrast, size = [], [], []
+    for prompt in prompts:
+        on_slice = mask[prompt.slice_index]
+        if isinstance(prompt, BoxPrompt):
+            fit = box_fit(features(prompt.slice_index), prompt, on_slice)
+            corner = _ramp(1.0 - fit.corner_likeness, 0.3, 0.6) if fit.corners_differ else 1.0
+            prompt_fit.append(min(_ramp(fit.reach, 0.5, 0.9), _ramp(fit.fill, 0.03, 0.15),
+                                  max(_ramp(fit.centre, 0.0, 0.5), 0.5 * corner), corner))
+        elif isinstance(prompt, MaskPrompt):
+            prompt_fit.append(_ramp(outline_dice(prompt, on_slice), 0.6, 0.9))
+        else:
+            fit = click_fit(features(prompt.slice_index), prompt, on_slice, spacing_yx)
+            if fit is not None:
+                prompt_fit.append(0.0 if not fit.inside else min(_ramp(fit.depth_ratio, 0.2, 0.6),
+                                                                 _ramp(fit.centrality, 0.2, 0.5)))
+        if on_slice.any() and (isinstance(prompt, (BoxPrompt, MaskPrompt)) or any(p for *_, p in prompt.points)):
+            contrast.append(ring_contrast(features(prompt.slice_index), on_slice, spacing_yx))
+            size.append(2.0 * np.sqrt(float(on_slice.sum()) / np.pi))
+    filled = mask.any(axis=(1, 2))
+    prompted = {p.slice_index for p in prompts}
+    propagated = [float(result.confidence[z]) for z in np.flatnonzero(filled) if z not in prompted]
+    stability = result.details.get("key_stability")
+    return {
+        "prompt_fit": min(prompt_fit) if prompt_fit else 0.0,
+        "contrast": _ramp(min(contrast), 0.5, 2.5) if contrast else 0.0,
+        "size": _ramp(min(size), 3.0, 12.0) if size else 0.0,  # equivalent diameter in pixels
+        "propagation": float(np.mean(propagated)) if propagated else 1.0,
+        "stability": float(min(stability.values())) if stability else 1.0,
+    }
+
+
+# Each signal's weight in the logit of the structure confidence, and the bias: see bench/quality.py
+# (calibration) and docs/propagators.md for how they were set and what they give.
+SIGNAL_WEIGHTS = {"prompt_fit": 2.0, "contrast": 1.0, "size": 1.0, "propagation": 1.0, "stability": 2.0}
+BIAS = -3.0
+
+
+def combine(values: dict[str, float]) -> float:
+    """The structure confidence from its signals: a logistic of their weighted sum."""
+    logit = BIAS + sum(SIGNAL_WEIGHTS[k] * values[k] for k in SIGNAL_WEIGHTS)
+    return float(1.0 / (1.0 + np.exp(-logit)))
+
+
+def structure_confidence(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
+                         result: PropagationResult, modality: str = "") -> tuple[float, dict[str, float]]:
+    """(confidence in [0, 1], its signals) for `result`: 0 for an empty result."""
+    if not np.asarray(result.mask).any():
+        return 0.0, {}
+    values = signals(image, spacing_zyx, prompts, result, modality)
+    return combine(values), values

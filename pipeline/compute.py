@@ -119,13 +119,16 @@ def compute(task: dict[str, Any]) -> dict[str, Any]:
                             interpreted_type=style["interpreted_type"], description=description))
         masks.append(result.mask)
         slices = result.mask.any(axis=(1, 2)).nonzero()[0]
+        confidence = round(float(result.structure_confidence), 3)
         per_structure.append({"structure": spec.structure, "prompt": spec.describe(), "warnings": result.warnings,
+                              "confidence": confidence,
                               **routed.describe(),
                               "voxels": int(result.mask.sum()),
                               "slices": [int(slices[0]), int(slices[-1])],
                               "seconds": round(time.perf_counter() - t1, 3)})
         review.append({"structure": spec.structure, "roi": style["name"], "slice": spec.slice, "slices": spec.slices,
-                       "warnings": result.warnings, "confidence": [round(float(c), 3) for c in result.confidence]})
+                       "warnings": result.warnings, "structure_confidence": confidence,
+                       "confidence": [round(float(c), 3) for c in result.confidence]})
     timings["propagate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -2,11 +2,13 @@
 
 Per-slice confidence comes from the job's result side-file `review.json` (written by
 pipeline/compute.py beside the RTSTRUCT: per structure its output ROI name, prompt
-slice, warnings and one confidence value per slice); a job without it shows no confidence.
+slice, warnings, its structure confidence and one confidence value per slice); a job without it
+shows no confidence.
 """
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,9 +30,21 @@ def side_file(job: Job) -> dict[str, Any]:
         return {}
     path = Path(job.result_path).parent / "review.json"
     try:
-        return json.loads(path.read_text())
+        return _read_side_file(str(path), path.stat().st_mtime_ns)
     except (OSError, ValueError):
         return {}
+
+
+@lru_cache(maxsize=1024)
+def _read_side_file(path: str, mtime_ns: int) -> dict[str, Any]:
+    """review.json parsed once per version (the job list re-reads every job's every few seconds)."""
+    return json.loads(Path(path).read_text())
+
+
+def structure_confidences(job: Job) -> list[tuple[str, float]]:
+    """(structure, confidence) of each structure of the job's result, as review.json holds them."""
+    return [(str(s.get("structure", "")), float(s["structure_confidence"]))
+            for s in side_file(job).get("structures", []) if s.get("structure_confidence") is not None]
 
 
 def series_image(ctx: Ctx, job: Job) -> SeriesImage:

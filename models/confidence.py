@@ -127,14 +127,31 @@ def _ramp(value: float, low: float, high: float) -> float:
     return float(np.clip((value - low) / (high - low), 0.0, 1.0))
 
 
+def edge_strength(feature2d: np.ndarray, mask2d: np.ndarray) -> float:
+    """Median intensity step across the result's outline, in noise SDs (the step between the mean inside and
+    outside over 2 px either side of each outline pixel): an outline the image draws is far above 1, one the
+    method had to guess (a leak stopped in uniform tissue, a tumour as dense as muscle) near it."""
+    if not mask2d.any() or mask2d.all():
+        return 0.0
+    inner = mask2d & ~ndimage.binary_erosion(mask2d)
+    residual = feature2d - ndimage.gaussian_filter(feature2d, 2.0)
+    noise = max(1.4826 * float(np.median(np.abs(residual - np.median(residual)))), 1e-3)
+    inside = ndimage.uniform_filter(np.where(mask2d, feature2d, 0.0), 5) / np.maximum(
+        ndimage.uniform_filter(mask2d.astype(float), 5), 1e-6)
+    outside = ndimage.uniform_filter(np.where(~mask2d, feature2d, 0.0), 5) / np.maximum(
+        ndimage.uniform_filter((~mask2d).astype(float), 5), 1e-6)
+    return float(np.median(np.abs(inside - outside)[inner]) / noise)
+
+
 def signals(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
             result: PropagationResult, modality: str = "",
-            features: Callable[[int], np.ndarray] | None = None) -> dict[str, float]:
-    """The measures the structure confidence is made of, each in [0, 1] (1: nothing doubtful)."""
+            features: Callable[[int], np.ndarray] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """The measures the structure confidence is made of, each in [0, 1] (1: nothing doubtful), and the raw
+    values they come from."""
     mask = np.asarray(result.mask, dtype=bool)
     spacing_yx = (float(spacing_zyx[1]), float(spacing_zyx[2]))
     features = features or slice_features(image, modality)
-    prompt_fit, contrast, size = [], [], []
+    prompt_fit, contrast, size, edges, key_area = [], [], [], [], []
     for prompt in prompts:
         on_slice = mask[prompt.slice_index]
         if isinstance(prompt, BoxPrompt):
@@ -152,23 +169,39 @@ def signals(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts:
         if on_slice.any() and (isinstance(prompt, (BoxPrompt, MaskPrompt)) or any(p for *_, p in prompt.points)):
             contrast.append(ring_contrast(features(prompt.slice_index), on_slice, spacing_yx))
             size.append(2.0 * np.sqrt(float(on_slice.sum()) / np.pi))
-    filled = mask.any(axis=(1, 2))
+            edges.append(edge_strength(features(prompt.slice_index), on_slice))
+            key_area.append(float(on_slice.sum()))
+    area = mask.sum(axis=(1, 2)).astype(float)
+    filled = area > 0
     prompted = {p.slice_index for p in prompts}
     propagated = [float(result.confidence[z]) for z in np.flatnonzero(filled) if z not in prompted]
     stability = result.details.get("key_stability")
-    return {
+    raw = {"contrast": min(contrast) if contrast else 0.0, "size_px": min(size) if size else 0.0,
+           "edges": min(edges) if edges else 0.0,
+           "growth": float(area.max() / max(key_area)) if key_area else 1.0}
+    ramped = {
         "prompt_fit": min(prompt_fit) if prompt_fit else 0.0,
-        "contrast": _ramp(min(contrast), 0.5, 2.5) if contrast else 0.0,
-        "size": _ramp(min(size), 3.0, 12.0) if size else 0.0,  # equivalent diameter in pixels
+        "contrast": _ramp(raw["contrast"], 0.5, 2.5),
+        "size": _ramp(raw["size_px"], 3.0, 12.0),  # equivalent diameter in pixels
+        "edges": _ramp(raw["edges"], 1.0, 4.0),
+        "growth": 1.0 - _ramp(raw["growth"], 1.5, 4.0),  # a cross-section several times the prompted one leaked
         "propagation": float(np.mean(propagated)) if propagated else 1.0,
         "stability": float(min(stability.values())) if stability else 1.0,
     }
+    return ramped, raw
 
 
+# What each signal says, for the guard's reason (models/guard.py).
+SIGNAL_NAMES = {"prompt_fit": "fit to the prompt", "contrast": "contrast with the tissue around it",
+                "size": "size in pixels", "edges": "edges along its outline",
+                "growth": "no slice far larger than the prompted one",
+                "propagation": "the backend's confidence on the propagated slices",
+                "stability": "stability when the box moves a pixel"}
 # Each signal's weight in the logit of the structure confidence, and the bias: see bench/quality.py
 # (calibration) and docs/propagators.md for how they were set and what they give.
-SIGNAL_WEIGHTS = {"prompt_fit": 2.0, "contrast": 1.0, "size": 1.0, "propagation": 1.0, "stability": 2.0}
-BIAS = -3.0
+SIGNAL_WEIGHTS = {"prompt_fit": 1.0, "contrast": 1.5, "size": 2.0, "edges": 0.0, "growth": 0.0, "propagation": 0.5,
+                  "stability": 1.5}
+BIAS = -4.0
 
 
 def combine(values: dict[str, float]) -> float:
@@ -179,8 +212,8 @@ def combine(values: dict[str, float]) -> float:
 
 def structure_confidence(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
                          result: PropagationResult, modality: str = "") -> tuple[float, dict[str, float]]:
-    """(confidence in [0, 1], its signals) for `result`: 0 for an empty result."""
+    """(confidence in [0, 1], its signals and their raw values) for `result`: 0 for an empty result."""
     if not np.asarray(result.mask).any():
         return 0.0, {}
-    values = signals(image, spacing_zyx, prompts, result, modality)
-    return combine(values), values
+    values, raw = signals(image, spacing_zyx, prompts, result, modality)
+    return combine(values), {**values, **{f"raw_{k}": round(v, 4) for k, v in raw.items()}}

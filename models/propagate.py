@@ -51,5 +51,8 @@ def propagate(
     result = backend_function(choose_backend(settings))(image, spacing_zyx, checked, modality, settings)
     result.structure_confidence, result.details["confidence_signals"] = confidence.structure_confidence(
         image, spacing_zyx, checked, result, modality)
+    # a slice is no surer than its structure (the backend's own per-slice values are kept in the details)
+    result.details["backend_confidence"] = [round(float(c), 3) for c in result.confidence]
+    result.confidence = np.minimum(np.asarray(result.confidence, dtype=np.float32), result.structure_confidence)
     result.warnings = guard.assess(image, spacing_zyx, checked, result, modality)
     return result

@@ -98,7 +98,7 @@ def timeline(node: NodeProcess, series_uid: str, sent_at: float) -> dict:
     def span(a: str, b: str) -> float | None:
         return round(first[b][0] - first[a][0], 3) if a in first and b in first else None
 
-    inside = sum(timings.get(k, 0) for k in ("read_s", "propagate_s", "write_s", "self_check_s"))
+    inside = sum(timings.get(k, 0) for k in ("read_s", "propagate_s", "write_s", "file_check_s"))
     queued = first.get("job.queued", (0, {}))[1]
     claimed_to_propagated = span("job.claimed", "job.propagated")
     return {
@@ -111,7 +111,7 @@ def timeline(node: NodeProcess, series_uid: str, sent_at: float) -> dict:
         "  child start + imports + task (claimed_to_propagated - compute)":
             round(claimed_to_propagated - inside, 3) if claimed_to_propagated else None,
         "  compute read_s": timings.get("read_s"), "  propagate_s": timings.get("propagate_s"),
-        "  write_s": timings.get("write_s"), "  self_check_s": timings.get("self_check_s"),
+        "  write_s": timings.get("write_s"), "  file_check_s": timings.get("file_check_s"),
         "propagated_to_sending_s": span("job.propagated", "job.sending"),
         "sending_to_sent_s (sender loop + C-STORE)": span("job.sending", "job.sent"),
     }

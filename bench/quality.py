@@ -11,15 +11,22 @@ models.propagate.propagate with backend classic:
   largest error region (2D connected piece, any slice): positive in a miss, negative in a leak;
   Dice after each click (`dice_after_clicks`; `dice` is the last).
 Baselines: the middle-slice mask copied to every slice, and copied within the true extent.
-Each result's guard warnings (models/guard.py) are kept; the summary gives the share flagged.
+Each result's guard warnings (models/guard.py) and structure confidence are kept; the summary gives the
+share flagged, and the calibration of the confidence against Dice (a reliability table and the AUROC
+of telling Dice < 0.5 apart).
+--jitter PX (box prompts): each case is also run from --variants N boxes with every edge moved by up
+to PX pixels (seeded by the case's name); --jitter-mm MM (point prompts): from N clicks moved by up to
+MM mm, staying on the structure. The summary gives the mean exact and mean worst Dice, the flips (exact
+>= 0.6, a variant < 0.3) and how many of them carried a warning, and the guard's catches and false holds.
 
     .venv/bin/python bench/quality.py [--data ../shared/data] [--prompt box|point|mask|multi|corrective]
                                       [--cases shared|totalseg512]
                                       [--method register_refine|intensity]
                                       [--key-slice tight_select|histogram]
                                       [--only totalseg_label5,sts001_GTV_Mass_CT]
+                                      [--jitter PX | --jitter-mm MM] [--variants N]
                                       [--out bench/results/quality.json, quality_point.json,
-                                             quality_point_totalseg512.json, ...]
+                                             quality_point_totalseg512.json, quality_jitter.json, ...]
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import argparse
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -171,16 +179,29 @@ def _score(row: dict, case: dict, prompts: list[Prompt], settings: PropagationCo
     try:
         result = propagate(case["image"], spacing, prompts, case["modality"], settings)
     except PromptError as exc:  # counted as a failure (Dice 0), not hidden
-        row.update(error=str(exc), dice=0.0, key_slice_dice=0.0, hd95_mm=None, predicted_extent=None, warnings=[])
+        row.update(error=str(exc), dice=0.0, key_slice_dice=0.0, hd95_mm=None, predicted_extent=None,
+                   warnings=[], confidence=0.0, slice_confidence=[])
         return None
     row["seconds"] = time.perf_counter() - t0
     metrics = evaluate_masks(result.mask, mask, spacing)
     row.update(dice=metrics["dice"], hd95_mm=metrics["hd95_mm"], msd_mm=metrics["msd_mm"], nsd=metrics["nsd"],
                predicted_extent=_extent(result.mask), stop=result.details.get("stop"),
                key_slice_dice=evaluate_masks(result.mask[z], mask[z], spacing[1:])["dice"],
-               per_slice_s=result.details["timings_s"]["per_slice"], warnings=list(result.warnings))
+               per_slice_s=result.details["timings_s"]["per_slice"], warnings=list(result.warnings),
+               confidence=float(result.structure_confidence), slice_confidence=_slice_pairs(result, mask),
+               confidence_signals=result.details.get("confidence_signals", {}))
     row.pop("error", None)
     return result
+
+
+def _slice_pairs(result: PropagationResult, reference: np.ndarray) -> list[list[float]]:
+    """[confidence, Dice] of each slice the result holds (the per-slice calibration: how good is this contour)."""
+    pairs = []
+    for z in np.flatnonzero(result.mask.any(axis=(1, 2))):
+        both = float(result.mask[z].sum() + reference[z].sum())
+        pairs.append([round(float(result.confidence[z]), 3),
+                      round(2.0 * float((result.mask[z] & reference[z]).sum()) / both, 3)])
+    return pairs
 
 
 def evaluate_case(case: dict, settings: PropagationConfig, kind: str = "box", clicks: int = 3) -> dict:
@@ -205,6 +226,127 @@ def evaluate_case(case: dict, settings: PropagationConfig, kind: str = "box", cl
         row["key_slice_dice_after_clicks"].append(row["key_slice_dice"])
         row["warnings_after_clicks"].append(row["warnings"])
     return row
+
+
+def jittered_prompts(case: dict, prompt: Prompt, n: int, px: int = 0, mm: float = 0.0) -> list[Prompt]:
+    """`n` variants of the exact prompt, seeded by the case's name: a box with every edge moved by up to
+    `px` pixels (at least one edge moved; kept inside the image and not inverted), or a click moved by up to
+    `mm` in a random direction onto another pixel of the reference on that slice (a planner clicks on the
+    structure; on pixels coarser than `mm` the click may stay where it was)."""
+    rng = np.random.default_rng(zlib.crc32(case["name"].encode()))
+    ny, nx = case["mask"].shape[1:]
+    out: list[Prompt] = []
+    if isinstance(prompt, BoxPrompt):
+        while len(out) < n:
+            d = rng.integers(-px, px + 1, 4)
+            if not d.any():
+                continue
+            x0, x1 = sorted(int(np.clip(v, 0, nx - 1)) for v in (prompt.x0 + d[0], prompt.x1 + d[2]))
+            y0, y1 = sorted(int(np.clip(v, 0, ny - 1)) for v in (prompt.y0 + d[1], prompt.y1 + d[3]))
+            out.append(BoxPrompt(prompt.slice_index, x0, y0, x1, y1))
+        return out
+    (x, y, _), = prompt.points
+    region = case["mask"][prompt.slice_index]
+    dy, dx = case["spacing"][1:]
+    for _ in range(n):
+        for _attempt in range(50):
+            r, a = mm * np.sqrt(rng.uniform()), rng.uniform(0.0, 2.0 * np.pi)
+            cx, cy = int(round(x + r * np.cos(a) / dx)), int(round(y + r * np.sin(a) / dy))
+            if 0 <= cx < nx and 0 <= cy < ny and region[cy, cx]:
+                break
+        else:
+            cx, cy = x, y
+        out.append(PointPrompt(prompt.slice_index, ((cx, cy, True),)))
+    return out
+
+
+def evaluate_jitter(case: dict, settings: PropagationConfig, kind: str, n: int, px: int = 0,
+                    mm: float = 0.0) -> dict:
+    """The exact prompt's row (`evaluate_case`) plus `jitter`: each jittered variant's Dice, key-slice Dice,
+    warnings and confidence, and the worst of them."""
+    row = evaluate_case(case, settings, kind)
+    exact = make_prompts(case["mask"], kind, case["spacing"][1:])[0]
+    row["jitter"] = []
+    for prompt in jittered_prompts(case, exact, n, px, mm):
+        variant = {"key_slice": row["key_slice"]}
+        _score(variant, case, [prompt], settings)
+        row["jitter"].append({"prompt": _describe(prompt), **{k: variant.get(k) for k in (
+            "dice", "key_slice_dice", "warnings", "confidence", "error", "slice_confidence",
+            "confidence_signals")}})
+    worst = min(row["jitter"], key=lambda v: v["dice"])
+    row["worst_dice"], row["worst_warned"] = worst["dice"], _warned(worst)
+    return row
+
+
+def _warned(run: dict) -> bool:
+    """Did the planner hear about this result: a guard warning, or the prompt refused with an error."""
+    return bool(run.get("warnings")) or bool(run.get("error"))
+
+
+def _runs(rows: list[dict]) -> list[dict]:
+    """Every propagation of these rows: the exact prompt's and each jittered variant's."""
+    return [r for row in rows for r in [row] + row.get("jitter", [])]
+
+
+def jitter_summary(rows: list[dict]) -> dict:
+    """Exact vs worst jittered Dice, flips (exact >= 0.6, a variant < 0.3) and how many were warned."""
+    flips = [(row, v) for row in rows if row["dice"] >= 0.6 for v in row["jitter"] if v["dice"] < 0.3]
+    return {"mean_exact_dice": float(np.mean([r["dice"] for r in rows])),
+            "mean_worst_dice": float(np.mean([r["worst_dice"] for r in rows])),
+            "cases_flipped": len({row["structure"] for row, _ in flips}),
+            "flips": len(flips), "flips_warned": sum(_warned(v) for _, v in flips),
+            "silent_flips": [f"{row['structure']}: {v['prompt']} (Dice {v['dice']:.2f})" for row, v in flips
+                             if not _warned(v)]}
+
+
+CONFIDENCE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def auroc(scores: list[float], bad: list[bool]) -> float | None:
+    """Probability that a bad result scores lower than a good one (ties count half); None without both."""
+    s, b = np.asarray(scores, dtype=float), np.asarray(bad, dtype=bool)
+    if b.all() or not b.any():
+        return None
+    lower = (s[b][:, None] < s[~b][None, :]).mean() + 0.5 * (s[b][:, None] == s[~b][None, :]).mean()
+    return float(lower)
+
+
+def reliability(pairs: list[tuple[float, float]]) -> list[dict]:
+    """Per confidence bin: how many results, their mean confidence and mean Dice."""
+    table = []
+    for lo, hi in zip(CONFIDENCE_BINS, CONFIDENCE_BINS[1:]):
+        inside = [(c, d) for c, d in pairs if lo <= c < hi or (hi == 1.0 and c == 1.0)]
+        table.append({"bin": f"{lo:.1f}-{hi:.1f}", "n": len(inside),
+                      "mean_confidence": float(np.mean([c for c, _ in inside])) if inside else None,
+                      "mean_dice": float(np.mean([d for _, d in inside])) if inside else None})
+    return table
+
+
+def calibration(rows: list[dict]) -> dict:
+    """How well the structure confidence (and each slice's) predicts Dice, over every run of these rows,
+    and the guard's figures: results held that were fine (Dice >= 0.5) and failures (< 0.3) it caught."""
+    runs = [r for r in _runs(rows) if r.get("confidence") is not None]
+    pairs = [(float(r["confidence"]), float(r["dice"])) for r in runs]
+    slices = [(c, d) for r in runs for c, d in r.get("slice_confidence") or []]
+    fine, failed = [r for r in runs if r["dice"] >= 0.5], [r for r in runs if r["dice"] < 0.3]
+    return {"runs": len(runs), "reliability": reliability(pairs),
+            "auroc_dice_below_0_5": auroc([c for c, _ in pairs], [d < 0.5 for _, d in pairs]),
+            "slice_reliability": reliability(slices),
+            "slice_auroc_dice_below_0_5": auroc([c for c, _ in slices], [d < 0.5 for _, d in slices]),
+            "false_holds": f"{sum(_warned(r) for r in fine)}/{len(fine)}",
+            "failures_caught": f"{sum(_warned(r) for r in failed)}/{len(failed)}"}
+
+
+def print_calibration(name: str, c: dict) -> None:
+    auc = c["auroc_dice_below_0_5"]
+    slice_auc = c["slice_auroc_dice_below_0_5"]
+    print(f"CALIBRATION {name}: {c['runs']} results, AUROC (Dice < 0.5) "
+          f"{'-' if auc is None else f'{auc:.3f}'}, per slice {'-' if slice_auc is None else f'{slice_auc:.3f}'}; "
+          f"guard: held while fine {c['false_holds']}, failures (Dice < 0.3) caught {c['failures_caught']}")
+    for b, sb in zip(c["reliability"], c["slice_reliability"]):
+        fmt = (lambda v: "    -" if v is None else f"{v:5.3f}")
+        print(f"   confidence {b['bin']}: {b['n']:4d} results, mean Dice {fmt(b['mean_dice'])}   "
+              f"slices {sb['n']:5d}, mean Dice {fmt(sb['mean_dice'])}")
 
 
 def _describe(prompt: Prompt) -> str:
@@ -245,6 +387,8 @@ def summarise(rows: list[dict]) -> dict:
             s["dice_after_clicks"] = [float(v) for v in np.mean([r["dice_after_clicks"] for r in chosen], axis=0)]
             s["key_slice_dice_after_clicks"] = [float(v) for v in
                                                 np.mean([r["key_slice_dice_after_clicks"] for r in chosen], axis=0)]
+        if "jitter" in chosen[0]:
+            s["jitter"] = jitter_summary(chosen)
         summary[group] = s
     return summary
 
@@ -262,9 +406,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="shared: the 41 cases above (default); totalseg512: the organs of totalseg-ct/dicom "
                              "at 512 x 512")
     parser.add_argument("--only", default="", help="comma-separated structure names to run (default: all)")
+    parser.add_argument("--jitter", type=int, default=0, metavar="PX",
+                        help="box prompts: also run --variants boxes with every edge moved by up to PX pixels")
+    parser.add_argument("--jitter-mm", type=float, default=0.0, metavar="MM",
+                        help="point prompts: also run --variants clicks moved by up to MM mm (on the structure)")
+    parser.add_argument("--variants", type=int, default=6, metavar="N", help="jittered prompts per case (default 6)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON results (default bench/results/quality.json, quality_<prompt>.json if not box)")
+                        help="JSON results (default bench/results/quality.json, quality_<prompt>.json if not box; "
+                             "quality_jitter[_point].json with a jitter)")
     args = parser.parse_args(argv)
+    jitter = args.jitter if args.prompt == "box" else args.jitter_mm if args.prompt == "point" else 0
+    if (args.jitter or args.jitter_mm) and not jitter:
+        parser.error("--jitter goes with --prompt box, --jitter-mm with --prompt point")
 
     settings = PropagationConfig(backend="classic")
     if args.method:
@@ -281,13 +434,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'structure':30s} {'slices':>6s} {'dice':>6s} {'key':>6s} {'hd95mm':>7s} {'pred extent':>12s}"
           f" {'true extent':>12s} {'copy':>6s} {'copyext':>7s}  guard / clicks")
     for case in cases:
-        row = evaluate_case(case, settings, args.prompt)
+        row = (evaluate_jitter(case, settings, args.prompt, args.variants, args.jitter, args.jitter_mm) if jitter
+               else evaluate_case(case, settings, args.prompt))
         rows.append(row)
         pe = row.get("predicted_extent")
         hd = row.get("hd95_mm")
         after = ("  clicks: " + " ".join(f"{d:.3f}" for d in row["dice_after_clicks"])
                  if "dice_after_clicks" in row else "")
         flag = f"  FLAG: {'; '.join(row['warnings'])}" if row.get("warnings") else ""
+        if jitter:
+            after += (f"  conf {row['confidence']:.2f}  worst of {args.variants}: {row['worst_dice']:.3f}"
+                      f"{' (warned)' if row['worst_warned'] else ''}")
         print(f"{row['structure']:30s} {row['slices_in_gt']:6d} {row['dice']:6.3f} {row['key_slice_dice']:6.3f} "
               f"{(f'{hd:7.1f}' if hd is not None else '      -')} {str(pe):>12s} {str(row['true_extent']):>12s} "
               f"{row['baseline_copy_everywhere_dice']:6.3f} {row['baseline_copy_within_extent_dice']:7.3f}"
@@ -301,14 +458,23 @@ def main(argv: list[str] | None = None) -> int:
               f"copy-everywhere={s['baseline_copy_everywhere_dice']:.3f}  "
               f"copy-within-extent={s['baseline_copy_within_extent_dice']:.3f}  "
               f"flagged={s['flagged']}/{s['n']} (Dice>=0.5: {s['false_flags']}, Dice<0.2: {s['caught_failures']}){after}")
+        if "jitter" in s:
+            j = s["jitter"]
+            print(f"JITTER {group:8s} exact={j['mean_exact_dice']:.3f} worst={j['mean_worst_dice']:.3f}  "
+                  f"flips: {j['flips']} in {j['cases_flipped']} cases, {j['flips_warned']} warned"
+                  + (f"; silent: {', '.join(j['silent_flips'])}" if j["silent_flips"] else ""))
+    calibrated = calibration(rows)
+    print_calibration(args.prompt, calibrated)
     if args.out is None:
-        name = "quality" + ("" if args.prompt == "box" else f"_{args.prompt}")
+        name = "quality" + ("_jitter" if jitter else "") + ("" if args.prompt == "box" else f"_{args.prompt}")
         name += ("" if args.cases == "shared" else f"_{args.cases}") + ".json"
         args.out = REPO / "bench" / "results" / name
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"prompt": args.prompt, "method": settings.classic.method,
                                     "key_slice": settings.classic.key_slice,
-                                    "summary": summary, "cases": rows},
+                                    **({"jitter": {"px" if args.prompt == "box" else "mm": jitter,
+                                                   "variants": args.variants}} if jitter else {}),
+                                    "summary": summary, "calibration": calibrated, "cases": rows},
                                    indent=2, default=str))
     print(f"wrote {args.out}")
     return 0

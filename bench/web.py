@@ -10,7 +10,7 @@
    the review page and a reviewer corrects as a person would: a positive click beyond the result's
    last slice, a box beyond its first slice, "Last slice here", a brush stroke, each followed by an
    undo. Per correction: the time from the click (pointer up) to the API's 201 (the new revision
-   exists: recorded, its RTSTRUCT written and self-checked) and to the page showing its contour;
+   exists: recorded, its RTSTRUCT written and file-checked) and to the page showing its contour;
    the server's own stages from its Server-Timing header. Target: new contour within 1 s (median).
 
     .venv/bin/python bench/web.py [--slices 500] [--requests 200] [--correction-slices 120] [--rounds 3]

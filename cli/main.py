@@ -130,6 +130,7 @@ def _mask_summary(result, vol, out: Path, seconds: float) -> dict[str, Any]:  # 
         "slices": [slices[0], slices[-1]] if slices else [],
         "voxels": int(result.mask.sum()),
         "volume_ml": round(float(result.mask.sum()) * abs(dz * dy * dx) / 1000.0, 3),
+        "confidence": round(float(result.structure_confidence), 3),
         "warnings": list(result.warnings),
         "seconds": round(seconds, 3),
     }

@@ -248,7 +248,10 @@ class RTStructConfig(Section):
 class PipelineConfig(Section):
     workers: int = Field(1, ge=1)
     job_timeout_s: float = Field(1800.0, gt=0)
-    self_check_min_dice: float = Field(0.98, ge=0, le=1)
+    file_check_min_dice: float = Field(
+        0.98, ge=0, le=1, description="the written RTSTRUCT is read back and each ROI compared with the mask it was "
+        "written from; below this Dice the file is not what was computed and the job is quarantined (a check of the "
+        "file, not of the contour's quality)")
     prompt_mode: Literal["box", "mask", "auto"] = Field(
         "box", description="a single-slice ROI becomes a box prompt (its bounding rectangle; a rectangle drawn "
         "in the TPS is exact), a mask prompt (the drawn outline), or auto: box if the outline is a rectangle "
@@ -257,6 +260,22 @@ class PipelineConfig(Section):
     negative_point_marker: str = "-"
     multi_slice_max: int = Field(5, ge=1, description="an ROI drawn on 2..this many slices, none of them "
                                  "neighbours, is one prompt on several slices (more, or neighbouring slices: a contour)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        """`self_check_min_dice` (it checks the file, not the contour) is read as `file_check_min_dice`, with a
+        warning, for one release."""
+        if not isinstance(data, dict) or "self_check_min_dice" not in data:
+            return data
+        data = dict(data)
+        if "file_check_min_dice" in data:
+            raise ValueError("pipeline.self_check_min_dice and pipeline.file_check_min_dice both given: keep "
+                             "pipeline.file_check_min_dice")
+        data["file_check_min_dice"] = data.pop("self_check_min_dice")
+        warnings.warn("configuration key pipeline.self_check_min_dice is deprecated: use "
+                      "pipeline.file_check_min_dice", ConfigDeprecationWarning, stacklevel=2)
+        return data
     recontour_roi_regex: str | None = Field(
         None, description="re-contour mode: a fully contoured ROI whose name matches this regex (case-insensitive, "
         "full match, e.g. '(GTV|CTV).*') is re-propagated from its middle slice; null = off")

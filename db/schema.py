@@ -104,7 +104,8 @@ class Job(Base):
     timings_s: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     result_path: Mapped[str] = mapped_column(Text, default="")
     result_sha256: Mapped[str] = mapped_column(String(64), default="")
-    self_check_dice: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the written RTSTRUCT read back against its masks (pipeline/file_check.py): the file, not the contour
+    file_check_dice: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_by: Mapped[str] = mapped_column(String(64), default="")

@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from config.schema import PropagationConfig
 from models.classic_points import key_mask_from_points, negative_region
+from models.confidence import box_regions
 from models.intensity_model import (
     SMOOTH_PX,
     histogram,
@@ -65,6 +66,12 @@ OPENING_FRACTION = 0.1  # per-slice opening radius, as a fraction of the cross-s
 # dense as its neighbours): a tight box's corners are then taken as background, the inscribed ellipse
 # being the shape of a structure touching all four sides (sts-001 GTV, key slice 0.86 -> 0.94 on CT and MR).
 BOX_FULL_FILL = 0.9
+# A candidate whose mean differs from the ring around it by at least this many pooled SDs stands out from its
+# surroundings: it is a structure, not the tissue around one (`_tight_box_score`).
+DISTINCT_CONTRAST = 1.0
+# Key-slice stability (`_key_stability`): a box's corners moved by this share of its sides (at least a pixel):
+# where a planner's box for the same structure may as well have been.
+STABILITY_BOX_FRACTION = 0.04
 
 
 # ----------------------------------------------------------------------------- key slice
@@ -150,6 +157,7 @@ def _grabcut_tight_candidate(feature2d: np.ndarray, box: BoxPrompt, channels: st
     labels[by, bx] = cv2.GC_PR_FGD
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     try:
+        cv2.setRNGSeed(0)  # GrabCut seeds its colour models by k-means on OpenCV's global RNG: same input, same cut
         cv2.grabCut(image8, labels, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
         fg = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
         sub = crop[by, bx]
@@ -203,24 +211,35 @@ def key_mask_from_box(feature2d: np.ndarray, box: BoxPrompt,
     """Segment the structure inside a tight box.
 
     `histogram`: the iterated intensity model alone. `tight_select` (default): three candidates
-    (that model, and GrabCut with the tightness prior on two feature sets); the one that reaches
-    most of the box's rows and columns wins (the tight box's own guarantee, compared in steps of
-    0.1 so noise at the box's edge does not decide), ties going to the one standing out most from
-    the 10 mm ring around it (mean-difference over pooled SD). A winner filling nearly all of the box
-    is cut to the box's inscribed ellipse (`BOX_FULL_FILL`). No per-structure choice is made.
+    (that model, and GrabCut with the tightness prior on two feature sets), chosen by what a tight box
+    means (`_tight_box_score`). A winner filling nearly all of the box is cut to the box's inscribed
+    ellipse (`BOX_FULL_FILL`). No per-structure choice is made.
     """
     hist = _histogram_candidate(feature2d, box)
     if method == "histogram":
         return hist
-    best, best_score = hist, (round(_box_coverage(hist, box), 1), ring_contrast(feature2d, hist, spacing_yx))
-    for channels in ("gray", "scales"):
-        cand = _grabcut_tight_candidate(feature2d, box, channels)
-        if not cand.any():
-            continue
-        score = (round(_box_coverage(cand, box), 1), ring_contrast(feature2d, cand, spacing_yx))
-        if score > best_score:
-            best, best_score = cand, score
+    candidates = [hist] + [c for c in (_grabcut_tight_candidate(feature2d, box, channels)
+                                       for channels in ("gray", "scales")) if c.any()]
+    best = max(candidates, key=lambda c: _tight_box_score(feature2d, c, box, spacing_yx))
     return _cut_full_box(best, box)
+
+
+def _tight_box_score(feature2d: np.ndarray, mask: np.ndarray, box: BoxPrompt,
+                     spacing_yx: tuple[float, float]) -> tuple[float, bool, bool, float]:
+    """How well a candidate fits a tight box, compared in this order:
+    1. the share of the box's rows and columns it reaches (a tight box touches its structure on all four
+       sides), in steps of 0.1 so noise at the box's edge does not decide;
+    2. whether it stands out from the 10 mm ring around it (ring contrast >= DISTINCT_CONTRAST): a lung
+       crescent around a liver dome does, the liver does not;
+    3. whether it covers the box's centre (models/confidence.py `box_regions`): when nothing stands out
+       (a tumour against chest wall of its own density), what fills the box's centre is the structure and
+       the aerated lung or fat filling its corners is not;
+    4. the ring contrast itself.
+    """
+    contrast = ring_contrast(feature2d, mask, spacing_yx)
+    centre, _ = box_regions(mask.shape, box)
+    return (round(_box_coverage(mask, box), 1), contrast >= DISTINCT_CONTRAST,
+            bool(mask[centre].mean() >= 0.5), contrast)
 
 
 # ----------------------------------------------------------------------------- propagation step
@@ -578,6 +597,40 @@ def _slice_key(features2d: np.ndarray, raw2d: np.ndarray, base: BoxPrompt | Mask
     return key
 
 
+def _moved_boxes(box: BoxPrompt, shape: tuple[int, int]) -> list[BoxPrompt]:
+    """The box with two opposite corners moved in and out by STABILITY_BOX_FRACTION of its sides (at least a
+    pixel): where a planner's box of the same structure may as well have been."""
+    ny, nx = shape
+    dy, dx = (max(1, round(STABILITY_BOX_FRACTION * n)) for n in (box.y1 - box.y0 + 1, box.x1 - box.x0 + 1))
+    out = []
+    for sy, sx, corner in ((-dy, -dx, 0), (dy, dx, 0), (dy, dx, 1), (-dy, -dx, 1)):
+        x0, y0, x1, y1 = box.x0, box.y0, box.x1, box.y1
+        if corner == 0:
+            x0, y0 = x0 + sx, y0 + sy
+        else:
+            x1, y1 = x1 + sx, y1 + sy
+        x0, x1, y0, y1 = max(0, x0), min(nx - 1, x1), max(0, y0), min(ny - 1, y1)
+        if x0 <= x1 and y0 <= y1:
+            out.append(BoxPrompt(box.slice_index, x0, y0, x1, y1))
+    return out
+
+
+def _key_stability(features2d: np.ndarray, base: BoxPrompt | MaskPrompt, clicks: PointPrompt | None,
+                   key: np.ndarray, spacing_yx: tuple[float, float], settings: PropagationConfig) -> float | None:
+    """Mean Dice between a box's mask on its slice and the masks of the box moved a little (`_moved_boxes`):
+    1 when the answer does not depend on the box's last pixel or two, low when it flips (the structure
+    confidence's `stability`, models/confidence.py). None for anything but a box alone on its slice. (Clicks
+    are not moved: a random walk per moved click costs seconds on a large organ; their fit to the result is
+    judged instead.)"""
+    if not isinstance(base, BoxPrompt) or clicks is not None:
+        return None
+    scores = []
+    for moved in _moved_boxes(base, key.shape):
+        other = key_mask_from_box(features2d, moved, spacing_yx, settings.classic.key_slice)
+        scores.append(2.0 * float((other & key).sum()) / max(float(other.sum() + key.sum()), 1.0))
+    return float(np.mean(scores)) if scores else None
+
+
 # ----------------------------------------------------------------------------- entry point
 def propagate(
     image: np.ndarray,
@@ -616,6 +669,9 @@ def propagate(
     for z, key in keys.items():
         if not key.any():
             raise PromptError(f"no structure found in the prompt on slice {z}")
+    stability = {z: _key_stability(features(z), base.get(z), clicks.get(z), keys[z], spacing_yx, settings)
+                 for z in base}
+    stability = {z: v for z, v in stability.items() if v is not None}
     t_key = time.perf_counter()
     chain = _Chain(features, image.shape[0], dz, spacing_yx, settings, cuts)
     corrected = []
@@ -636,6 +692,8 @@ def propagate(
                                      carried=carried[z])
                 corrected.append(int(z))
     mask, confidence, stop, segments = _spread(keys, chain)
+    for z, value in stability.items():  # a prompted slice is as sure as its answer is stable
+        confidence[z] = value
     t_end = time.perf_counter()
     k = max(keys, key=lambda z: (int(keys[z].sum()), -z))
     return PropagationResult(
@@ -646,6 +704,7 @@ def propagate(
             "method": settings.classic.method,
             "key_slice": int(k),
             "key_area_px": int(keys[k].sum()),
+            "key_stability": {int(z): round(v, 3) for z, v in stability.items()},
             "prompt_slices": [int(z) for z in sorted(keys)],
             "negative_slices": [int(z) for z in sorted(cuts)],
             "corrected_slices": corrected,

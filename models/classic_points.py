@@ -74,10 +74,12 @@ RAY_OUTLINE_BOUND = 1.3  # and those beyond this many times it as surroundings
 SEED_FRACTION = 0.6  # structure seeds: the disc of this fraction of the inscribed radius
 # A rim closing the walk's result in is taken in (`_with_rim`; 29 organs at 512 x 512 0.573 -> 0.591, mostly
 # ribs clicked in their marrow; the 41 shared cases at 3 mm unchanged): it lies within this many inscribed
-# radii outside the result, is this many noise SDs brighter than both sides, and encloses this share of it.
+# radii outside the result (or more, up to RIM_MAX_MM), is this many noise SDs brighter than both sides,
+# and encloses this share of it.
 RIM_DEPTH = 0.3
 RIM_SD = 3.0
 RIM_CLOSED = 0.9
+RIM_MAX_MM = 6.0  # ...and at most this thick (a humerus's cortex, clicked in its marrow: 0.22 -> 0.82 at 512 x 512)
 RING_RADII = (1.5, 3.0)  # background candidates: this ring, in inscribed radii
 FRAME_RADII = 4.0  # everything further than this many inscribed radii is background
 BACKGROUND_LLR = -1.0  # a ring pixel is a background seed below this log-likelihood ratio
@@ -403,23 +405,28 @@ def _clicked_structure(feature2d: np.ndarray, prompt: PointPrompt, spacing_yx: t
 
 def _with_rim(feature2d: np.ndarray, mask: np.ndarray, seeds: np.ndarray, negatives: np.ndarray, rho: float,
               spacing_yx: tuple[float, float], noise: float) -> np.ndarray:
-    """`mask` with the rim that closes it in, if one does: pixels within RIM_DEPTH rho outside it (at least
-    2 px) brighter by RIM_SD noise SDs than both the mask and what lies beyond the rim, forming a closed
-    ring (after a 1 px closing) around RIM_CLOSED of the mask. A click at a bone's deepest point lands in
-    its marrow, and the cortex is the bone; the wall around a bowel's gas, an enhancing rim around
-    necrosis are the same. A darker ring (a fat plane between two organs) is never taken in."""
+    """`mask` with the wall that closes it in, if one does. A click at a bone's deepest point lands in its
+    marrow, and the cortex is the bone; the wall around a bowel's gas, an enhancing rim around necrosis
+    are the same. For a wall thickness from RIM_DEPTH rho (at least 2 px) up to RIM_MAX_MM (a long bone's
+    cortex is thicker than a rib's, but a wall it stays), the first that fits: the wall is the pixels within
+    that distance outside the mask brighter by RIM_SD noise SDs than both the mask and what lies as far
+    again beyond, forming a closed ring (after a 1 px closing) around RIM_CLOSED of the mask. A darker ring
+    (a fat plane between two organs) is never taken in."""
     if not mask.any():
         return mask
-    depth = max(2.0 * max(spacing_yx), RIM_DEPTH * rho)
+    px = max(spacing_yx)
     out = ndimage.distance_transform_edt(~mask, sampling=spacing_yx)
-    band, beyond = (out > 0) & (out <= depth), (out > depth) & (out <= 2.0 * depth)
-    if not beyond.any():
-        return mask
-    level = max(float(np.median(feature2d[mask])), float(np.median(feature2d[beyond])))
-    rim = band & (feature2d > level + RIM_SD * noise) & ~negatives
-    if not rim.any() or ndimage.binary_fill_holes(ndimage.binary_closing(rim))[mask].mean() < RIM_CLOSED:
-        return mask
-    return ndimage.binary_fill_holes(_clicked_pieces(mask | rim, seeds, negatives))
+    level = float(np.median(feature2d[mask]))
+    depth = max(2.0 * px, RIM_DEPTH * rho)
+    while depth <= max(RIM_MAX_MM, 2.0 * px):
+        band, beyond = (out > 0) & (out <= depth), (out > depth) & (out <= 2.0 * depth)
+        if not beyond.any():
+            break
+        rim = band & (feature2d > max(level, float(np.median(feature2d[beyond]))) + RIM_SD * noise) & ~negatives
+        if rim.any() and ndimage.binary_fill_holes(ndimage.binary_closing(rim))[mask].mean() >= RIM_CLOSED:
+            return ndimage.binary_fill_holes(_clicked_pieces(mask | rim, seeds, negatives))
+        depth += px
+    return mask
 
 
 def _walk(feature2d: np.ndarray, seeds: np.ndarray, negatives: np.ndarray, rho: np.ndarray,

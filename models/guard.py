@@ -16,16 +16,25 @@ import numpy as np
 from scipy import ndimage
 
 from models.classic_points import click_scale_mm
+from models.confidence import SIGNAL_NAMES, box_fit
 from models.intensity_model import slice_features
 from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt
 from models.result import PropagationResult
 
 # A tight box touches its structure on all four sides, so a connected structure reaches every row
-# and column of it; a result reaching fewer than this share of them did not find what the box holds.
+# and column of it (less a pixel or two a planner's box may miss by: models/confidence.py); a result
+# reaching fewer than this share of them did not find what the box holds.
 BOX_MIN_COVERAGE = 0.6
 # ...and a structure fills a fair part of its tight box (an ellipse fills 79 %, a thin oblique rib
 # or a crescent 10-20 %); below this the box is mostly empty of what the result found.
 BOX_MIN_FILL = 0.05
+# ...and it covers the box's centre: a result covering less than this share of the box's central region
+# (models/confidence.py `box_regions`) is what lies around the structure (lung or fat in the box's corners), or
+# a crescent or a C-shape (worth a look too).
+BOX_MIN_CENTRE = 0.25
+# ...and it has the intensity of what the box's centre holds: a result nearer in intensity to the box's
+# corners than to its centre (where the two differ) is the surroundings.
+BOX_MAX_CORNER_LIKENESS = 0.5
 # An outline is the structure on its slice: a result that keeps less than this Dice of it was
 # not propagated from the outline.
 OUTLINE_MIN_DICE = 0.8
@@ -49,8 +58,13 @@ EDGE_RUN_MM = 50.0
 EDGE_MIN_SHARE = 0.5
 # Touching the image's own border in-plane: only body outline, couch or air reach it.
 BORDER_MIN_PX = 3
-# Per-slice confidence (mean posterior, or SAM2's score) below this: the backend itself doubts it.
+# Per-slice confidence (mean posterior, or SAM2's score; a classic box's slice: its stability) below this: the
+# backend itself doubts it.
 CONFIDENCE_MIN = 0.3
+# The structure confidence (models/confidence.py, about the probability that Dice >= 0.5) below this: on the
+# shared cases with moved prompts it holds the flips the prompt checks miss; 0.5 held a third of the fine small
+# structures at 3 mm, 0.3 let flips through (bench/quality.py --jitter 2; docs/propagators.md).
+STRUCTURE_CONFIDENCE_MIN = 0.45
 
 
 def _ranges(slices: Sequence[int]) -> str:
@@ -65,17 +79,22 @@ def _ranges(slices: Sequence[int]) -> str:
     return ", ".join(out)
 
 
-def _box_reasons(box: BoxPrompt, mask2d: np.ndarray) -> list[str]:
-    inside = mask2d[box.y0:box.y1 + 1, box.x0:box.x1 + 1]
-    fill = float(inside.mean())
-    coverage = 0.5 * (float(inside.any(axis=1).mean()) + float(inside.any(axis=0).mean()))
+def _box_reasons(box: BoxPrompt, mask2d: np.ndarray, feature2d: np.ndarray) -> list[str]:
+    fit = box_fit(feature2d, box, mask2d)
+    z = box.slice_index
     reasons = []
-    if fill < BOX_MIN_FILL:
-        reasons.append(f"slice {box.slice_index}: the result fills {100 * fill:.0f} % of the box "
+    if fit.fill < BOX_MIN_FILL:
+        reasons.append(f"slice {z}: the result fills {100 * fit.fill:.0f} % of the box "
                        f"(a tight box is at least {100 * BOX_MIN_FILL:.0f} % structure)")
-    if coverage < BOX_MIN_COVERAGE:
-        reasons.append(f"slice {box.slice_index}: the result reaches {100 * coverage:.0f} % of the box's rows and "
+    if fit.reach < BOX_MIN_COVERAGE:
+        reasons.append(f"slice {z}: the result reaches {100 * fit.reach:.0f} % of the box's rows and "
                        f"columns (a structure touches all four sides of a tight box)")
+    if fit.centre < BOX_MIN_CENTRE:
+        reasons.append(f"slice {z}: the result leaves the box's centre out (covers {100 * fit.centre:.0f} % of it; "
+                       "a tight box's structure covers its centre)")
+    if fit.corners_differ and fit.corner_likeness > BOX_MAX_CORNER_LIKENESS:
+        reasons.append(f"slice {z}: the result has the intensity of the box's corners, not of its centre "
+                       "(what fills a tight box's corners surrounds the structure)")
     return reasons
 
 
@@ -146,7 +165,8 @@ def assess(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: 
     for prompt in prompts:
         on_slice = mask[prompt.slice_index]
         if isinstance(prompt, BoxPrompt):
-            reasons += _box_reasons(prompt, on_slice)
+            features = features or slice_features(image, modality)
+            reasons += _box_reasons(prompt, on_slice, features(prompt.slice_index))
         elif isinstance(prompt, MaskPrompt):
             drawn = np.asarray(prompt.mask, dtype=bool)
             score = 2.0 * float((drawn & on_slice).sum()) / max(float(drawn.sum() + on_slice.sum()), 1.0)
@@ -155,5 +175,20 @@ def assess(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: 
         else:
             features = features or slice_features(image, modality)
             reasons += _click_reasons(prompt, on_slice, features(prompt.slice_index), spacing_yx)
-    return reasons + _shape_reasons(mask, np.asarray(result.confidence), [p.slice_index for p in prompts],
-                                    float(spacing_zyx[0]))
+    # the backend's own per-slice confidence (models.propagate caps the result's at the structure's, judged below)
+    backend = np.asarray(result.details.get("backend_confidence", result.confidence), dtype=float)
+    reasons += _shape_reasons(mask, backend, [p.slice_index for p in prompts],
+                              float(spacing_zyx[0]))
+    if result.structure_confidence is not None and mask.any() and result.structure_confidence < STRUCTURE_CONFIDENCE_MIN:
+        reasons.append(f"confidence {result.structure_confidence:.2f} for the whole structure (below "
+                       f"{STRUCTURE_CONFIDENCE_MIN}: {_weakest(result)})")
+    return reasons
+
+
+def _weakest(result: PropagationResult) -> str:
+    """What pulls the structure confidence down most (models/confidence.py signals), in words."""
+    values = {k: v for k, v in (result.details.get("confidence_signals") or {}).items() if k in SIGNAL_NAMES}
+    if not values:
+        return "no signal recorded"
+    name = min(values, key=lambda k: values[k])
+    return f"weakest: {SIGNAL_NAMES.get(name, name)} {values[name]:.2f}"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from config.schema import PropagationConfig
-from models import backends, guard
+from models import backends, confidence, guard
 from models.prompts import Prompt, check_prompts
 from models.result import Backend, PropagationResult
 
@@ -35,12 +35,17 @@ def propagate(
 ) -> PropagationResult:
     """Spread `prompts` (one prompt, or several on one or more slices) through `image` (z, y, x).
 
-    The result's `warnings` hold the guard's reasons it looks implausible (models/guard.py), for
-    either backend.
+    The result's `structure_confidence` says how good it is likely to be (models/confidence.py), and its
+    `warnings` hold the guard's reasons it looks implausible (models/guard.py), for either backend.
     """
     settings = settings or PropagationConfig()
     image = np.asarray(image)
     checked = check_prompts(image.shape, spacing_zyx, prompts)
     result = backend_function(choose_backend(settings))(image, spacing_zyx, checked, modality, settings)
+    result.structure_confidence, result.details["confidence_signals"] = confidence.structure_confidence(
+        image, spacing_zyx, checked, result, modality)
+    # a slice is no surer than its structure (the backend's own per-slice values are kept in the details)
+    result.details["backend_confidence"] = [round(float(c), 3) for c in result.confidence]
+    result.confidence = np.minimum(np.asarray(result.confidence, dtype=np.float32), result.structure_confidence)
     result.warnings = guard.assess(image, spacing_zyx, checked, result, modality)
     return result

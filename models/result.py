@@ -23,6 +23,9 @@ class PropagationResult:
     checkpoint_sha256: str | None = None  # of the loaded checkpoint file (sam2 only), for the audit
     details: dict[str, Any] = field(default_factory=dict)  # timings, stop reasons per direction, ...
     warnings: list[str] = field(default_factory=list)  # why the result looks implausible; empty = plausible
+    # [0, 1]: how good the whole structure is likely to be (models/confidence.py; bench/quality.py calibrates it
+    # against Dice). Set by models.propagate.propagate for every backend; None before that.
+    structure_confidence: float | None = None
 
 
 class Backend(Protocol):

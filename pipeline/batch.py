@@ -9,7 +9,7 @@ the terminal (tqdm); every run and ROI is audited (batch.started, batch.roi, bat
 
 Sent (`--send`, batch.send_results), each new RTSTRUCT becomes a job of kind `batch` handed to the
 one exit of the node (pipeline/delivery.py `deliver`): review before send, the guard's hold, the
-self-check, the TPS profile, the dry run and the route decided when the job is created all apply
+file check, the TPS profile, the dry run and the route decided when the job is created all apply
 to it as to any job's result; with review.before_send it waits in the review queue.
 """
 from __future__ import annotations
@@ -327,14 +327,14 @@ def _hand_on(factory: sessionmaker[Session], config: Config, item: BatchItem, ro
              route: JobRoute) -> dict[str, Any]:
     """--send: the new RTSTRUCT as a job of kind `batch`, handed to the one exit (pipeline/delivery.py
     `deliver`): review before send, the guard's hold, the dry run, the route and the durable send apply to
-    it as to any job's result. A result that failed its self-check is never handed on. Returns the
+    it as to any job's result. A result that failed its file check is never handed on. Returns the
     drift.csv fields: `sent` (queued for C-STORE or delivered), `job`, `delivery` (the job's state)."""
     from pipeline.delivery import deliver
     from pipeline.jobs import create_batch_job
 
-    check = summary["self_check"]
+    check = summary["file_check"]
     if not check["ok"]:
-        return {"sent": False, "delivery": "not sent: self-check failed: " + "; ".join(check["problems"])[:500]}
+        return {"sent": False, "delivery": "not sent: file check failed: " + "; ".join(check["problems"])[:500]}
     prompt = {"structure": roi, "kind": config.batch.prompt_kind, "slice": summary["key_slice"], "sources": [roi],
               "mode": "batch"}
     with transaction(factory) as session:
@@ -343,7 +343,7 @@ def _hand_on(factory: sessionmaker[Session], config: Config, item: BatchItem, ro
             result_path=summary["rtstruct"], result_sha256=summary["sha256"], study_uid=item.study_uid,
             series_uid=item.series_uid, calling_ae=item.calling_ae, patient_id_hash=item.patient_id_hash,
             prompts=[prompt], route=route, backend=summary["backend"][:16],
-            checkpoint_sha256=summary["checkpoint_sha256"] or "", self_check_dice=check.get("min_dice"))
+            checkpoint_sha256=summary["checkpoint_sha256"] or "", file_check_dice=check.get("min_dice"))
         state = deliver(session, config, job, Path(summary["rtstruct"]),
                         implausible=[f"{roi}: {w}" for w in summary["warnings"]]) if created else job.state
     return {"sent": state in ("sending", "sent"), "job": job.id, "delivery": state}

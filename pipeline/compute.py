@@ -1,4 +1,4 @@
-"""A job's computation: read the series and prompt RTSTRUCT, propagate, write ONE RTSTRUCT, self-check.
+"""A job's computation: read the series and prompt RTSTRUCT, propagate, write ONE RTSTRUCT, check the file.
 
 Pure file work, no database: it runs in a child process (`run_child`, pipeline.isolate_jobs) so a
 hung or crashed propagation is killed after pipeline.job_timeout_s while the worker keeps its
@@ -24,7 +24,7 @@ from pipeline.compute_types import (ComputeFailure, ComputeOutcome, ComputeResul
 from pipeline.logline import log_to_stderr
 
 
-class SelfCheckError(RuntimeError):
+class HeldError(RuntimeError):
     """The result cannot leave the node (empty, or the RTSTRUCT does not match its masks): held."""
 
 
@@ -40,8 +40,8 @@ class JobLost(RuntimeError):
 
 
 def classify(exc: BaseException) -> FailureKind:
-    """"input" (the user's to fix), "transient" (retry later), "held" (self-check) or "internal" (ours)."""
-    if isinstance(exc, SelfCheckError):
+    """"input" (the user's to fix), "transient" (retry later), "held" (file check) or "internal" (ours)."""
+    if isinstance(exc, HeldError):
         return "held"
     if isinstance(exc, UserError):
         return "input"
@@ -67,7 +67,7 @@ def versions() -> dict[str, str]:
 
 def compute(task: ComputeTask) -> ComputeResult:
     """Read the series and prompt RTSTRUCT, propagate every prompt with the model routed to its structure,
-    write one RTSTRUCT (pipeline/write_result.py: TPS profile, review side file, self-check)."""
+    write one RTSTRUCT (pipeline/write_result.py: TPS profile, review side file, file check)."""
     from converters.rtstruct_read import read_rtstruct
     from converters.series import read_series
     from models.propagate import propagate
@@ -92,11 +92,11 @@ def compute(task: ComputeTask) -> ComputeResult:
                            verified_settings(routed))
         check_loaded(routed, result.checkpoint_sha256)
         if not result.mask.any():
-            raise SelfCheckError(f"propagation of {spec.structure!r} ({spec.describe()}) gave an empty mask: "
-                                 "nothing to send")
+            raise HeldError(f"propagation of {spec.structure!r} ({spec.describe()}) gave an empty mask: "
+                            "nothing to send")
         structures.append(Structure(spec.structure, result.mask, spec.describe(), result.backend,
                                     tuple(result.warnings), tuple(float(c) for c in result.confidence), spec.slice,
-                                    tuple(spec.slices)))
+                                    tuple(spec.slices), float(result.structure_confidence)))
         ran.append((routed, result.backend, result.checkpoint_sha256 or "", round(time.perf_counter() - t1, 3)))
     timings["propagate_s"] = time.perf_counter() - t
 
@@ -107,7 +107,8 @@ def compute(task: ComputeTask) -> ComputeResult:
     for s, roi, (routed, backend, sha, seconds) in zip(structures, written.rois, ran):
         slices = s.mask.any(axis=(1, 2)).nonzero()[0]
         per_structure.append(StructureResult(s.name, roi, s.prompt, routed.name, backend, sha, s.warnings,
-                                             int(s.mask.sum()), (int(slices[0]), int(slices[-1])), seconds))
+                                             int(s.mask.sum()), (int(slices[0]), int(slices[-1])), seconds,
+                                             round(float(s.structure_confidence or 0.0), 3)))
     return ComputeResult(written.path, written.sha256, written.sop_instance_uid, ran[-1][1] if ran else "",
                          next((r[2] for r in reversed(ran) if r[2]), ""),
                          ",".join(dict.fromkeys(s.model for s in per_structure)),

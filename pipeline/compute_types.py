@@ -52,17 +52,18 @@ class StructureResult:
     voxels: int
     slices: tuple[int, int]  # first and last slice it reaches
     seconds: float
+    confidence: float  # the calibrated structure confidence in [0, 1] (models/confidence.py)
 
     def to_json(self) -> dict[str, Any]:
         """As the audit and the job's timeline record it."""
         return {"structure": self.structure, "roi": self.roi, "prompt": self.prompt, "warnings": list(self.warnings),
-                "model": self.model, "backend": self.backend, "checkpoint_sha256": self.checkpoint_sha256,
+                "confidence": self.confidence, "model": self.model, "backend": self.backend, "checkpoint_sha256": self.checkpoint_sha256,
                 "voxels": self.voxels, "slices": list(self.slices), "seconds": self.seconds}
 
 
 @dataclass(frozen=True)
 class CheckSummary:
-    """The self-check of a written RTSTRUCT (pipeline/selfcheck.py): read back, compared, references checked."""
+    """The file check of a written RTSTRUCT (pipeline/file_check.py): read back, compared, references checked."""
 
     ok: bool
     dice: dict[str, float] = field(default_factory=dict)  # written ROI name -> Dice against its mask
@@ -72,7 +73,7 @@ class CheckSummary:
 
 @dataclass(frozen=True)
 class ComputeResult:
-    """A computed job: the one RTSTRUCT written (and its self-check), what made it, how long each step took."""
+    """A computed job: the one RTSTRUCT written (and its file check), what made it, how long each step took."""
 
     path: Path
     sha256: str
@@ -82,7 +83,7 @@ class ComputeResult:
     model: str  # the models that ran, comma-separated
     timings_s: dict[str, float]
     structures: tuple[StructureResult, ...]
-    self_check: CheckSummary
+    file_check: CheckSummary
 
     @property
     def implausible(self) -> list[str]:
@@ -93,7 +94,7 @@ class ComputeResult:
 @dataclass(frozen=True)
 class ComputeFailure:
     """A computation that did not give a result, and whose fault it is (the worker acts on `kind`):
-    input (the user's to fix), transient (retry later), held (self-check: quarantined), internal (ours)."""
+    input (the user's to fix), transient (retry later), held (file check: quarantined), internal (ours)."""
 
     error: str
     kind: FailureKind

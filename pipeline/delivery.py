@@ -3,7 +3,7 @@
 - `deliver` is THE exit: a job's result (pipeline/runner.py), a nightly batch result
   (pipeline/batch.py, a job of kind `batch`) and a reviewer's accepted result (pipeline/actions.py)
   are all handed to it, so every rule applies to each of them: the dry run, the guard's hold, review
-  before send, the check that the file is the one written and self-checked, and the route stored on
+  before send, the check that the file is the one written and file-checked, and the route stored on
   the job when it was created (dicom_node/routing.py `JobRoute`). It moves the job validated ->
   sending (a row in the durable outbound queue, dicom_node/scu.py, in the same transaction), -> sent
   (a drop-in case: the file goes to the drop-in outbox), -> awaiting_review, -> failed (no
@@ -135,13 +135,13 @@ def prompt_again_handler(factory: sessionmaker[Session], config: Config) -> Call
 
 
 def _not_as_checked(job: Job, path: Path) -> str:
-    """Why `path` may not leave as `job`'s result ('' = it may): gone, or not the file that was self-checked."""
+    """Why `path` may not leave as `job`'s result ('' = it may): gone, or not the file that was file-checked."""
     from pipeline.write_result import sha256_file
 
     if not path.is_file():
         return f"the result {path} is no longer there"
     if str(path) == job.result_path and job.result_sha256 and sha256_file(path) != job.result_sha256:
-        return f"the result {path} changed after its self-check (sha256 differs from the one recorded)"
+        return f"the result {path} changed after its file check (sha256 differs from the one recorded)"
     return ""
 
 

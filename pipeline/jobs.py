@@ -7,10 +7,10 @@ States and the only transitions allowed (anything else raises `JobStateError`):
                                incomplete, or none arrived within pipeline.series_wait_s
     received  -> ignored       an RTSTRUCT rtprop wrote itself, sent back to the node: never a prompt
     queued    -> running       a worker claimed it (attempts + 1)
-    running   -> validated     propagated, RTSTRUCT written, self-check passed
+    running   -> validated     propagated, RTSTRUCT written, file check passed
     running   -> queued        the worker died or timed out, or a transient fault (full disk, busy
                                database); attempts < pipeline.job_max_attempts (with backoff)
-    running   -> failed        an error in the input (bad prompt, unreadable series) or the self-check
+    running   -> failed        an error in the input (bad prompt, unreadable series) or the file check
                                failed (the RTSTRUCT is then held in quarantine with the reason)
     running   -> dead-letter   it died, timed out or hit transient faults pipeline.job_max_attempts times
     validated -> sending       queued for C-STORE (a row in `sends`)
@@ -137,7 +137,7 @@ def transition(session: Session, job: Job, target: str, *, event: str | None = N
     if target == "queued":
         queue.defer(session, queue.TASK_PROPAGATE, job.queue or "cpu", {"job_id": job.id},
                     scheduled_at=aware(job.not_before))
-    logged = {k: v for k, v in fields.items() if k in ("error", "attempts", "result_sha256", "self_check_dice",
+    logged = {k: v for k, v in fields.items() if k in ("error", "attempts", "result_sha256", "file_check_dice",
                                                         "claimed_by", "backend", "result_path", "not_before")}
     audit_job(session, job, event or EVENTS[target], previous_state=current, **logged, **(details or {}))
     LOG.info("job %s: %s -> %s", job.id, current, target)
@@ -179,7 +179,7 @@ def create_batch_job(session: Session, *, rtstruct_uid: str, result_uid: str, re
                      study_uid: str, series_uid: str, calling_ae: str, patient_id_hash: str, prompts: list[dict[str, Any]],
                      route: JobRoute, **fields: Any) -> tuple[Job, bool]:
     """The job of one nightly batch result (kind `batch`), created once per result SOP Instance UID, already
-    `validated`: the batch computed and self-checked it (pipeline/recontour.py). It exists so that the
+    `validated`: the batch computed and file-checked it (pipeline/recontour.py). It exists so that the
     result leaves through the one exit (pipeline/delivery.py `deliver`) under every rule a job's result
     does. `rtstruct_uid` is the archived RTSTRUCT the ROI was re-contoured from; returns (job, created)."""
     existing = session.execute(select(Job).where(Job.kind == "batch", Job.result_sop_instance_uid == result_uid)

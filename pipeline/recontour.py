@@ -1,7 +1,7 @@
 """Re-contour one ROI: prompt from its middle slice, propagate, write a new RTSTRUCT and metrics.
 
 The same steps serve `rtprop recontour`, `rtprop demo` and the nightly batch. The RTSTRUCT is written
-and self-checked as a job's result is (pipeline/write_result.py), so the batch may hand it to the
+and file-checked as a job's result is (pipeline/write_result.py), so the batch may hand it to the
 one exit (pipeline/delivery.py).
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ def recontour(series_dir: Path, rtstruct: Path, roi_name: str, prompt_kind: str,
 
     z = prompt.slice_index
     structure = Structure(reference.name, result.mask, f"{prompt_kind} on slice {z}", result.backend,
-                          tuple(result.warnings), tuple(float(c) for c in result.confidence), z, (z,))
+                          tuple(result.warnings), tuple(float(c) for c in result.confidence), z, (z,),
+                          float(result.structure_confidence))
     written = write_result(volume, [structure], Path(out_dir) / "RS_rtprop.dcm", config,
                            series_description=f"rtprop re-contoured {roi_name}", uid_seed=uid_seed)
     timings.update(written.timings_s)
@@ -51,12 +52,13 @@ def recontour(series_dir: Path, rtstruct: Path, roi_name: str, prompt_kind: str,
         "prompt": prompt_kind,
         "key_slice": prompt.slice_index,
         "backend": result.backend,
+        "confidence": round(float(result.structure_confidence), 3),
         "checkpoint_sha256": result.checkpoint_sha256,
         "rtstruct": str(written.path),
         "sop_instance_uid": written.sop_instance_uid,
         "sha256": written.sha256,
         "warnings": list(result.warnings),
-        "self_check": {"ok": written.check.ok, "min_dice": written.check.min_dice,
+        "file_check": {"ok": written.check.ok, "min_dice": written.check.min_dice,
                        "problems": list(written.check.problems)},
         "metrics": metrics,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

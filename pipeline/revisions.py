@@ -4,7 +4,7 @@ Revision 0 is the job's own result (`jobs.result_path`, its per-slice confidence
 beside it). Each correction on one ROI, and each undo, makes the job's next revision: a row saying
 who, when and what, the ROI's corrections then in force, the ROI's mask (a compressed NPZ of its
 bounding box with the per-slice confidence, in `revisions/` beside the job's result) and an
-RTSTRUCT holding every ROI as it then stands, self-checked like every result before the row exists.
+RTSTRUCT holding every ROI as it then stands, file-checked like every result before the row exists.
 An ROI's state is the newest row naming it (none: revision 0). Undo makes a new revision restoring
 the state before, so numbers only grow and a compare-and-set on them is safe.
 
@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -202,14 +203,21 @@ def result_rois(path: str | Path) -> list[str]:
 
 
 def side_file(job: Job) -> dict[str, Any]:
-    """The job's review.json (pipeline/compute.py: per structure its ROI, prompt slices, warnings,
-    confidence per slice), or {} when it has none."""
+    """The job's review.json (pipeline/write_result.py: per structure its ROI, prompt slices, warnings,
+    structure confidence, confidence per slice), or {} when it has none."""
     if not job.result_path:
         return {}
+    path = Path(job.result_path).parent / "review.json"
     try:
-        return json.loads((Path(job.result_path).parent / "review.json").read_text())
+        return _read_side_file(str(path), path.stat().st_mtime_ns)
     except (OSError, ValueError):
         return {}
+
+
+@lru_cache(maxsize=1024)
+def _read_side_file(path: str, mtime_ns: int) -> dict[str, Any]:
+    """review.json parsed once per version (the job list re-reads every job's every few seconds)."""
+    return json.loads(Path(path).read_text())
 
 
 def current(session: Session, job: Job) -> JobRevision:
@@ -627,13 +635,13 @@ def _commit(factory: sessionmaker[Session], config: Config, job: Job, revision: 
             timings: dict[str, float], summary: dict[str, Any], *, action: str, correction: dict[str, Any],
             mask_path: str | None, restores: int | None = None) -> Made:
     """Write the next revision's files (NPZ unless `mask_path` names the mask already kept, '' = the job's
-    result; RTSTRUCT), self-check them, and record the row if the job is still at `revision`
+    result; RTSTRUCT), file check them, and record the row if the job is still at `revision`
     (compare-and-set); the files of a refused revision are removed."""
     from converters.rtstruct_write import write_rtstruct
-    from pipeline.compute import SelfCheckError
+    from pipeline.compute import HeldError
     from pipeline.prompt_rois import PromptSpec
     from pipeline.runner import uid_seed
-    from pipeline.selfcheck import self_check
+    from pipeline.file_check import check_file
     from pipeline.write_result import sha256_file
 
     t = time.perf_counter()
@@ -669,12 +677,12 @@ def _commit(factory: sessionmaker[Session], config: Config, job: Job, revision: 
         made.append(path)
         timings["write_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        check = self_check(path, volume, masks, config.pipeline.self_check_min_dice)
-        timings["self_check_s"] = time.perf_counter() - t
+        check = check_file(path, volume, masks, config.pipeline.file_check_min_dice)
+        timings["file_check_s"] = time.perf_counter() - t
         if not check.ok:
-            raise SelfCheckError(f"job {job.id} revision {number}: the RTSTRUCT failed its self-check: "
+            raise HeldError(f"job {job.id} revision {number}: the RTSTRUCT failed its file check: "
                                  + "; ".join(check.problems))
-        summary["self_check_dice"] = check.min_dice
+        summary["file_check_dice"] = check.min_dice
         summary["corrections"] = len(new_state.corrections)
         t = time.perf_counter()
         with transaction(factory) as session:

@@ -1,7 +1,7 @@
 """Running one claimed job to its next resting state: compute it, then record what came of it.
 
-  ok, self-check passed  -> validated, then handed to delivery (pipeline/delivery.py)
-  self-check failed      -> failed, the RTSTRUCT held in quarantine with the reasons (job.quarantined)
+  ok, file check passed -> validated, then handed to delivery (pipeline/delivery.py)
+  file check failed      -> failed, the RTSTRUCT held in quarantine with the reasons (job.quarantined)
   the input's fault      -> failed with the reason (never retried: the same input fails the same way)
   a transient fault      -> queued again after a backoff (full disk, busy database, a share away);
                             dead-letter after pipeline.job_max_attempts
@@ -140,11 +140,11 @@ def _failed(factory: sessionmaker[Session], job: Job, me: str, reason: str, *, e
 
 def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str, result: ComputeResult,
                seconds: float) -> str:
-    check = result.self_check
+    check = result.file_check
     timings = {**result.timings_s, "total_s": round(seconds, 3)}
     common = dict(backend=result.backend[:16], checkpoint_sha256=result.checkpoint_sha256,
                   versions={**versions(), "model": result.model}, timings_s=timings,
-                  self_check_dice=check.min_dice, result_sop_instance_uid=result.sop_instance_uid)
+                  file_check_dice=check.min_dice, result_sop_instance_uid=result.sop_instance_uid)
     with transaction(factory) as session:
         row = session.get(Job, job.id)
         J.audit_job(session, row, "job.propagated", backend=result.backend, model=result.model,
@@ -152,25 +152,25 @@ def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str
                     timings_s=timings)
     if not check.ok:
         held = quarantine_result(config, job, result.path, list(check.problems))
-        return _failed(factory, job, me, "self-check failed: " + "; ".join(check.problems)[:3000],
+        return _failed(factory, job, me, "file check failed (the written RTSTRUCT does not match its masks): " + "; ".join(check.problems)[:3000],
                        event="job.quarantined", result_path=str(held), result_sha256=result.sha256, **common)
     with transaction(factory) as session:
         row = session.get(Job, job.id)
         # error="": an earlier attempt's fault (e.g. "attempt 1 lost") is history (in the audit), not this job's state
         J.transition(session, row, "validated", expect_owner=me, result_path=str(result.path),
                      result_sha256=result.sha256, error="", **common)
-        J.audit_job(session, row, "job.self_check", dice=check.dice, ok=True)
+        J.audit_job(session, row, "job.file_check", dice=check.dice, ok=True)
         return deliver(session, config, row, result.path, implausible=result.implausible)
 
 
 def quarantine_result(config: Config, job: Job, path: Path, problems: list[str]) -> Path:
-    """Hold a result that failed its self-check: moved out of the outbox, with the reasons beside it."""
+    """Hold a result that failed its file check: moved out of the outbox, with the reasons beside it."""
     folder = Path(config.storage.quarantine) / "jobs" / f"job{job.id}-attempt{job.attempts}"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / path.name
     shutil.move(str(path), target)
     (folder / f"{path.name}.reason.json").write_text(json.dumps(
-        {"job_id": job.id, "reason": "self-check failed", "problems": problems,
+        {"job_id": job.id, "reason": "file check failed", "problems": problems,
          "series_instance_uid": job.series_instance_uid, "rtstruct_sop_instance_uid": job.rtstruct_sop_instance_uid},
         indent=1))
     return target

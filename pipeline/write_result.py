@@ -4,7 +4,7 @@ review side file, and checked by reading it back.
 The job's computation (pipeline/compute.py) and the re-contouring of the nightly batch, the demo and
 `rtprop recontour` (pipeline/recontour.py) all write through `write_result`, so whatever is handed to
 the one exit (pipeline/delivery.py `deliver`) went through the same TPS profile (converters/tps.py)
-and the same self-check (pipeline/selfcheck.py).
+and the same file check (pipeline/file_check.py).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from config.schema import Config
 from converters.files import write_atomic
 from converters.geometry import Volume
 from pipeline.compute_types import CheckSummary
-from pipeline.selfcheck import self_check
+from pipeline.file_check import check_file
 
 REVIEW_FILE = "review.json"  # beside the RTSTRUCT: what the web review page shows per structure
 
@@ -38,6 +38,7 @@ class Structure:
     confidence: tuple[float, ...] = ()  # per slice
     slice: int = 0  # its (first) prompted slice
     slices: tuple[int, ...] = ()  # every prompted slice
+    structure_confidence: float | None = None  # the calibrated whole-structure confidence (models/confidence.py)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class WrittenResult:
     sop_instance_uid: str
     rois: tuple[str, ...]  # the written ROI names, in the order of the structures
     check: CheckSummary
-    timings_s: dict[str, float]  # write_s, self_check_s
+    timings_s: dict[str, float]  # write_s, file_check_s
 
 
 def roi_description(backend: str, prompt: str, warnings: Sequence[str]) -> str:
@@ -68,7 +69,7 @@ def sha256_file(path: Path) -> str:
 def write_result(volume: Volume, structures: Sequence[Structure], out: Path, config: Config, *,
                  series_description: str, uid_seed: str | None = None) -> WrittenResult:
     """Write `structures` as one RTSTRUCT at `out` (a folder: RS_<SOPInstanceUID>.dcm in it), its review
-    side file beside it, and self-check it against the masks and the series (`check.ok` False: it must
+    side file beside it, and file check it against the masks and the series (`check.ok` False: it must
     not leave the node)."""
     from converters.rtstruct_write import RoiMask, write_rtstruct
     from converters.tps import output_style
@@ -87,10 +88,11 @@ def write_result(volume: Volume, structures: Sequence[Structure], out: Path, con
     names = tuple(str(item.ROIName) for item in ds.get("StructureSetROISequence", []))
     write_atomic(path.parent / REVIEW_FILE, json.dumps({"rtstruct": path.name, "structures": [
         {"structure": s.name, "roi": roi, "slice": s.slice, "slices": list(s.slices), "warnings": list(s.warnings),
+         **({} if s.structure_confidence is None else {"structure_confidence": round(s.structure_confidence, 3)}),
          "confidence": [round(float(c), 3) for c in s.confidence]} for s, roi in zip(structures, names)]}).encode())
     timings = {"write_s": time.perf_counter() - t}
     t = time.perf_counter()
-    check = self_check(path, volume, [s.mask for s in structures], config.pipeline.self_check_min_dice)
-    timings["self_check_s"] = time.perf_counter() - t
+    check = check_file(path, volume, [s.mask for s in structures], config.pipeline.file_check_min_dice)
+    timings["file_check_s"] = time.perf_counter() - t
     return WrittenResult(path, sha256_file(path), str(ds.SOPInstanceUID), names,
                          CheckSummary(check.ok, dict(check.dice), check.min_dice, tuple(check.problems)), timings)

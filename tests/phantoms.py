@@ -339,3 +339,92 @@ def rimmed_tumour(pixel_mm: float, size: int, seed: int = 0) -> tuple[np.ndarray
     image[(r > 30.0) & (r <= 32.0) & (np.cos(4 * np.arctan2(y, x)) <= 0.8)] = 340.0
     image += rng.normal(0, 20.0, image.shape).astype(np.float32)
     return np.clip(image, 0, None)[None], tumour[None]
+
+
+# --------------------------------------------------------------------------- key-slice phantoms (box stability)
+def _slab(profile2d, n_slices: int, dz_mm: float, half_length_mm: float):
+    """Stack a 2D shape function f(scale) -> mask into n_slices, its size shrinking as an ellipsoid's towards
+    +-half_length_mm (the structure ends inside the volume)."""
+    zs = (np.arange(n_slices) - (n_slices - 1) / 2) * dz_mm
+    return np.stack([profile2d(np.sqrt(max(0.0, 1.0 - (z / half_length_mm) ** 2))) for z in zs])
+
+
+def lung_tumour(seed: int = 0, size: int = 160, pixel_mm: float = 0.98, walls: tuple = ((5.6, 4.5), (7.74, 14.7)),
+                radii_mm: tuple[float, float] = (23.3, 22.9), lobes: float = 0.29, n_slices: int = 1,
+                dz_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """CT of a lobulated soft-tissue lung tumour (34 HU with texture, a 3 mm -400 HU ground-glass margin) in the
+    corner where the lung (-870 HU, with vessels) meets the chest wall and the mediastinum (54 HU): the lung is
+    the side of each wall line (normal angle in radians, distance in mm from the tumour's centre) facing the
+    centre, and the tumour spans the walls. Aerated lung fills its box's corners on the lung side; on the other
+    side nothing but shape separates it from the wall. The NSCLC case where a box one pixel wider gave the lung.
+    Returns (image zyx in HU, tumour mask zyx, margin included)."""
+    rng = np.random.default_rng(seed)
+    c = (size - 1) / 2.0
+    y, x = np.meshgrid((np.arange(size) - c) * pixel_mm, (np.arange(size) - c) * pixel_mm, indexing="ij")
+    lung = np.ones((size, size), dtype=bool)
+    for angle, distance in walls:
+        lung &= (np.cos(angle) * x + np.sin(angle) * y) < distance
+    theta = np.arctan2(y, x)
+    lobed = 1 + lobes * np.sin(3 * theta) + 0.5 * lobes * np.sin(7 * theta)
+
+    def shape(scale: float) -> np.ndarray:
+        core = (y / (radii_mm[0] * scale * lobed + 1e-6)) ** 2 + (x / (radii_mm[1] * scale * lobed + 1e-6)) ** 2 <= 1
+        return core | (ndimage.binary_dilation(core, iterations=3) & lung) if core.any() else core
+
+    tumour = _slab(shape, n_slices, dz_mm, (n_slices // 2 + 1) * dz_mm)
+    vessels = ndimage.gaussian_filter(rng.normal(size=(size, size)), 1.5)
+    texture = ndimage.gaussian_filter(rng.normal(size=(size, size)), 2.0)
+    texture /= texture.std()
+    image = np.where(lung, -870.0, 54.0)
+    image[lung & (vessels > 2.2 * vessels.std())] = -100.0
+    image = image[None].repeat(n_slices, axis=0)
+    image[tumour & lung[None]] = -400.0  # the ground-glass margin, where the tumour meets lung
+    for z, t in enumerate(tumour):
+        solid = (ndimage.binary_erosion(t, iterations=3) if t.any() else t) | (t & ~lung)
+        image[z][solid] = 34.0 + 20.0 * texture[solid]
+    image = ndimage.gaussian_filter(image, (0, 0.7, 0.7)) + rng.normal(0, 15.0, image.shape)
+    return image.astype(np.float32), tumour
+
+
+def dark_lesion(seed: int = 0, size: int = 128, n_slices: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """T1-like MR: a dark lesion (300) in brighter tissue (650) that fat (950) borders on two sides of its
+    box; noise SD 40. The structure is darker than everything around it. Returns (image zyx, mask zyx)."""
+    rng = np.random.default_rng(seed)
+    c = (size - 1) / 2.0
+    y, x = np.meshgrid(np.arange(size) - c, np.arange(size) - c, indexing="ij")
+    tissue = (y / 55.0) ** 2 + (x / 50.0) ** 2 <= 1
+    lesion = _slab(lambda s: (y / (16.0 * s + 1e-6)) ** 2 + ((x - 28) / (13.0 * s + 1e-6)) ** 2 <= 1, n_slices, 3.0, 15.0)
+    image = np.where(tissue, 650.0, 950.0)[None].repeat(n_slices, axis=0)
+    image[lesion] = 300.0
+    image += rng.normal(0, 40.0, image.shape)
+    return np.clip(image, 0, None).astype(np.float32), lesion
+
+
+def rimmed_lesion(seed: int = 0, size: int = 128, n_slices: int = 9) -> tuple[np.ndarray, np.ndarray]:
+    """CT of a ring-enhancing lesion in muscle (55 HU): a 3 mm rim (160 HU) around a necrotic core (15 HU),
+    34 x 28 mm, on 1 mm pixels; noise SD 12. The structure is rim and core. Returns (image zyx, mask zyx)."""
+    rng = np.random.default_rng(seed)
+    c = (size - 1) / 2.0
+    y, x = np.meshgrid(np.arange(size) - c, np.arange(size) - c, indexing="ij")
+    lesion = _slab(lambda s: (y / (14.0 * s + 1e-6)) ** 2 + (x / (17.0 * s + 1e-6)) ** 2 <= 1, n_slices, 3.0, 15.0)
+    core = np.stack([ndimage.binary_erosion(m, iterations=3) for m in lesion])
+    image = np.full(lesion.shape, 55.0)
+    image[lesion] = 160.0
+    image[core] = 15.0
+    image = ndimage.gaussian_filter(image, (0, 0.6, 0.6)) + rng.normal(0, 12.0, image.shape)
+    return image.astype(np.float32), lesion
+
+
+def one_pixel_boxes(box):
+    """The box and each of its edges moved out and in by one pixel, then all four out and in by two: what a
+    planner's box may be for the same structure."""
+    from models.prompts import BoxPrompt
+
+    out = [box]
+    for i in range(4):
+        for step in (-1, 1):
+            d = [0, 0, 0, 0]
+            d[i] = step
+            out.append(BoxPrompt(box.slice_index, box.x0 + d[0], box.y0 + d[1], box.x1 + d[2], box.y1 + d[3]))
+    out += [BoxPrompt(box.slice_index, box.x0 - s, box.y0 - s, box.x1 + s, box.y1 + s) for s in (2, -2)]
+    return out

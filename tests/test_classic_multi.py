@@ -34,7 +34,7 @@ def test_boxes_on_three_slices_are_each_honoured_on_their_own_slice():
         inside[box.y0:box.y1 + 1, box.x0:box.x1 + 1] = True
         assert not (result.mask[z] & ~inside).any(), z  # the result on a boxed slice stays in its box
         assert dice(result.mask[z], truth[z]) > 0.85, z
-        assert result.confidence[z] == 1.0
+        assert result.confidence[z] > 0.9  # a boxed slice is as sure as it is stable when the box moves a pixel
     assert result.details["prompt_slices"] == [8, 15, 22]
     assert dice(result.mask, truth) > 0.85
 

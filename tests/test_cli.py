@@ -45,6 +45,7 @@ def test_propagate_box_writes_mask_on_the_input_grid(phantom, tmp_path):
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["backend"] == "classic" and summary["checkpoint_sha256"] is None
+    assert 0.7 < summary["confidence"] <= 1.0 and summary["warnings"] == []  # a clear structure, boxed tight
     written = sitk.ReadImage(str(out))
     source = sitk.ReadImage(str(path))
     assert written.GetSize() == source.GetSize()

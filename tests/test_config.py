@@ -101,3 +101,17 @@ def test_old_flat_propagation_keys_still_work_with_a_warning_naming_the_new_key(
     both.write_text("propagation:\n  mode: video\n  sam2: {mode: image_chain}\n")
     with pytest.raises(ConfigError, match=r"sam2\.mode"):
         load_config(both, environ={})
+
+
+def test_self_check_min_dice_is_read_as_the_file_check_s_threshold_with_a_warning(tmp_path):
+    # It checks the written file against its masks, not the contour: the key carries that name now.
+    from config.schema import ConfigDeprecationWarning
+
+    old = tmp_path / "old.yaml"
+    old.write_text("pipeline:\n  self_check_min_dice: 0.95\n")
+    with pytest.warns(ConfigDeprecationWarning, match=r"pipeline\.file_check_min_dice"):
+        assert load_config(old, environ={}).pipeline.file_check_min_dice == 0.95
+    both = tmp_path / "both.yaml"
+    both.write_text("pipeline:\n  self_check_min_dice: 0.95\n  file_check_min_dice: 0.9\n")
+    with pytest.raises(ConfigError, match=r"file_check_min_dice"):
+        load_config(both, environ={})

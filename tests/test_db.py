@@ -187,3 +187,18 @@ def test_a_receipt_proves_its_instances_and_any_row_added_altered_or_removed_aft
     assert tampered(delete(Instance).where(Instance.sop_instance_uid == "1.2.3.4.2"))[0].startswith("receipt r2")
     extra = {**dataclasses.asdict(_new("1.2.3.4.9")), "receipt": "forged"}
     assert any("forged" in p for p in tampered(insert(Instance).values(**extra)))
+
+
+def test_the_self_check_dice_of_an_old_database_is_kept_as_its_file_check_dice(tmp_path):
+    """0010 renames jobs.self_check_dice (the written file read back against its masks) to file_check_dice,
+    the values kept: the column says what it measures."""
+    import sqlite3
+
+    path = tmp_path / "rtprop.sqlite"
+    shutil.copy(DATA / "db-0001.sqlite", path)
+    with sqlite3.connect(path) as raw:  # as a worker of that release would have written it
+        raw.execute("UPDATE jobs SET self_check_dice = 0.99875 WHERE id = 1")
+    factory = open_database(path)
+    with factory() as s:
+        job = s.get(Job, 1)
+    assert job.file_check_dice == 0.99875

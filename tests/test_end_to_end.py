@@ -70,7 +70,7 @@ def test_storescu_to_serve_to_storescp(tmp_path, sts_case):
             storescu(node.port, sts_case["images"] + [sts_case["prompt"]], calling_ae="ECLIPSE")
             wait_for(lambda: node.query("SELECT state FROM jobs WHERE state IN ('sent','failed','dead-letter')"),
                      180, 0.5, what="the job to finish")
-            job = node.query("SELECT state, error, backend, prompts, timings_s, self_check_dice, result_sha256, "
+            job = node.query("SELECT state, error, backend, prompts, timings_s, file_check_dice, result_sha256, "
                              "versions, attempts FROM jobs")
             assert len(job) == 1, job
             state, error, backend, prompts, timings, self_dice, sha, versions, attempts = job[0]
@@ -89,7 +89,7 @@ def test_storescu_to_serve_to_storescp(tmp_path, sts_case):
         assert pydicom.dcmread(out) == pydicom.dcmread(validated)
         assert dciodvfy_errors(out) == []
         scores = result_dice(out, sts_case)
-        print("Dice against the reference GTV:", scores, "self-check", self_dice, "timings", timings)
+        print("Dice against the reference GTV:", scores, "file check", self_dice, "timings", timings)
         assert scores["GTV_prop"] >= 0.75  # outline drawn on one slice -> mask prompt
         assert scores["GTVbox_prop"] >= 0.75  # rectangle -> box prompt (classic backend: 0.758 on this case)
         # the point pair gave a third structure in the same RTSTRUCT; one click carries no extent and
@@ -100,9 +100,9 @@ def test_storescu_to_serve_to_storescp(tmp_path, sts_case):
         assert kinds == {"GTV": "mask", "GTVbox": "box", "GTVpt": "point"}
         assert backend == "classic" and self_dice >= 0.98 and attempts == 1
         assert json.loads(versions)["rtprop"]
-        assert set(json.loads(timings)) >= {"read_s", "propagate_s", "write_s", "self_check_s"}
+        assert set(json.loads(timings)) >= {"read_s", "propagate_s", "write_s", "file_check_s"}
         for event in ("instances.received", "series.complete", "job.created", "job.queued", "job.prompts",
-                      "job.claimed", "job.propagated", "job.validated", "job.self_check", "send.queued",
+                      "job.claimed", "job.propagated", "job.validated", "job.file_check", "send.queued",
                       "job.sending", "send.sent", "job.sent"):
             assert event in events, event
         # no patient name anywhere in the audit

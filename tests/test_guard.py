@@ -141,3 +141,35 @@ def test_real_click_collapse_on_fine_pixels_is_flagged_and_the_found_structure_i
         found = key_mask_from_points(slice_features(raw, modality)(0), raw[0], click[0], sp[1:], modality)[None]
         assert dice(found, truth) > 0.6
         assert not any("click" in r for r in guard.assess(raw, sp, click, result_of(found), modality)), modality
+
+
+def test_a_box_result_that_is_what_fills_the_box_s_corners_is_flagged():
+    # The NSCLC failure: the result outlined the aerated lung filling the box's corners instead of the tumour
+    # (Dice 0.01) and carried no warning: it reached every row and column and filled a fair part of the box.
+    # It leaves the box's centre out and has the corners' intensity: both are reasons now.
+    spacing = (3.0, 0.98, 0.98)
+    truth = ellipsoid(shape=(9, 96, 96), centre=(4, 48, 48), radii_mm=(12.0, 20.0, 17.0), spacing=spacing)
+    image = phantom(truth, inside_hu=30.0, outside_hu=-850.0, noise_hu=20.0)  # a tumour in aerated lung
+    box = prompt_from_roi(truth, "box")
+    inside = np.zeros_like(truth)
+    inside[box.slice_index, box.y0:box.y1 + 1, box.x0:box.x1 + 1] = True
+    lung_in_box = inside & ~truth
+    prompts = check_prompts(image.shape, spacing, box)
+    reasons = guard.assess(image, spacing, prompts, result_of(lung_in_box), "CT")
+    assert any("leaves the box's centre out" in r for r in reasons), reasons
+    assert any("intensity of the box's corners" in r for r in reasons), reasons
+    assert guard.assess(image, spacing, prompts, result_of(truth), "CT") == []  # the tumour itself: nothing
+
+
+def test_a_result_with_low_structure_confidence_is_flagged_with_what_pulls_it_down():
+    spacing = (2.5, 1.0, 1.0)
+    truth = ellipsoid(spacing=spacing)
+    image = phantom(truth)
+    prompts = check_prompts(image.shape, spacing, prompt_from_roi(truth, "box"))
+    doubtful = result_of(truth)
+    doubtful.structure_confidence = 0.2
+    doubtful.details["confidence_signals"] = {"prompt_fit": 1.0, "stability": 0.4, "contrast": 0.9}
+    reasons = guard.assess(image, spacing, prompts, doubtful, "CT")
+    assert any(r.startswith("confidence 0.20 for the whole structure") and "stability" in r for r in reasons), reasons
+    doubtful.structure_confidence = 0.9
+    assert guard.assess(image, spacing, prompts, doubtful, "CT") == []

@@ -281,7 +281,7 @@ def test_the_compute_step_takes_and_gives_frozen_typed_objects(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         task.out_dir = tmp_path  # type: ignore[misc]
     result = outcome(task)
-    assert isinstance(result, ComputeResult) and result.self_check.ok, result
+    assert isinstance(result, ComputeResult) and result.file_check.ok, result
     assert [s.structure for s in result.structures] == ["Tumour"] and result.structures[0].roi == "Tumour_prop"
     assert pydicom.dcmread(result.path).SOPInstanceUID == result.sop_instance_uid
     mask = made["mask"]

@@ -241,3 +241,17 @@ def test_every_page_renders_for_a_logged_in_viewer(site):
     assert b"Chain intact" in viewer.get("/audit?verify=1")[2]
     assert b"job.review" in viewer.get("/audit?user=rhea")[2]
     assert viewer.get(f"/jobs/{job_id}/slices/999.png")[0] == 404
+
+
+def test_the_job_list_shows_each_structure_s_confidence_and_names_the_file_check(site):
+    # Issue 19: a contour's quality is its confidence (per structure, from the result's review.json); the
+    # written file read back against its masks is a file check, not "self-check Dice" read as quality.
+    client = logged_in(site, "vic")
+    status, _, body = client.get("/jobs/table")
+    text = body.decode()
+    assert status == 200 and "file check Dice" in text and "self-check" not in text
+    shown = re.findall(r'data-structure="Tumour"[^>]*>Tumour (\d\.\d\d)</span>', text)
+    assert len(shown) == 3 and all(0.5 < float(c) <= 1.0 for c in shown), shown  # clear phantoms, boxed tight
+    status, _, body = client.get("/api/v1/jobs")
+    jobs = json.loads(body)["jobs"]
+    assert all("file_check_dice" in j and "self_check_dice" not in j for j in jobs)

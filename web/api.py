@@ -27,7 +27,7 @@ from web.routing import Ctx, audit_read, route
 LOG = logging.getLogger("rtprop.web.api")
 JOB_FIELDS = ("id", "state", "kind", "calling_ae", "study_instance_uid", "series_instance_uid",
               "rtstruct_sop_instance_uid", "result_sop_instance_uid", "dry_run", "backend", "checkpoint_sha256",
-              "timings_s", "self_check_dice", "result_sha256", "error", "attempts", "created_at", "updated_at")
+              "timings_s", "file_check_dice", "result_sha256", "error", "attempts", "created_at", "updated_at")
 
 
 def job_json(job: Job) -> dict[str, Any]:

@@ -99,12 +99,21 @@ def _filtered_jobs(ctx: Ctx) -> tuple[list[Job], dict[str, str]]:
 
 def jobs_page(ctx: Ctx) -> Response:
     rows, q = _filtered_jobs(ctx)
-    return ctx.render("jobs.html", jobs=rows, q=q, states=STATES, query=str(ctx.request.url.query))
+    return ctx.render("jobs.html", jobs=rows, q=q, states=STATES, query=str(ctx.request.url.query),
+                      confidences=_confidences(rows), uncertain_below=ctx.state.config.review.uncertain_below)
 
 
 def jobs_table(ctx: Ctx) -> Response:
     rows, q = _filtered_jobs(ctx)
-    return ctx.render("_jobs_table.html", jobs=rows, q=q)
+    return ctx.render("_jobs_table.html", jobs=rows, q=q, confidences=_confidences(rows),
+                      uncertain_below=ctx.state.config.review.uncertain_below)
+
+
+def _confidences(jobs: list[Job]) -> dict[int, list[tuple[str, float]]]:
+    """Per job, each structure's confidence (from its result's review.json)."""
+    from web.review import structure_confidences
+
+    return {j.id: structure_confidences(j) for j in jobs if j.result_path}
 
 
 def job_detail(ctx: Ctx) -> Response:

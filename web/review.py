@@ -5,7 +5,8 @@ revision (pipeline/revisions.py) with every ROI's contours as polygons from its 
 confidence, the corrections in force and the history. Slice images and sagittal / coronal
 reconstructions are PNGs windowed on the server. Corrections and undo go through the JSON API
 (web/api.py), decisions through the form here or the API. Slice numbers start at 0, as in the
-CLI, the audit and the batch.
+CLI, the audit and the batch. Each structure's calibrated confidence (models/confidence.py) is
+read from the result's review.json, as the job list shows it.
 """
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ from web.routing import Ctx, audit_read, route
 
 PRESETS = {"soft": "Soft tissue", "lung": "Lung", "bone": "Bone", "brain": "Brain"}
 SLICE_READS_AUDITED_EVERY_S = 600.0  # slice images: one `web.read` row per user and job in this time, not per image
+
+
+
+def structure_confidences(job: Job) -> list[tuple[str, float]]:
+    """(structure, confidence) of each structure of the job's result, as review.json holds them."""
+    return [(str(s.get("structure", "")), float(s["structure_confidence"]))
+            for s in revisions.side_file(job).get("structures", []) if s.get("structure_confidence") is not None]
 
 
 def series_image(ctx: Ctx, job: Job) -> SeriesImage:
@@ -119,7 +127,10 @@ def review_state(ctx: Ctx) -> Response:
     by_name = {o.name: o for o in drawn if not o.source}
     threshold = ctx.state.config.review.uncertain_below
     rois = []
+    side = revisions.side_file(job).get("structures", [])
     for i, state in enumerate(revision.rois):
+        # the calibrated confidence is the propagated result's: a structure a reviewer corrected has none
+        calibrated = side[i].get("structure_confidence") if i < len(side) and not state.number else None
         confidence = revisions.roi_confidence(job, state, i, image.array.shape[0], ctx.state.revision_cache)
         overlay = by_name.get(state.name)
         contoured = sorted(int(z) for z in (overlay.polygons if overlay else {}))  # as the RTSTRUCT has it
@@ -130,6 +141,7 @@ def review_state(ctx: Ctx) -> Response:
             "revision": state.number, "slices": [contoured[0], contoured[-1]] if contoured else None,
             "confidence": [round(float(c), 3) for c in confidence],
             "mean_confidence": round(float(np.mean(confidence[contoured])) if contoured else 0.0, 3),
+            "structure_confidence": calibrated,
             "uncertain": [z for z in contoured if confidence[z] < threshold],
             "corrections": [revisions.describe(c) for c in state.corrections], "items": list(state.corrections),
             "can_undo": state.previous >= 0,

@@ -218,7 +218,8 @@
       card.classList.toggle("selected", r === roi());
       const slices = r.slices ? `slices ${r.slices[0]}–${r.slices[1]}` : "no contour";
       card.querySelector("[data-field=summary]").textContent =
-        `${slices} · mean confidence ${r.mean_confidence.toFixed(2)} · ${r.corrections.length} correction` +
+        `${slices} · ` + (r.structure_confidence === null ? `mean slice confidence ${r.mean_confidence.toFixed(2)}`
+          : `confidence ${r.structure_confidence.toFixed(2)}`) + ` · ${r.corrections.length} correction` +
         (r.corrections.length === 1 ? "" : "s") + (r.revision ? ` · revision ${r.revision}` : "");
       card.querySelector("[data-field=warnings]").replaceChildren(...r.warnings.map((w) => html("li", "bad", w)));
       card.querySelector("[data-field=corrections]").replaceChildren(...r.corrections.map((c) => html("li", "", c)));

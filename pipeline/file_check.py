@@ -1,11 +1,12 @@
-"""Self-check of a written RTSTRUCT before it may leave the node.
+"""File check of a written RTSTRUCT before it may leave the node: is the file what was computed?
 
 The file on disk is read back with the same reader as any incoming RTSTRUCT, every ROI is
 rasterised again and compared with the mask it was written from (Dice >= the threshold), and its
 references are checked against the series it claims to be drawn on: the Frame of Reference, the
 study, the referenced series, and that every ContourImageSequence UID is a slice of that series.
 A failure holds the job (quarantine, with the reason) instead of sending something the TPS would
-reject or misplace.
+reject or misplace. Its Dice says the file carries the masks faithfully, nothing about whether the
+masks are right: that is the result's confidence and the guard (models/confidence.py, models/guard.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pipeline.metrics import dice
 
 
 @dataclass
-class SelfCheck:
+class FileCheck:
     ok: bool
     dice: dict[str, float] = field(default_factory=dict)  # written ROI name -> Dice against its mask
     problems: list[str] = field(default_factory=list)
@@ -72,11 +73,11 @@ def check_references(ds: pydicom.Dataset, volume: Volume) -> list[str]:
     return problems
 
 
-def self_check(path: str | Path, volume: Volume, masks: list[np.ndarray], min_dice: float) -> SelfCheck:
+def check_file(path: str | Path, volume: Volume, masks: list[np.ndarray], min_dice: float) -> FileCheck:
     """Re-read `path`, compare ROI number i+1 with `masks[i]`, check the references; never raises."""
     from converters.rtstruct_read import read_rtstruct
 
-    result = SelfCheck(ok=False)
+    result = FileCheck(ok=False)
     try:
         ds = pydicom.dcmread(path)
         result.problems += check_references(ds, volume)
@@ -96,7 +97,7 @@ def self_check(path: str | Path, volume: Volume, masks: list[np.ndarray], min_di
         result.dice[roi.name] = round(d, 5)
         if d < min_dice:
             result.problems.append(f"ROI {roi.name!r}: Dice {d:.4f} between the re-read contours and the mask "
-                                   f"is below self_check_min_dice {min_dice}")
+                                   f"is below file_check_min_dice {min_dice}")
     if structure_set.unmatched:
         u = structure_set.unmatched[0]
         result.problems.append(f"{len(structure_set.unmatched)} contour(s) not placed on the series when read "

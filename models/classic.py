@@ -553,7 +553,7 @@ def _slice_key(features2d: np.ndarray, raw2d: np.ndarray, base: BoxPrompt | Mask
 # vanishes, at a slice a prompt set (the result is blended toward it if the difference is still there),
 # at the extent, or by the chain's own stop rules where the correction extends the structure. The other
 # slices keep what the result had, so a correction never undoes another slice's agreement with its prompt.
-EDIT_MIN_PX = 4  # a carried difference below this many pixels...
+EDIT_MIN_PX = 1  # a carried difference below this many pixels...
 EDIT_MIN_FRACTION = 0.02  # ...or this share of the slice's mask changes nothing: the carry stops
 # A removal is carried only into what looks like the removed tissue when the two tissues differ by this mean
 # log-likelihood ratio (a filled hilum's fat is not carried into the kidney of the next slice).
@@ -561,6 +561,9 @@ DISTINCT_LLR = 1.0
 # A carried change's steps see the masks within this many pixels (+ its reach) of the change only: both versions
 # are cut alike, so their difference near the change is the same, at the cost of the change's size.
 CARRY_WINDOW_PX = 24
+# A box added to a result whose own segmentation agrees with the result there (Dice) only cuts the result to
+# it: a second segmentation's boundary noise is no correction to carry.
+BOX_AGREES = 0.9
 # A click on a slice with a mask changes it within this many times the click's distance to the contour:
 # a reviewer clicks in the middle of what is wrong (the CVPR 2025 protocol: its deepest point), so that
 # lies within about twice that distance (a rim a few pixels thick, a lobe of a neighbour); a click's own
@@ -740,13 +743,16 @@ def _fade(new: np.ndarray, old: np.ndarray, weight_new: float, spacing_yx: tuple
 
 def _box_correction(features2d: np.ndarray, current: np.ndarray, box: BoxPrompt, spacing_yx: tuple[float, float],
                     settings: PropagationConfig) -> np.ndarray:
-    """The box's own segmentation (`key_mask_from_box`), or `current` cut to the box if that scores higher
-    by the same rule (reaching more of the box's rows and columns, then standing out more from its ring)."""
+    """`current` cut to the box if the box's own segmentation (`key_mask_from_box`) agrees with it
+    (BOX_AGREES), or if it scores higher by that segmentation's rule (reaching more of the box's rows
+    and columns, then standing out more from its ring); else the box's own segmentation."""
     own = key_mask_from_box(features2d, box, spacing_yx, settings.classic.key_slice)
     kept = current.copy()
     kept[:box.y0], kept[box.y1 + 1:], kept[:, :box.x0], kept[:, box.x1 + 1:] = False, False, False, False
     if not kept.any():
         return own
+    if 2.0 * (own & kept).sum() / (own.sum() + kept.sum()) >= BOX_AGREES:
+        return kept
     score = [(round(_box_coverage(m, box), 1), ring_contrast(features2d, m, spacing_yx)) for m in (own, kept)]
     return kept if score[1] > score[0] else own
 

@@ -597,11 +597,13 @@ def _within_size(found: np.ndarray, positives: Sequence[tuple[int, int]], area_p
 
 
 def _clicks_correction(features2d: np.ndarray, raw2d: np.ndarray, current: np.ndarray, clicks: PointPrompt,
-                       spacing_yx: tuple[float, float], modality: str, held: bool = False) -> np.ndarray:
+                       spacing_yx: tuple[float, float], modality: str, held: bool = False,
+                       found: np.ndarray | None = None) -> np.ndarray:
     """Slice mask `current` corrected by clicks. A positive click outside it whose own structure is
     narrower than its distance to it (`click_scale_mm`; any, if `current` is empty) is on a separate
     part: what it finds (as on a key slice) joins, `_within_size`. Positive clicks next to it add, and
-    negative clicks inside it remove, what looks like the clicked tissue near them (`_relabel`)."""
+    negative clicks inside it remove, what looks like the clicked tissue near them (`_relabel`). `found`:
+    what all the clicks find as on a key slice, if already known (`Correcting._continuation`)."""
     new = current
     negatives = [pt for pt in clicks.points if not pt[2]]
     missed = [(x, y, p) for x, y, p in clicks.points if p and not current[y, x]]
@@ -611,8 +613,9 @@ def _clicks_correction(features2d: np.ndarray, raw2d: np.ndarray, current: np.nd
         apart = [c for c in missed
                  if to_mask is None or click_scale_mm(features2d, c[1], c[0], spacing_yx) < to_mask[c[1], c[0]]]
         if apart:
-            found = key_mask_from_points(features2d, raw2d, PointPrompt(clicks.slice_index, (*apart, *negatives)),
-                                         spacing_yx, modality)
+            if found is None or len(apart) < len(missed):
+                found = key_mask_from_points(features2d, raw2d, PointPrompt(clicks.slice_index, (*apart, *negatives)),
+                                             spacing_yx, modality)
             new = new | _within_size(found, [(y, x) for x, y, _ in apart], float(current.sum()))
         beside = [c for c in missed if c not in apart]
         if beside:
@@ -852,25 +855,29 @@ class Correcting:
         return record
 
     def _continuation(self, clicks: PointPrompt) -> np.ndarray:
-        """A slice the result does not reach, clicked: what the clicks find there (as on a key slice), if
-        at most FOUND_AREA times the result's nearest cross-section; else the result's nearest slice carried
-        on to it (the structure goes on further than the chain's stop rule let it) and corrected by the
-        clicks as any slice is (`_clicks_correction`); else what they find cut to `_within_size`."""
-        z, chain = clicks.slice_index, self.chain
-        found = key_mask_from_points(chain.features(z), self.image[z], clicks, chain.spacing_yx, self.modality)
+        """A slice the result does not reach, clicked: the result's nearest slice carried on to it (the
+        structure goes on further than the chain's stop rule let it), if that holds the positive clicks and
+        still looks like the structure (the chain's intensity rule); else what the clicks find there (as on
+        a key slice) if at most FOUND_AREA times the result's nearest cross-section; else the carried mask
+        corrected by the clicks as any slice is (`_clicks_correction`), or what they find `_within_size`."""
+        z, chain, settings = clicks.slice_index, self.chain, self.chain.settings
         filled = np.flatnonzero(self.mask.any(axis=(1, 2)))
         s = int(filled[np.argmin(np.abs(filled - z))])
-        area = float(self.mask[s].sum())
-        if found.sum() <= FOUND_AREA * area:
-            return found
         direction = 1 if z > s else -1
         carried, (fg, bg) = self.mask[s], chain.model(self.mask[s], s)
         for k in range(s + direction, z + direction, direction):
             carried, _ = chain.step(carried, k, direction, fg, bg)
-        if carried.any():
+        positives = [(y, x) for x, y, p in clicks.points if p]
+        if (carried.any() and all(carried[y, x] for y, x in positives)
+                and float(np.mean(llr(chain.features(z)[carried], fg, bg))) >= settings.classic.min_likelihood_ratio):
             return _clicks_correction(chain.features(z), self.image[z], carried, clicks, chain.spacing_yx,
                                       self.modality)
-        return _within_size(found, [(y, x) for x, y, p in clicks.points if p], area)
+        found = key_mask_from_points(chain.features(z), self.image[z], clicks, chain.spacing_yx, self.modality)
+        area = float(self.mask[s].sum())
+        if found.sum() <= FOUND_AREA * area or not carried.any():
+            return _within_size(found, positives, area)
+        return _clicks_correction(chain.features(z), self.image[z], carried, clicks, chain.spacing_yx, self.modality,
+                                  found=found)
 
     def limit(self, first: int, last: int) -> dict[str, Any]:
         """The structure runs from slice `first` to `last`: cut what lies outside, and carry the result

@@ -15,10 +15,10 @@
    (mean log-likelihood ratio below `classic.min_likelihood_ratio`), area collapse below
    `min_area_fraction` of the key slice (that last small slice is kept: structures taper), the
    volume's edge, or `max_extent_mm` from the key slice.
-4. Prompts on several slices (`propagate`): each prompted slice is a key slice; chains run outward
-   from the outermost ones and from both ends of every gap between two, blended there (`_spread`).
-   Clicks on a slice without a box or outline correct what the other prompts carry there; a slice
-   holding only negative clicks cuts what they mark from the chains passing through it.
+4. Prompts on several slices (`propagate`): the middle box or outline (else the slice with most
+   positive clicks) is propagated as above; every other prompted slice, and every correction a
+   reviewer adds (`Correcting`, models/corrections.py), then changes its own slice and is carried
+   only as far as it changes the result (the corrections section below).
 
 Works on raw intensities, mapped to features by models/intensity_model.py (CT by HU, anything else
 by percentiles), one slice at a time and only for the slices the propagation visits.
@@ -492,10 +492,11 @@ class _Chain:
             if not prior.any():
                 continue
             new_crop, conf = _refine(likelihood, prior, spacing_yx, prior_width_mm, search_mm)
-            stage_crops.setdefault("refined", new_crop)
+            refined = new_crop
             if new_crop.any():
                 new_crop = _open_relative(new_crop)
-            stage_crops.setdefault("opened", new_crop)
+            if i == 0:
+                stage_crops.update(refined=refined, opened=new_crop)
             new = np.zeros_like(union)
             new[rows, cols] = new_crop
             results[i] = (new, conf)
@@ -551,8 +552,9 @@ def _slice_key(features2d: np.ndarray, raw2d: np.ndarray, base: BoxPrompt | Mask
 # shift, one registration, one intensity model), and only their difference, where it continues the
 # difference of the slice before, is applied to the result there. The carry stops where that difference
 # vanishes, at a slice a prompt set (the result is blended toward it if the difference is still there),
-# at the extent, or by the chain's own stop rules where the correction extends the structure. The other
-# slices keep what the result had, so a correction never undoes another slice's agreement with its prompt.
+# at the extent, by the chain's own stop rules where the correction extends the structure, or for a click,
+# at its reach (`_click_reach_mm`), fading into the result toward it. The other slices keep what the result
+# had, so a correction never undoes another slice's agreement with its prompt.
 EDIT_MIN_PX = 1  # a carried difference below this many pixels...
 EDIT_MIN_FRACTION = 0.02  # ...or this share of the slice's mask changes nothing: the carry stops
 # A removal is carried only into what looks like the removed tissue when the two tissues differ by this mean
@@ -636,14 +638,14 @@ def _relabel(raw2d: np.ndarray, mask: np.ndarray, clicks: list[tuple[int, int, b
     protocol clicks the deepest point of the error): its zone is the layer along the contour as thick
     as the click is deep (d, + half a pixel) within CLICK_REACH x d of it (for a piece clicked at its
     centre, all of it). A zone pixel connected to a click changes side if its raw intensity is nearer
-    that of the tissue under the click (a disc of d / 2) than that of the click's side in a ring just
-    beyond its reach (the structure, for a negative click; the surroundings, for a positive one; if the
-    ring holds too little of it, that side beyond the clicked disc, as in a hole the result filled): raw intensities,
-    unsmoothed, as an error may be a pixel wide. Where the rest holds the clicked tissue too (ALIKE_SHARE:
-    a structure iso-intense with its neighbour, a rib's marrow), or too few pixels tell them apart
-    (LEVEL_MIN_PX), the zone less a pixel along its rim changes side (the error around a click a pixel
-    deep may be that pixel alone). Negative `others` stay out. `max_change`: at most this share of the
-    mask changes (its part nearest the clicks)."""
+    that of the tissue under the click (a disc of d / 2) than that of the rest of the click's side, in a
+    ring just beyond its reach (the structure, for a negative click; the surroundings, for a positive
+    one; if the ring holds too little of it, that side beyond the clicked disc, as in a hole the result
+    filled). Raw intensities, unsmoothed: an error may be a pixel wide. Where the rest holds the clicked
+    tissue too (ALIKE_SHARE: a structure iso-intense with its neighbour, a rib's marrow), or too few
+    pixels tell them apart (LEVEL_MIN_PX), the zone less a pixel along its rim changes side (the error
+    around a click a pixel deep may be that pixel alone). Negative `others` stay out. `max_change`: at
+    most this share of the mask changes (its part nearest the clicks; None: at most the mask's size)."""
     positive = clicks[0][2]
     px = max(spacing_yx)
     side = ~mask if positive else mask
@@ -664,7 +666,7 @@ def _relabel(raw2d: np.ndarray, mask: np.ndarray, clicks: list[tuple[int, int, b
     if not zone.any():
         return mask
     if rest.sum() < LEVEL_MIN_PX:  # the zone takes in all of the side nearby (a click deep in a filled hole)
-        rest = side & ~core & (wider if positive else True)
+        rest = side & ~core & (wider if positive else side)
     like = zone & inner
     if rest.sum() >= LEVEL_MIN_PX:
         raw = np.asarray(raw2d, dtype=np.float32)

@@ -119,7 +119,8 @@ def upstream(model, folder: Path, prompts: list, reset: bool,
     return out
 
 
-def ours(loaded, image: np.ndarray, prompts: list, corrections: list = (), **sam2) -> dict[str, dict[int, torch.Tensor]]:
+def ours(loaded, image: np.ndarray, prompts: list, corrections: list = (),
+         **sam2) -> dict[str, dict[int, torch.Tensor]]:
     out: dict[str, dict[int, torch.Tensor]] = {"increasing_z": {}, "decreasing_z": {}}
     result = sam2_backend.propagate(image, SPACING, prompts, "CT", settings(loaded.image_size, **sam2), loaded=loaded,
                                     on_logits=lambda name, z, logits: out[name].__setitem__(z, logits.clone()),

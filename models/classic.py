@@ -977,18 +977,24 @@ class Correcting:
                 self.confidence[k] = GAP_CONFIDENCE
 
 # ----------------------------------------------------------------------------- entry point
-def _first_prompted_slice(slices: dict[int, list[Prompt]]) -> int:
-    """The slice the propagation starts from: of the slices holding a box or an outline (else a positive
-    click), the one nearest the middle of them (a middle box is the planner's best-placed prompt; further
-    prompts then correct it); among clicks only, the slice with the most positive clicks first."""
-    drawn = [z for z, ps in slices.items() if any(isinstance(p, (BoxPrompt, MaskPrompt)) for p in ps)]
-    candidates = drawn or [z for z, ps in slices.items() if any(is_positive(p) for p in ps)]
-    mid = 0.5 * (min(candidates) + max(candidates))
+def _first_prompts(given: Sequence[Prompt], checked: Sequence[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
+    """(the prompts the propagation starts from, the others in the order they correct it).
 
-    def clicks(z: int) -> int:
-        return sum(v for p in slices[z] if isinstance(p, PointPrompt) for _, _, v in p.points)
-
-    return min(candidates, key=lambda z: (0 if drawn else -clicks(z), abs(z - mid), z))
+    With a box or an outline: the one nearest the middle of the drawn slices (a middle box is the
+    planner's best-placed prompt), with its slice's clicks; the other drawn slices correct it, nearest
+    first, then the other clicks in the order given. With clicks only: the first positive click as
+    given (the planner's first click), then the others in the order given (later ones correct it).
+    """
+    drawn = sorted({p.slice_index for p in checked if isinstance(p, (BoxPrompt, MaskPrompt))})
+    if drawn:
+        mid = 0.5 * (drawn[0] + drawn[-1])
+        k = min(drawn, key=lambda z: (abs(z - mid), z))
+        first = [p for p in checked if p.slice_index == k]
+        rest = [p for p in checked if p.slice_index != k and isinstance(p, (BoxPrompt, MaskPrompt))]
+        rest.sort(key=lambda p: (abs(p.slice_index - k), p.slice_index))
+        return first, rest + [p for p in given if p.slice_index != k and isinstance(p, PointPrompt)]
+    start = next(p for p in given if is_positive(p))
+    return [start], [p for p in given if p is not start]
 
 
 def propagate(
@@ -1001,34 +1007,31 @@ def propagate(
     """Spread `prompts` (on one or more slices) through `image` (z, y, x, raw intensities, HU for CT).
 
     spacing_zyx: voxel size in mm, array order. modality: "CT", "MR" or "" (unknown).
-    One prompted slice (`_first_prompted_slice`) is propagated through the volume; every other prompted
-    slice then corrects that result (`Correcting.add`: its own slice, carried only as far as it changes
-    the result), boxes and outlines first, then clicks, nearest first. The same prompts always give the
-    same result.
+    One prompted slice (`_first_prompts`) is propagated through the volume; every other prompt then
+    corrects that result (`Correcting.add`: its own slice, carried only as far as it changes the
+    result), boxes and outlines first, nearest first, then clicks in the order given. The same prompts
+    in the same order always give the same result.
     Raises PromptError for unusable prompts (outside the image, zero-area box, point on the air around
     the patient, mask on a missing slice or empty, nothing found on the first prompted slice).
     """
     settings = settings or PropagationConfig()
     t_start = time.perf_counter()
     image = np.asarray(image)
-    prompts = check_prompts(image.shape, spacing_zyx, prompts)
-    slices: dict[int, list[Prompt]] = {}
-    for prompt in prompts:  # check_prompts orders a slice's box or outline before its clicks
-        slices.setdefault(prompt.slice_index, []).append(prompt)
-    k = _first_prompted_slice(slices)
+    given = (prompts,) if isinstance(prompts, (BoxPrompt, PointPrompt, MaskPrompt)) else tuple(prompts)
+    checked = check_prompts(image.shape, spacing_zyx, given)
+    first, others = _first_prompts(given, checked)
+    k = first[0].slice_index
     work = Correcting.start(image, spacing_zyx, np.zeros(image.shape, dtype=bool), np.zeros(image.shape[0]),
                             [k], [k], modality, settings)
     chain = work.chain
-    drawn = next((p for p in slices[k] if isinstance(p, (BoxPrompt, MaskPrompt))), None)
-    clicks = next((p for p in slices[k] if isinstance(p, PointPrompt)), None)
+    drawn = next((p for p in first if isinstance(p, (BoxPrompt, MaskPrompt))), None)
+    clicks = next((p for p in first if isinstance(p, PointPrompt)), None)
     key = _slice_key(chain.features(k), image[k], drawn, clicks, chain.spacing_yx, modality, settings)
     if not key.any():
         raise PromptError(f"no structure found in the prompt on slice {k}")
     t_key = time.perf_counter()
     work.mask, work.confidence, stop = _spread(key, k, chain)
-    others = sorted((z for z in slices if z != k),
-                    key=lambda z: (not any(isinstance(p, (BoxPrompt, MaskPrompt)) for p in slices[z]), abs(z - k), z))
-    corrections = [work.add(p) for z in others for p in slices[z]]
+    corrections = [work.add(p) for p in others]
     t_end = time.perf_counter()
     return PropagationResult(
         mask=work.mask,
@@ -1038,7 +1041,7 @@ def propagate(
             "method": settings.classic.method,
             "key_slice": int(k),
             "key_area_px": int(key.sum()),
-            "prompt_slices": [int(z) for z in sorted(slices) if any(is_positive(p) for p in slices[z])],
+            "prompt_slices": sorted({int(p.slice_index) for p in checked if is_positive(p)}),
             "stop": stop,
             "corrections": corrections,
             "timings_s": {"key_slice": t_key - t_start, "propagation": t_end - t_key, "total": t_end - t_start,

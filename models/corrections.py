@@ -26,8 +26,16 @@ import numpy as np
 
 from config.schema import PropagationConfig
 from models import classic, guard
-from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError, check_prompt, check_prompts, \
-    is_positive
+from models.prompts import (
+    BoxPrompt,
+    MaskPrompt,
+    PointPrompt,
+    Prompt,
+    PromptError,
+    check_prompt,
+    check_prompts,
+    is_positive,
+)
 from models.propagate import backend_function, choose_backend
 from models.result import PropagationResult
 
@@ -82,8 +90,9 @@ def correct(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts:
     effective = check_prompts(image.shape, spacing_zyx, effective_prompts(checked, corrections))
     backend = choose_backend(settings)
     extents = [c for c in corrections if isinstance(c, Extent)]
-    if backend == "classic":
-        result = _correct_classic(image, spacing_zyx, checked, corrections, modality, settings, previous)
+    if backend == "classic":  # the prompts in their own order: with clicks only, the first one starts
+        given = (prompts,) if isinstance(prompts, (BoxPrompt, PointPrompt, MaskPrompt)) else tuple(prompts)
+        result = _correct_classic(image, spacing_zyx, given, corrections, modality, settings, previous)
     else:  # sam2: corrections on the prompts' own slices change those prompts; the others are added after a first run
         prompted = {p.slice_index for p in checked}
         here = [c for c in corrections if not isinstance(c, Extent) and c.slice_index in prompted]

@@ -5,14 +5,17 @@ A correction is a prompt (`BoxPrompt`, `PointPrompt`, `MaskPrompt` on one slice)
 
 - classic: the prompts' result, then each correction in turn changes its own slice and is carried
   outward only as far as it changes the result (`models.classic.Correcting`); an extent cuts the
-  result to it and carries it on to it where it stopped short. A correction that finds nothing is
-  recorded (`details["corrections"]`, a warning), not a refusal of the whole result. Given the result
-  of the same prompts and all corrections but the newest (`previous`, as `correct` returned it), only
-  the newest is applied: the same result as a full run, in the time of one correction.
-- sam2: the video predictor's own way: the corrections join the prompts (clicks on a slice are added
-  on that frame with `add_new_points_or_box`, a box or an outline replaces what was drawn on its
-  slice: a box through `add_new_points_or_box`, an outline through `add_new_mask`) and propagation is
-  run again (models/sam2_backend.py); an extent cuts the result to it.
+  result to it and carries it on to it where it stopped short. A correction that finds nothing, or
+  would empty a slice a positive prompt is on, is recorded (`details["corrections_applied"]`, a
+  warning), not a refusal of the whole result. Given the result of the same image, prompts,
+  settings and all corrections but the newest (`previous`, as `correct` returned it: its
+  `details["correction_state"]` holds a fingerprint of what it was made from, and the slices the
+  prompts set), only the newest is applied: the same result as a full run, in the time of one
+  correction. Keep the returned result (its details with it) to pass as the next `previous`.
+- sam2: the video predictor's own way: a correction on a prompted slice changes that prompt (a click
+  joins the box, a box or an outline replaces it); the others are added on their frames after a
+  first run (clicks and a box with `add_new_points_or_box`, an outline with `add_new_mask`) and
+  propagation is run again (models/sam2_backend.py); an extent cuts the result to it.
 """
 from __future__ import annotations
 

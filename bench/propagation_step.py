@@ -34,7 +34,7 @@ def case_steps(case: dict, settings: PropagationConfig) -> list[dict]:
     """One row per (slice, neighbour) pair of the reference: Dice and log-area after each stage."""
     mask, spacing = case["mask"], case["spacing"]
     features = slice_features(case["image"], case["modality"])
-    chain = _Chain(features, mask.shape[0], float(spacing[0]), tuple(spacing[1:]), settings, cuts={})
+    chain = _Chain(features, mask.shape[0], float(spacing[0]), tuple(spacing[1:]), settings)
     slices = set(np.flatnonzero(mask.any(axis=(1, 2))).tolist())
     rows = []
     for z0 in sorted(slices):

@@ -10,6 +10,11 @@ models.propagate.propagate with backend classic:
 - corrective: the point prompt, then up to 3 corrective clicks, each at the deepest point of the
   largest error region (2D connected piece, any slice): positive in a miss, negative in a leak;
   Dice after each click (`dice_after_clicks`; `dice` is the last).
+- boxclicks (the CVPR 2025 interactive-3D protocol): the box prompt, then up to --clicks (5) clicks,
+  each at the deepest point of the largest 3D error region (positive in a miss, negative in a leak),
+  on whatever slice it lies, given to models.corrections.correct as a reviewer's corrections (each
+  with the result before it as `previous`, as the review page does); Dice after each click.
+For multi and boxclicks the summary lists the cases ending below the box alone (`below_box`).
 Baselines: the middle-slice mask copied to every slice, and copied within the true extent.
 Each result's guard warnings (models/guard.py) and structure confidence are kept; the summary gives the
 share flagged, and the calibration of the confidence against Dice (a reliability table and the AUROC
@@ -19,7 +24,8 @@ to PX pixels (seeded by the case's name); --jitter-mm MM (point prompts): from N
 MM mm, staying on the structure. The summary gives the mean exact and mean worst Dice, the flips (exact
 >= 0.6, a variant < 0.3) and how many of them carried a warning, and the guard's catches and false holds.
 
-    .venv/bin/python bench/quality.py [--data ../shared/data] [--prompt box|point|mask|multi|corrective]
+    .venv/bin/python bench/quality.py [--data ../shared/data]
+                                      [--prompt box|point|mask|multi|corrective|boxclicks] [--clicks 5]
                                       [--cases shared|totalseg512]
                                       [--method register_refine|intensity]
                                       [--key-slice tight_select|histogram]
@@ -42,6 +48,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from config.schema import PropagationConfig
+from models.corrections import correct
 from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError
 from models.propagate import propagate
 from models.result import PropagationResult
@@ -158,6 +165,28 @@ def corrective_click(predicted: np.ndarray, reference: np.ndarray, spacing_yx: t
     return None
 
 
+def error_click(predicted: np.ndarray, reference: np.ndarray, spacing_zyx: tuple[float, float, float],
+                taken: set[tuple[int, int, int]]) -> PointPrompt | None:
+    """One click at the deepest point (3D, in mm) of the largest 3D error region (26-connected):
+    positive in a miss, negative in a leak, on whatever slice that point lies (CVPR 2025 interactive
+    3D protocol). A region whose deepest point was clicked before is passed over; None: nothing wrong."""
+    regions = []
+    for positive, error in ((True, reference & ~predicted), (False, predicted & ~reference)):
+        labels, n = ndimage.label(error, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(labels.ravel())
+        regions += [(int(sizes[i]), positive, i, labels) for i in range(1, n + 1)]
+    for _size, positive, i, labels in sorted(regions, key=lambda r: (-r[0], not r[1], r[2])):
+        region = labels == i
+        zs, ys, xs = (np.flatnonzero(region.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+        box = (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+        depth = ndimage.distance_transform_edt(np.pad(region[box], 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
+        z, y, x = (int(v) + b.start for v, b in zip(np.unravel_index(int(np.argmax(depth)), depth.shape), box))
+        if (z, x, y) not in taken:
+            taken.add((z, x, y))
+            return PointPrompt(z, ((x, y, positive),))
+    return None
+
+
 def _case_row(case: dict) -> dict:
     mask = case["mask"]
     z = middle_slice(mask)
@@ -172,12 +201,18 @@ def _case_row(case: dict) -> dict:
             "baseline_copy_within_extent_dice": evaluate_masks(within, mask, case["spacing"])["dice"]}
 
 
-def _score(row: dict, case: dict, prompts: list[Prompt], settings: PropagationConfig) -> PropagationResult | None:
-    """Propagate `prompts` and write the figures into `row`; None (Dice 0, error kept) if refused."""
+def _score(row: dict, case: dict, prompts: list[Prompt], settings: PropagationConfig,
+           corrections: list[Prompt] | None = None, previous: PropagationResult | None = None
+           ) -> PropagationResult | None:
+    """Propagate `prompts` (with `corrections`: through models.corrections.correct, given `previous`) and
+    write the figures into `row`; None (Dice 0, error kept) if refused."""
     mask, spacing, z = case["mask"], case["spacing"], row["key_slice"]
     t0 = time.perf_counter()
     try:
-        result = propagate(case["image"], spacing, prompts, case["modality"], settings)
+        if corrections is None:
+            result = propagate(case["image"], spacing, prompts, case["modality"], settings)
+        else:
+            result = correct(case["image"], spacing, prompts, corrections, case["modality"], settings, previous)
     except PromptError as exc:  # counted as a failure (Dice 0), not hidden
         row.update(error=str(exc), dice=0.0, key_slice_dice=0.0, hd95_mm=None, predicted_extent=None,
                    warnings=[], confidence=0.0, slice_confidence=[])
@@ -188,7 +223,8 @@ def _score(row: dict, case: dict, prompts: list[Prompt], settings: PropagationCo
                predicted_extent=_extent(result.mask), stop=result.details.get("stop"),
                key_slice_dice=evaluate_masks(result.mask[z], mask[z], spacing[1:])["dice"],
                per_slice_s=result.details["timings_s"]["per_slice"], warnings=list(result.warnings),
-               confidence=float(result.structure_confidence), slice_confidence=_slice_pairs(result, mask),
+               confidence=(None if result.structure_confidence is None else float(result.structure_confidence)),
+               slice_confidence=_slice_pairs(result, mask),
                confidence_signals=result.details.get("confidence_signals", {}))
     row.pop("error", None)
     return result
@@ -206,9 +242,16 @@ def _slice_pairs(result: PropagationResult, reference: np.ndarray) -> list[list[
 
 def evaluate_case(case: dict, settings: PropagationConfig, kind: str = "box", clicks: int = 3) -> dict:
     row = _case_row(case)
-    prompts = make_prompts(case["mask"], "point" if kind == "corrective" else kind, case["spacing"][1:])
+    first = {"corrective": "point", "boxclicks": "box"}.get(kind, kind)
+    prompts = make_prompts(case["mask"], first, case["spacing"][1:])
     row["prompts"] = [_describe(p) for p in prompts]
     result = _score(row, case, prompts, settings)
+    if kind == "multi":  # the middle box alone, which the boxes on three slices must not end below
+        alone: dict = {"key_slice": row["key_slice"]}
+        _score(alone, case, make_prompts(case["mask"], "box", case["spacing"][1:]), settings)
+        row["box_dice"] = alone["dice"]
+    if kind == "boxclicks":
+        return _box_then_clicks(row, case, prompts, result, settings, clicks)
     if kind != "corrective":
         return row
     row["dice_after_clicks"] = [row["dice"]]
@@ -349,6 +392,28 @@ def print_calibration(name: str, c: dict) -> None:
               f"slices {sb['n']:5d}, mean Dice {fmt(sb['mean_dice'])}")
 
 
+def _box_then_clicks(row: dict, case: dict, prompts: list[Prompt], result: PropagationResult | None,
+                     settings: PropagationConfig, clicks: int) -> dict:
+    """The CVPR 2025 interactive protocol on `row`: clicks at the largest 3D error, each a correction."""
+    row["box_dice"] = row["dice"]
+    for key in ("dice", "key_slice_dice", "warnings"):
+        row[f"{key}_after_clicks"] = [row[key]]
+    row["correction_s"] = []
+    corrections: list[Prompt] = []
+    taken: set[tuple[int, int, int]] = set()
+    for _ in range(clicks):
+        predicted = result.mask if result is not None else np.zeros_like(case["mask"])
+        click = error_click(predicted, case["mask"], case["spacing"], taken)
+        if click is not None:
+            corrections.append(click)
+            row["prompts"].append(_describe(click))
+            result = _score(row, case, prompts, settings, corrections, result) or result
+            row["correction_s"].append(row.get("seconds"))
+        for key in ("dice", "key_slice_dice", "warnings"):
+            row[f"{key}_after_clicks"].append(row[key])
+    return row
+
+
 def _describe(prompt: Prompt) -> str:
     if isinstance(prompt, BoxPrompt):
         return f"box z={prompt.slice_index} ({prompt.x0},{prompt.y0})-({prompt.x1},{prompt.y1})"
@@ -383,6 +448,14 @@ def summarise(rows: list[dict]) -> dict:
         good, bad = [r for r in chosen if r["dice"] >= 0.5], [r for r in chosen if r["dice"] < 0.2]
         s["false_flags"] = f"{sum(bool(r.get('warnings')) for r in good)}/{len(good)}"
         s["caught_failures"] = f"{sum(bool(r.get('warnings')) for r in bad)}/{len(bad)}"
+        if "box_dice" in chosen[0]:  # more from the planner must never cost accuracy: who ends below?
+            s["box_dice"] = float(np.mean([r["box_dice"] for r in chosen]))
+            s["below_box"] = {r["structure"]: [round(r["box_dice"], 3), round(r["dice"], 3)] for r in chosen
+                              if r["dice"] < r["box_dice"] - 1e-3}
+            if "dice_after_clicks" in chosen[0]:
+                s["below_box_after_clicks"] = [
+                    sum(d < r["box_dice"] - 1e-3 for r in chosen for d in [r["dice_after_clicks"][k]])
+                    for k in range(len(chosen[0]["dice_after_clicks"]))]
         if "dice_after_clicks" in chosen[0]:
             s["dice_after_clicks"] = [float(v) for v in np.mean([r["dice_after_clicks"] for r in chosen], axis=0)]
             s["key_slice_dice_after_clicks"] = [float(v) for v in
@@ -396,8 +469,10 @@ def summarise(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
-    parser.add_argument("--prompt", choices=["box", "point", "mask", "multi", "corrective"], default="box",
-                        help="prompt kind (default box; see above)")
+    parser.add_argument("--prompt", choices=["box", "point", "mask", "multi", "corrective", "boxclicks"],
+                        default="box", help="prompt kind (default box; see above)")
+    parser.add_argument("--clicks", type=int, default=None,
+                        help="clicks after the first prompt (corrective: default 3; boxclicks: default 5)")
     parser.add_argument("--method", choices=["register_refine", "intensity"], default=None,
                         help="classic method (default: the config default)")
     parser.add_argument("--key-slice", choices=["tight_select", "histogram"], default=None,
@@ -435,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
           f" {'true extent':>12s} {'copy':>6s} {'copyext':>7s}  guard / clicks")
     for case in cases:
         row = (evaluate_jitter(case, settings, args.prompt, args.variants, args.jitter, args.jitter_mm) if jitter
-               else evaluate_case(case, settings, args.prompt))
+               else evaluate_case(case, settings, args.prompt,
+                                  args.clicks if args.clicks is not None else 5 if args.prompt == "boxclicks" else 3))
         rows.append(row)
         pe = row.get("predicted_extent")
         hd = row.get("hd95_mm")
@@ -458,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
               f"copy-everywhere={s['baseline_copy_everywhere_dice']:.3f}  "
               f"copy-within-extent={s['baseline_copy_within_extent_dice']:.3f}  "
               f"flagged={s['flagged']}/{s['n']} (Dice>=0.5: {s['false_flags']}, Dice<0.2: {s['caught_failures']}){after}")
+        if "below_box" in s:
+            print(f"     below the box alone ({s['box_dice']:.3f}): {len(s['below_box'])}/{s['n']} "
+                  + " ".join(f"{name} {b:.3f}->{d:.3f}" for name, (b, d) in s["below_box"].items())
+                  + (f"; after each click: {s['below_box_after_clicks']}" if "below_box_after_clicks" in s else ""))
         if "jitter" in s:
             j = s["jitter"]
             print(f"JITTER {group:8s} exact={j['mean_exact_dice']:.3f} worst={j['mean_worst_dice']:.3f}  "

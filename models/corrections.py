@@ -1,21 +1,45 @@
 """Corrections a reviewer adds to a result: more prompts on any slice, and where the structure ends.
 
 A correction is a prompt (`BoxPrompt`, `PointPrompt`, `MaskPrompt` on one slice) or an `Extent`.
-`correct` gives the result of a structure's prompts plus its corrections; it is handed the previous
-result so that a backend may re-run only what a correction changes. This first version propagates
-prompts and corrections together and clips to the extent; the interface is what callers rely on.
+`correct` gives the result of a structure's prompts plus its corrections, in the order they were made.
+
+- classic: the prompts' result, then each correction in turn changes its own slice and is carried
+  outward only as far as it changes the result (`models.classic.Correcting`); an extent cuts the
+  result to it and carries it on to it where it stopped short. A correction that finds nothing, or
+  would empty a slice a positive prompt is on, is recorded (`details["corrections_applied"]`, a
+  warning), not a refusal of the whole result. Given the result of the same image, prompts,
+  settings and all corrections but the newest (`previous`, as `correct` returned it: its
+  `details["correction_state"]` holds a fingerprint of what it was made from, and the slices the
+  prompts set), only the newest is applied: the same result as a full run, in the time of one
+  correction. Keep the returned result (its details with it) to pass as the next `previous`.
+- sam2: the video predictor's own way: a correction on a prompted slice changes that prompt (a click
+  joins the box, a box or an outline replaces it); the others are added on their frames after a
+  first run (clicks and a box with `add_new_points_or_box`, an outline with `add_new_mask`) and
+  propagation is run again (models/sam2_backend.py); an extent cuts the result to it.
 """
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from config.schema import PropagationConfig
-from models import guard
-from models.prompts import Prompt, PromptError, check_prompts
-from models.propagate import propagate
+from models import classic, guard
+from models.prompts import (
+    BoxPrompt,
+    MaskPrompt,
+    PointPrompt,
+    Prompt,
+    PromptError,
+    check_prompt,
+    check_prompts,
+    is_positive,
+)
+from models.propagate import backend_function, choose_backend
 from models.result import PropagationResult
 
 
@@ -34,9 +58,22 @@ def check_extent(n_slices: int, extent: Extent, prompts: Sequence[Prompt]) -> No
     """Refuse an extent outside the series, inverted, or leaving out a slice the planner prompted."""
     if not 0 <= extent.first <= extent.last < n_slices:
         raise PromptError(f"extent {extent.first}..{extent.last} must satisfy 0 <= first <= last <= {n_slices - 1}")
-    outside = sorted({p.slice_index for p in prompts if not extent.first <= p.slice_index <= extent.last})
+    outside = sorted({p.slice_index for p in prompts
+                      if is_positive(p) and not extent.first <= p.slice_index <= extent.last})
     if outside:
         raise PromptError(f"extent {extent.first}..{extent.last} leaves out prompted slice(s) {outside}")
+
+
+def effective_prompts(prompts: Sequence[Prompt], corrections: Sequence[Correction]) -> list[Prompt]:
+    """The prompts and the prompt corrections as one set, newest word per slice: a box or an outline
+    replaces what was drawn and clicked on its slice before it; clicks add to what is there."""
+    by_slice: dict[int, list[Prompt]] = {}
+    for prompt in [*prompts, *(c for c in corrections if not isinstance(c, Extent))]:
+        here = by_slice.setdefault(prompt.slice_index, [])
+        if isinstance(prompt, (BoxPrompt, MaskPrompt)):
+            here.clear()
+        here.append(prompt)
+    return [p for z in sorted(by_slice) for p in by_slice[z]]
 
 
 def correct(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
@@ -44,21 +81,96 @@ def correct(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts:
             previous: PropagationResult | None = None) -> PropagationResult:
     """The result of `prompts` plus `corrections` (in the order they were made; the last extent wins).
 
-    `previous` is the result before the newest correction (None: none yet); a backend may use it to
-    re-run only the slices the correction reaches. Raises PromptError naming a correction that cannot
-    be used.
+    `previous`: the result `correct` gave for the same image, prompts and settings and all corrections
+    but the last (None: none yet); the classic backend then applies only the last correction. A
+    `previous` made otherwise is not used (its fingerprint does not match): the result is then computed
+    in full, never from a stale state. Raises PromptError naming a correction that cannot be used.
     """
+    settings = settings or PropagationConfig()
     image = np.asarray(image)
+    checked = check_prompts(image.shape, spacing_zyx, prompts)
+    _check_corrections(image.shape, spacing_zyx, checked, corrections)
+    effective = check_prompts(image.shape, spacing_zyx, effective_prompts(checked, corrections))
+    backend = choose_backend(settings)
     extents = [c for c in corrections if isinstance(c, Extent)]
-    added = [c for c in corrections if not isinstance(c, Extent)]
-    result = propagate(image, spacing_zyx, [*prompts, *added], modality, settings)
-    if extents:
-        extent = extents[-1]
-        check_extent(image.shape[0], extent, [*prompts, *added])
-        outside = np.ones(image.shape[0], dtype=bool)
-        outside[extent.first:extent.last + 1] = False
-        result.mask[outside] = False
-        result.confidence = np.where(outside, 0.0, result.confidence)
-        checked = check_prompts(image.shape, spacing_zyx, [*prompts, *added])
-        result.warnings = guard.assess(image, spacing_zyx, checked, result, modality)
+    if backend == "classic":  # the prompts in their own order: with clicks only, the first one starts
+        given = (prompts,) if isinstance(prompts, (BoxPrompt, PointPrompt, MaskPrompt)) else tuple(prompts)
+        result = _correct_classic(image, spacing_zyx, given, corrections, modality, settings, previous)
+    else:  # sam2: corrections on the prompts' own slices change those prompts; the others are added after a first run
+        prompted = {p.slice_index for p in checked}
+        here = [c for c in corrections if not isinstance(c, Extent) and c.slice_index in prompted]
+        later = [c for c in corrections if not isinstance(c, Extent) and c.slice_index not in prompted]
+        result = backend_function(backend)(image, spacing_zyx, effective_prompts(checked, here), modality, settings,
+                                           corrections=later)
+        if extents:
+            outside = np.ones(image.shape[0], dtype=bool)
+            outside[extents[-1].first:extents[-1].last + 1] = False
+            result.mask[outside] = False
+            result.confidence = np.where(outside, 0.0, result.confidence).astype(np.float32)
+    result.warnings = guard.assess(image, spacing_zyx, effective, result, modality) + _not_applied(result)
     return result
+
+
+def _check_corrections(shape: tuple[int, ...], spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
+                       corrections: Sequence[Correction]) -> None:
+    """Each correction fits the image (a click may be negative only); an extent keeps every prompted slice."""
+    for i, c in enumerate(corrections):
+        try:
+            if isinstance(c, Extent):
+                check_extent(shape[0], c, prompts)
+            else:
+                check_prompt(shape, spacing_zyx, c, negative_only_ok=True)
+        except PromptError as exc:
+            raise PromptError(f"correction {i + 1}: {exc}") from exc
+
+
+def fingerprint(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
+                corrections: Sequence[Correction], modality: str, settings: PropagationConfig) -> str:
+    """What a result was made from (image shape, spacing, a sample of its voxels, prompts, corrections,
+    settings), so that a `previous` result is used only for what it is."""
+    h = hashlib.sha256()
+    h.update(repr((image.shape, tuple(float(s) for s in spacing_zyx), modality)).encode())
+    h.update(np.ascontiguousarray(image[:, ::17, ::13]).tobytes())
+    h.update(settings.model_dump_json().encode())
+    for item in [*prompts, None, *corrections]:
+        if isinstance(item, MaskPrompt):
+            h.update(f"mask {item.slice_index}".encode() + np.packbits(np.asarray(item.mask, dtype=bool)).tobytes())
+        else:
+            h.update(repr(item).encode())
+    return h.hexdigest()
+
+
+def _correct_classic(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
+                     corrections: Sequence[Correction], modality: str, settings: PropagationConfig,
+                     previous: PropagationResult | None) -> PropagationResult:
+    t_start = time.perf_counter()
+    key = fingerprint(image, spacing_zyx, prompts, corrections, modality, settings)
+    state = (previous.details.get("correction_state") if previous is not None else None) or {}
+    resume = bool(corrections) and state.get("key") == fingerprint(image, spacing_zyx, prompts, corrections[:-1],
+                                                                   modality, settings)
+    if resume:
+        base, todo, records = previous, corrections[-1:], list(previous.details.get("corrections_applied", []))
+        work = classic.Correcting.start(image, spacing_zyx, base.mask, base.confidence, state["locked"],
+                                        state["held"], modality, settings, tuple(state["extent"]))
+    else:
+        base = classic.propagate(image, spacing_zyx, prompts, modality, settings)
+        todo, records = corrections, []
+        work = classic.Correcting.start(image, spacing_zyx, base.mask, base.confidence,
+                                        [p.slice_index for p in prompts],
+                                        [p.slice_index for p in prompts if is_positive(p)], modality, settings)
+    for c in todo:
+        records.append(work.limit(c.first, c.last) if isinstance(c, Extent) else work.add(c))
+    details: dict[str, Any] = {k: v for k, v in base.details.items() if k not in ("correction_state", "timings_s")}
+    seconds = time.perf_counter() - t_start
+    details.update(corrections_applied=records, incremental=resume,
+                   timings_s={"total": seconds, "per_slice": seconds / max(work.chain.visited, 1)},
+                   correction_state={"key": key, "locked": sorted(work.locked), "held": sorted(work.held),
+                                     "extent": [work.first, work.last]})
+    return PropagationResult(mask=work.mask, confidence=work.confidence, backend="classic", details=details)
+
+
+def _not_applied(result: PropagationResult) -> list[str]:
+    """A warning for each correction that found nothing or fell outside the extent (recorded, not refused)."""
+    return [f"the correction on slice {r['slice']} was not applied: {r['applied']}"
+            for r in result.details.get("corrections_applied", [])
+            if r.get("applied") not in ("changed", "no change", None)]

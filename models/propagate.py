@@ -11,7 +11,7 @@ import numpy as np
 
 from config.schema import PropagationConfig
 from models import backends, confidence, guard
-from models.prompts import Prompt, check_prompts
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, check_prompts
 from models.result import Backend, PropagationResult
 
 
@@ -41,7 +41,9 @@ def propagate(
     settings = settings or PropagationConfig()
     image = np.asarray(image)
     checked = check_prompts(image.shape, spacing_zyx, prompts)
-    result = backend_function(choose_backend(settings))(image, spacing_zyx, checked, modality, settings)
+    given = (prompts,) if isinstance(prompts, (BoxPrompt, PointPrompt, MaskPrompt)) else tuple(prompts)
+    # the backend gets the prompts in the caller's order: with clicks only, the first one starts (classic)
+    result = backend_function(choose_backend(settings))(image, spacing_zyx, given, modality, settings)
     result.structure_confidence, result.details["confidence_signals"] = confidence.structure_confidence(
         image, spacing_zyx, checked, result, modality)
     # a slice is no surer than its structure (the backend's own per-slice values are kept in the details)

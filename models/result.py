@@ -31,8 +31,8 @@ class PropagationResult:
 class Backend(Protocol):
     """A propagator: prompts on one or more slices of `image` (z, y, x, raw values) in, a 3D mask out.
 
-    `prompts` come checked and normalised by `models.prompts.check_prompts`; spacing is in mm,
-    array order; modality "CT", "MR" or "" (unknown).
+    `prompts` come in the caller's order, checked by `models.prompts.check_prompts` (a backend merges
+    them per slice with it); spacing is in mm, array order; modality "CT", "MR" or "" (unknown).
     """
 
     def __call__(self, image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],

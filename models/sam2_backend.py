@@ -32,12 +32,15 @@ rest off give sam2's own masks; tests/test_sam2_parity.py holds the logits to up
 Prompts (`plan_prompts`): a box or an outline is a primary prompt, with the clicks on its slice (box
 and clicks in one call, as SAM2 is trained; an outline, then the clicks refining it). A slice with
 clicks only is a correction of the result the primary prompts give (if no slice holds a box or
-outline, the slices with a positive click are the primary prompts). Corrections rerun sam2's
-interactive scheme statelessly: propagate from the primary prompts (pass 1, stop rules as in a first
-run, only as far as the corrections need); add each correction's clicks on its slice (a slice pass 1
-reached is refined from its tracked output, which sam2 uses as the mask input, and becomes a
-conditioning frame; a slice it did not reach gets the clicks as a new prompt, or, clicks all
-negative, is left out: nothing there to remove); propagate again (pass 2, the result).
+outline, the slices with a positive click are the primary prompts), and so is each of a reviewer's
+`corrections` (clicks, a box or an outline on any other slice, `correction_slices`). Corrections rerun
+sam2's interactive scheme statelessly: propagate from the primary prompts (pass 1, stop rules as in a
+first run, only as far as the corrections need); add each correction on its slice the video
+predictor's own way (clicks and a box through `add_new_points_or_box`, an outline through
+`add_new_mask`; a slice pass 1 reached is refined from its tracked output, which sam2 uses as the mask
+input, and becomes a conditioning frame; a slice it did not reach gets the correction as a new
+prompt, or, clicks all negative, is left out: nothing there to remove); propagate again (pass 2, the
+result).
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ from models.prompts import (
     PointPrompt,
     Prompt,
     PromptError,
+    check_prompt,
     check_prompts,
     is_positive,
 )
@@ -135,6 +139,36 @@ def clip_to_box(mask: np.ndarray, box: BoxPrompt, clicks: PointPrompt | None = N
     c0, c1 = max(x0 - margin_px, 0), min(x1 + margin_px + 1, nx)
     out[r0:r1, c0:c1] = mask[r0:r1, c0:c1]
     return out
+
+
+def correction_slices(primary: Sequence[SlicePrompt], clicked: Sequence[SlicePrompt],
+                      corrections: Sequence[Prompt]) -> list[SlicePrompt]:
+    """The corrections by slice: slices of `clicked` (the prompts' click-only slices), then `corrections`
+    (a reviewer's, in the order made: a box or an outline replaces what was drawn and clicked on its
+    slice before it, clicks add to it). A correction on a primary prompt's slice is refused: it changes
+    that prompt (add it to the prompts)."""
+    on_primary = sorted({c.slice_index for c in corrections} & {p.z for p in primary})
+    if on_primary:
+        raise PromptError(f"corrections on prompted slice(s) {on_primary}: give them with that slice's prompt")
+    by_slice = {c.z: c for c in clicked}
+    for c in corrections:
+        here = by_slice.get(c.slice_index, SlicePrompt(c.slice_index))
+        if isinstance(c, BoxPrompt):
+            here = SlicePrompt(c.slice_index, box=c)
+        elif isinstance(c, MaskPrompt):
+            here = SlicePrompt(c.slice_index, outline=c)
+        else:
+            points = (here.clicks.points if here.clicks is not None else ()) + tuple(c.points)
+            here = SlicePrompt(c.slice_index, here.box, here.outline, PointPrompt(c.slice_index, points))
+        by_slice[c.slice_index] = here
+    return [by_slice[z] for z in sorted(by_slice)]
+
+
+def _correction_record(correction: SlicePrompt) -> dict[str, Any]:
+    """What a correction held, for `details["corrections"]`."""
+    kind = "box" if correction.box is not None else "outline" if correction.outline is not None else "clicks"
+    clicks = len(correction.clicks.points) if correction.clicks is not None else 0
+    return {"slice": correction.z, "kind": kind, "clicks": clicks}
 
 
 def _no_structure(prompt: SlicePrompt) -> PromptError:
@@ -263,14 +297,13 @@ class _Video:
         return logits[0, 0]
 
     def add_correction(self, prompt: SlicePrompt) -> tuple[str, np.ndarray | None]:
-        """A correction's clicks on its slice: ("refined" | "new_prompt" | "ignored", the slice's new mask)."""
+        """A correction on its slice, the video predictor's own way (`add_prompt`: clicks or a box through
+        `add_new_points_or_box`, an outline through `add_new_mask`): ("refined" | "new_prompt" | "ignored",
+        the slice's new mask). sam2 refines a tracked slice from its tracked output."""
         tracked = prompt.z in self.state["frames_tracked_per_obj"].get(self.state["obj_id_to_idx"][OBJ_ID], {})
         if not tracked and not prompt.positive:
             return "ignored", None
-        coords, labels = _point_arrays(prompt.clicks)
-        _, _, logits = self.predictor.add_new_points_or_box(self.state, frame_idx=prompt.z, obj_id=OBJ_ID,
-                                                            points=coords, labels=labels)
-        return ("refined" if tracked else "new_prompt"), (logits[0, 0] > 0).cpu().numpy()
+        return ("refined" if tracked else "new_prompt"), (self.add_prompt(prompt) > 0).cpu().numpy()
 
     def frames(self, start: int, count: int, reverse: bool, name: str,
                on_logits: LogitsSink | None = None) -> Iterator[tuple[int, np.ndarray, float]]:
@@ -378,9 +411,10 @@ def _propagate_video(loaded: LoadedModel, norm: np.ndarray, spacing_zyx: tuple[f
                        scratch_confidence, fixed=prompted)
             for correction in here:
                 outcome, result = video.add_correction(correction)
+                if result is not None and correction.box is not None and s.clip_box_output:
+                    result = clip_to_box(result, correction.box, correction.clicks)
                 area = int(result.sum()) if result is not None else 0
-                applied.append({"slice": correction.z, "clicks": len(correction.clicks.points), "applied": outcome,
-                                "area_px": area})
+                applied.append({**_correction_record(correction), "applied": outcome, "area_px": area})
                 if correction.positive and area > 0:  # a prompted slice now, recorded as given
                     areas[correction.z] = area
                     prompted[correction.z] = result
@@ -534,21 +568,27 @@ def _propagate_chain(loaded: LoadedModel, norm: np.ndarray, spacing_zyx: tuple[f
         _chain_pass(chain, norm, spacing_zyx, prompted, {}, settings, np.zeros((nz, ny, nx), bool),
                     np.zeros(nz, np.float32), seen, timer)
         for correction in corrections:
-            coords, labels = _point_arrays(correction.clicks)
-            if seen[correction.z] is not None:
+            coords, labels = _point_arrays(correction.clicks) if correction.clicks is not None else (None, None)
+            drawn = _box_array(correction.box) if correction.box is not None else None
+            outline = chain.outline_logits(correction.outline.mask) if correction.outline is not None else None
+            if correction.outline is not None and correction.clicks is None:
+                result, score, outcome = np.asarray(correction.outline.mask, dtype=bool), 1.0, "outline"
+            elif seen[correction.z] is not None:  # SAM's interactive step: its last output as the mask input
                 box, low_res = seen[correction.z]
                 chain.set_slice(norm[correction.z])
-                result, score, _ = chain.predict(box, coords, labels, low_res)
+                result, score, _ = chain.predict(box if drawn is None else drawn, coords, labels,
+                                                 low_res if outline is None else outline)
                 outcome = "refined"
             elif correction.positive:
                 chain.set_slice(norm[correction.z])
-                result, score, _ = chain.predict(coords=coords, labels=labels)
+                result, score, _ = chain.predict(drawn, coords, labels, outline)
                 outcome = "new_prompt"
             else:
-                applied.append({"slice": correction.z, "clicks": len(coords), "applied": "ignored", "area_px": 0})
+                applied.append({**_correction_record(correction), "applied": "ignored", "area_px": 0})
                 continue
-            applied.append({"slice": correction.z, "clicks": len(coords), "applied": outcome,
-                            "area_px": int(result.sum())})
+            if correction.box is not None and settings.sam2.clip_box_output:
+                result = clip_to_box(result, correction.box, correction.clicks)
+            applied.append({**_correction_record(correction), "applied": outcome, "area_px": int(result.sum())})
             if correction.positive and result.any():
                 prompted[correction.z] = result
             else:
@@ -611,8 +651,12 @@ def propagate(
     settings: PropagationConfig | None = None,
     loaded: LoadedModel | None = None,
     on_logits: LogitsSink | None = None,
+    corrections: Sequence[Prompt] = (),
 ) -> PropagationResult:
     """Spread `prompts` (on one or more slices) through `image` (z, y, x) with SAM2; mask on the image's own grid.
+
+    `corrections`: a reviewer's prompts on slices without a box or outline, in the order made, added
+    after a first propagation on their frames and propagated again (`correction_slices`, module docstring).
 
     `loaded` lets a caller (tests, bench) pass a model already built; otherwise it is built from
     `settings` (checkpoint, sam2.model_cfg, sam2.image_size, device) and cached. `on_logits`
@@ -622,7 +666,10 @@ def propagate(
     """
     settings = settings or PropagationConfig()
     image = np.asarray(image)
-    primary, corrections = plan_prompts(check_prompts(image.shape, spacing_zyx, prompts))
+    primary, clicked = plan_prompts(check_prompts(image.shape, spacing_zyx, prompts))
+    for c in corrections:
+        check_prompt(image.shape, spacing_zyx, c, negative_only_ok=True)
+    corrections = correction_slices(primary, clicked, corrections)
     t_start = time.perf_counter()
     if loaded is None:
         loaded = load_configured_model(settings)

@@ -83,7 +83,7 @@ def test_one_step_reports_each_stage_and_ends_on_the_moved_structure():
     truth = np.stack([(yy - 32) ** 2 + (xx - 40 - 6 * z) ** 2 <= 8 ** 2 for z in range(2)])
     image = phantom(truth, seed=5)
     features = slice_features(image, "CT")
-    chain = classic._Chain(features, 2, 2.0, (1.0, 1.0), PropagationConfig(backend="classic"), cuts={})
+    chain = classic._Chain(features, 2, 2.0, (1.0, 1.0), PropagationConfig(backend="classic"))
     fg, bg = histogram(features(0)[truth[0]]), histogram(features(0)[~truth[0]])
     stages: dict[str, np.ndarray] = {}
     mask, confidence = chain.step(truth[0], 1, 1, fg, bg, stages)

@@ -83,9 +83,10 @@ def test_negative_click_on_a_leak_removes_it_and_stops_the_propagation_there():
     assert first.mask[24:].sum() > 0.5 * neighbour[24:].sum()  # the phantom does leak past the end (slice 17)
     click = PointPrompt(24, ((50, 32, False),))  # on the leak, beyond the structure's end
     corrected = classic.propagate(image, SPACING, [box, click], "CT")
-    assert not corrected.mask[24:].any()  # nothing on and beyond the clicked slice
-    assert corrected.details["negative_slices"] == [24]
-    assert corrected.details["stop"]["increasing_z"]["reason"] == "negative_click"
+    assert not corrected.mask[25:].any()  # nothing beyond the clicked slice
+    assert corrected.mask[24].sum() < 0.1 * first.mask[24].sum()  # on it, at most a rim beyond the click's reach
+    [record] = corrected.details["corrections"]
+    assert record["slice"] == 24 and record["applied"] == "changed"
     assert dice(corrected.mask, truth) > dice(first.mask, truth) + 0.1
     right = slice(4, 18)  # where the first result was right, it still is
     assert dice(corrected.mask[right], truth[right]) >= dice(first.mask[right], truth[right]) - 0.02
@@ -125,7 +126,7 @@ def test_positive_click_on_a_partly_found_slice_keeps_what_was_found():
     assert (first.mask[20] & b).sum() < 0.1 * b.sum()
     corrected = classic.propagate(image, SPACING, [box, PointPrompt(20, ((53, 32, True),))], "CT")
     assert dice(corrected.mask[20], truth[20]) > 0.85  # both pieces on the clicked slice
-    assert 20 in corrected.details["corrected_slices"]
+    assert [(c["slice"], c["applied"]) for c in corrected.details["corrections"]] == [(20, "changed")]
     for z in (16, 24):
         assert (corrected.mask[z] & b).sum() > 0.7 * b.sum(), z
     assert dice(corrected.mask, truth) > dice(first.mask, truth) + 0.1

@@ -401,3 +401,27 @@ def test_a_correction_refines_its_own_direction_only(tiny):
     assert 6 in again.details["prompted_slices"] or again.details["corrections"][0]["area_px"] == 0
     assert np.array_equal(again.mask[:5], first.mask[:5])
     assert np.array_equal(again.confidence[:5], first.confidence[:5])
+
+
+@pytest.mark.sam2
+def test_correct_gives_a_reviewers_corrections_to_the_video_predictor_and_cuts_to_the_extent(tmp_path, tiny):
+    """models.corrections.correct with the sam2 backend: the reviewer's click on another slice is added on its
+    frame after a first run (sam2_backend's `corrections`), a click on the box's slice joins the box, and the
+    extent cuts the result; the weights come through the configured checkpoint, as in service."""
+    import hashlib
+
+    from models.corrections import Extent, correct
+
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": tiny.model.state_dict()}, path)
+    s = settings(checkpoint=path)
+    image, box = volume(nz=11), BoxPrompt(4, 25, 15, 49, 31)
+    later, on_box = PointPrompt(7, ((37, 23, True),)), PointPrompt(4, ((30, 20, False),))
+    result = correct(image, (2.0, 1.0, 1.0), [box], [later, on_box, Extent(3, 7)], "CT", s)
+    expected = sam2_backend.propagate(image, (2.0, 1.0, 1.0), [box, on_box], "CT", s, loaded=tiny,
+                                      corrections=[later])
+    assert result.backend == "sam2" and result.checkpoint_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert [(c["slice"], c["kind"]) for c in result.details["corrections"]] == [(7, "clicks")]
+    assert np.array_equal(result.mask[3:8], expected.mask[3:8])
+    assert not result.mask[:3].any() and not result.mask[8:].any()
+    assert expected.mask[:3].any() or expected.mask[8:].any()  # the extent did cut something

@@ -17,7 +17,7 @@ from PIL import Image
 
 from config.schema import PropagationConfig
 from models import sam2_backend
-from models.prompts import BoxPrompt, PointPrompt
+from models.prompts import BoxPrompt, MaskPrompt, PointPrompt
 from models.sam2_loader import load_model
 from models.sam2_video import to_model_input
 
@@ -74,6 +74,14 @@ def prompt_kwargs(prompt) -> dict:
             "labels": np.array([int(p) for _, _, p in prompt.points], np.int32)}
 
 
+def add_to(model, state, prompt) -> None:
+    """One prompt on its frame, upstream's own call for it (an outline through `add_new_mask`)."""
+    if isinstance(prompt, MaskPrompt):
+        model.add_new_mask(state, frame_idx=prompt.slice_index, obj_id=1, mask=torch.from_numpy(prompt.mask))
+    else:
+        model.add_new_points_or_box(state, obj_id=1, **prompt_kwargs(prompt))
+
+
 def upstream(model, folder: Path, prompts: list, reset: bool,
              corrections: list = ()) -> dict[str, dict[int, torch.Tensor]]:
     """Upstream's own calls; with `corrections`, its interactive scheme: propagate, click, propagate again."""
@@ -91,7 +99,7 @@ def upstream(model, folder: Path, prompts: list, reset: bool,
         def correct(reverse: bool | None):
             for c in corrections:
                 if reverse is None or (c.slice_index < prompts[0].slice_index) == reverse:
-                    model.add_new_points_or_box(state, obj_id=1, **prompt_kwargs(c))
+                    add_to(model, state, c)
 
         add_prompts()
         if reset:  # MedSAM2: forward, reset, prompts again, reverse (a correction belongs to its direction)
@@ -111,10 +119,12 @@ def upstream(model, folder: Path, prompts: list, reset: bool,
     return out
 
 
-def ours(loaded, image: np.ndarray, prompts: list, **sam2) -> dict[str, dict[int, torch.Tensor]]:
+def ours(loaded, image: np.ndarray, prompts: list, corrections: list = (),
+         **sam2) -> dict[str, dict[int, torch.Tensor]]:
     out: dict[str, dict[int, torch.Tensor]] = {"increasing_z": {}, "decreasing_z": {}}
     result = sam2_backend.propagate(image, SPACING, prompts, "CT", settings(loaded.image_size, **sam2), loaded=loaded,
-                                    on_logits=lambda name, z, logits: out[name].__setitem__(z, logits.clone()))
+                                    on_logits=lambda name, z, logits: out[name].__setitem__(z, logits.clone()),
+                                    corrections=corrections)
     out["details"] = result.details
     return out
 
@@ -172,8 +182,27 @@ def test_prompts_on_several_slices_and_a_correction_equal_upstream(tmp_path, tin
         delta = max_delta(mine, theirs)
         print(f"corrections {len(corrections)}: max |delta logit| {delta}")
         assert max(delta.values()) <= TOLERANCE, delta
-    assert mine["details"]["corrections"] == [{"slice": 5, "clicks": 1, "applied": "refined",
+    assert mine["details"]["corrections"] == [{"slice": 5, "kind": "clicks", "clicks": 1, "applied": "refined",
                                                "area_px": mine["details"]["corrections"][0]["area_px"]}]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_reviewers_outline_or_box_on_another_slice_is_upstreams_interactive_scheme(tmp_path, tiny128, reset):
+    """A box on slice 1; after a first run a reviewer draws an outline on slice 5 (sam2: `add_new_mask` on that
+    frame), or a box on slice 4 and then the outline (`add_new_points_or_box`, `add_new_mask`), propagated
+    again: the logits are upstream's."""
+    image = phantom()
+    box = BoxPrompt(1, 36, 24, 88, 62)
+    yy, xx = np.mgrid[:90, :120]
+    outline = MaskPrompt(5, ((yy - 50) / 16.0) ** 2 + ((xx - 62) / 22.0) ** 2 <= 1)
+    folder = png_folder(image, tmp_path / "frames")
+    for corrections in ([outline], [BoxPrompt(4, 38, 28, 86, 70), outline]):
+        theirs = upstream(tiny128.model, folder, [box], reset, corrections)
+        mine = ours(tiny128, image, [box], corrections, reset_between_directions=reset)
+        delta = max_delta(mine, theirs)
+        print(f"corrections {len(corrections)}: max |delta logit| {delta}")
+        assert max(delta.values()) <= TOLERANCE, delta
+    assert [(c["slice"], c["kind"]) for c in mine["details"]["corrections"]] == [(4, "box"), (5, "outline")]
 
 
 def test_memory_trimming_changes_no_logit_on_a_long_volume(tmp_path, tiny128):

@@ -12,6 +12,8 @@ needs to know about a backend without importing it (torch and sam2 load only whe
 - `wants_gpu`: its jobs go to the job engine's `gpu` queue (one at a time per GPU worker), the
   others to `cpu`; the queue follows the model routed to each ROI (pipeline/model_routing.py).
 - `tracker`: "module:function" that follows a first-frame mask through cine frames (models/tracking.py).
+- `corrector`: "module:function" that applies a reviewer's corrections its own way (models/corrections.py
+  `correct` signature plus `previous`); none: the corrections go to `propagate(..., corrections=...)`.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class BackendSpec:
     needs_weights: bool = False
     wants_gpu: bool = False
     tracker: str = ""
+    corrector: str = ""
     packages: tuple[str, ...] = ()  # Python distributions whose versions are recorded with each result
 
     def _attr(self, name: str) -> Any:
@@ -51,8 +54,11 @@ class BackendSpec:
         return self._attr("propagate")
 
     def track(self) -> Callable[..., dict[str, Any]]:
-        module, function = self.tracker.split(":")
-        return getattr(importlib.import_module(module), function)
+        return _function(self.tracker)
+
+    def correct(self) -> Callable[..., Any] | None:
+        """Its own way of applying corrections (see the module docstring), or None."""
+        return _function(self.corrector) if self.corrector else None
 
     def with_weights(self, settings: PropagationConfig, checkpoint: Path | None, architecture: str = "",
                      image_size: int | None = None) -> PropagationConfig:
@@ -68,6 +74,11 @@ class BackendSpec:
             self._attr("check_weights")(path, settings)
 
 
+def _function(where: str) -> Callable[..., Any]:
+    module, function = where.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 _REGISTRY: dict[str, BackendSpec] = {}
 
 
@@ -79,7 +90,8 @@ def register(spec: BackendSpec) -> BackendSpec:
 
 
 # The first weight-free backend is the default model (the registry's built-in row is named after it).
-register(BackendSpec("classic", "models.classic", tracker="models.tracking:track_classic"))
+register(BackendSpec("classic", "models.classic", tracker="models.tracking:track_classic",
+                     corrector="models.corrections:correct_incrementally"))
 register(BackendSpec("sam2", "models.sam2_backend", needs_weights=True, wants_gpu=True,
                      tracker="models.tracking:track_sam2", packages=("sam2", "torch")))
 

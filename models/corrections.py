@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from config.schema import PropagationConfig
-from models import classic, guard
+from models import backends, classic, guard
 from models.prompts import (
     BoxPrompt,
     MaskPrompt,
@@ -39,7 +39,6 @@ from models.prompts import (
     check_prompts,
     is_positive,
 )
-from models.propagate import backend_function, choose_backend
 from models.result import PropagationResult
 
 
@@ -91,16 +90,17 @@ def correct(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts:
     checked = check_prompts(image.shape, spacing_zyx, prompts)
     _check_corrections(image.shape, spacing_zyx, checked, corrections)
     effective = check_prompts(image.shape, spacing_zyx, effective_prompts(checked, corrections))
-    backend = choose_backend(settings)
+    backend = backends.choose(settings)
     extents = [c for c in corrections if isinstance(c, Extent)]
-    if backend == "classic":  # the prompts in their own order: with clicks only, the first one starts
+    own_way = backend.correct()
+    if own_way is not None:  # classic: the prompts in their own order (with clicks only, the first one starts)
         given = (prompts,) if isinstance(prompts, (BoxPrompt, PointPrompt, MaskPrompt)) else tuple(prompts)
-        result = _correct_classic(image, spacing_zyx, given, corrections, modality, settings, previous)
+        result = own_way(image, spacing_zyx, given, corrections, modality, settings, previous)
     else:  # sam2: corrections on the prompts' own slices change those prompts; the others are added after a first run
         prompted = {p.slice_index for p in checked}
         here = [c for c in corrections if not isinstance(c, Extent) and c.slice_index in prompted]
         later = [c for c in corrections if not isinstance(c, Extent) and c.slice_index not in prompted]
-        result = backend_function(backend)(image, spacing_zyx, effective_prompts(checked, here), modality, settings,
+        result = backend.propagate()(image, spacing_zyx, effective_prompts(checked, here), modality, settings,
                                            corrections=later)
         if extents:
             outside = np.ones(image.shape[0], dtype=bool)
@@ -140,9 +140,10 @@ def fingerprint(image: np.ndarray, spacing_zyx: tuple[float, float, float], prom
     return h.hexdigest()
 
 
-def _correct_classic(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
-                     corrections: Sequence[Correction], modality: str, settings: PropagationConfig,
-                     previous: PropagationResult | None) -> PropagationResult:
+def correct_incrementally(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
+                          corrections: Sequence[Correction], modality: str, settings: PropagationConfig,
+                          previous: PropagationResult | None) -> PropagationResult:
+    """The classic backend's corrections: from a matching `previous`, only the newest one (module docstring)."""
     t_start = time.perf_counter()
     key = fingerprint(image, spacing_zyx, prompts, corrections, modality, settings)
     state = (previous.details.get("correction_state") if previous is not None else None) or {}
@@ -166,7 +167,7 @@ def _correct_classic(image: np.ndarray, spacing_zyx: tuple[float, float, float],
                    timings_s={"total": seconds, "per_slice": seconds / max(work.chain.visited, 1)},
                    correction_state={"key": key, "locked": sorted(work.locked), "held": sorted(work.held),
                                      "extent": [work.first, work.last]})
-    return PropagationResult(mask=work.mask, confidence=work.confidence, backend="classic", details=details)
+    return PropagationResult(mask=work.mask, confidence=work.confidence, backend=base.backend, details=details)
 
 
 def _not_applied(result: PropagationResult) -> list[str]:

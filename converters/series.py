@@ -104,7 +104,7 @@ def _check_single_frame(header: SliceHeader) -> None:
                           f"{header.sop_class_uid}) is not supported; export the series as single-frame slices")
 
 
-def read_series(folder: str | Path, series_instance_uid: str | None = None) -> Volume:
+def read_series(folder: str | Path, series_instance_uid: str | None = None, *, pixels: bool = True) -> Volume:
     """Read one DICOM image series from `folder` into a `Volume` (CT in HU, MR as rescaled values).
 
     `series_instance_uid` picks one series when the folder holds several; without it a folder with
@@ -113,6 +113,10 @@ def read_series(folder: str | Path, series_instance_uid: str | None = None) -> V
     directions); the volume's direction columns are (row direction, column direction, normal) and
     slice index grows with position along the normal. `Volume.header` is the first slice's
     header without pixel data.
+
+    `pixels=False` reads headers only (every check above still made): the volume's array then has the
+    series' shape and holds no image (read-only zeros, no memory), for work that needs only the
+    geometry and the slices' identities, such as finding a job's prompts (pipeline/discovery.py).
 
     Raises `SeriesError` (mixed orientations, gantry tilt, multi-frame, unreadable file, different
     grids) or `SeriesIncompleteError` (missing or unevenly spaced slices, duplicate positions).
@@ -138,7 +142,7 @@ def read_series(folder: str | Path, series_instance_uid: str | None = None) -> V
                           "--series-uid UID)")
     else:
         slices = next(iter(headers.values()))
-    return _assemble(folder, slices)
+    return _assemble(folder, slices, pixels)
 
 
 @dataclass
@@ -176,12 +180,15 @@ def check_series_files(paths: list[Path] | list[str]) -> Contiguity:
                       slices=len(stack.slices), spacing_mm=stack.slice_spacing)
 
 
-def _assemble(folder: Path, slices: list[SliceHeader]) -> Volume:
+def _assemble(folder: Path, slices: list[SliceHeader], pixels: bool = True) -> Volume:
     stack = _stack(folder, slices)
     slices, positions, rows, cols = stack.slices, stack.positions, stack.rows, stack.cols
-    array = np.empty((len(slices), rows, cols), dtype=np.float32)
-    for k, header in enumerate(slices):
-        array[k] = _read_pixels(header, rows, cols)
+    if pixels:
+        array = np.empty((len(slices), rows, cols), dtype=np.float32)
+        for k, header in enumerate(slices):
+            array[k] = _read_pixels(header, rows, cols)
+    else:  # the shape without the image: one zero seen through zero strides, read-only
+        array = np.broadcast_to(np.float32(0), (len(slices), rows, cols))
 
     direction = np.column_stack([stack.row_dir, stack.col_dir, stack.normal])
     geometry = Geometry(origin_mm=tuple(float(v) for v in positions[0]),

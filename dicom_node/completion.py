@@ -87,6 +87,11 @@ class CompletionChecker:
             self._rules.update(dict.fromkeys(series_uids, rule))
         self._wake.set()
 
+    def look_now(self) -> None:
+        """An association that stored instances ended: check at once rather than at the next poll (a prompt's
+        listing may now be whole; the quiet period still runs from the last instance)."""
+        self._wake.set()
+
     def _whole_listings(self) -> dict[str, list[tuple[str, ImageListing]]]:
         """Series uid -> (prompt SOP UID, listing) of every prompt not yet decided by its job whose listing
         names the whole series."""

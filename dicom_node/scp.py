@@ -126,7 +126,9 @@ REJECT_REASONS = {(3, 2): "local_limit", (3, 1): "congestion", (1, 3): "calling_
 
 def build_handlers(config: Config, store: Store, gate: Gate,
                    on_release: Callable[[set[str]], None] | None = None) -> list[tuple]:
-    """Event handlers for the server: connection tuning, C-STORE, release hint, rejection and abort audit."""
+    """Event handlers for the server: connection tuning, C-STORE, release hint, rejection and abort audit.
+    `on_release` gets the series an association stored when it is released (the completion checker then looks
+    at once, and completes them when node.complete_on_release is set: dicom_node/service.py)."""
     seen = _AssociationSeries()
 
     def handle_open(event: evt.Event) -> None:
@@ -167,7 +169,7 @@ def build_handlers(config: Config, store: Store, gate: Gate,
 
     def handle_released(event: evt.Event) -> None:
         series = audit_end(event, "released")
-        if series and on_release is not None and config.node.complete_on_release:
+        if series and on_release is not None:
             on_release(series)
 
     def handle_aborted(event: evt.Event) -> None:

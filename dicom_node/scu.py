@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -406,14 +407,25 @@ def _store(assoc, row: Send) -> Attempt:  # type: ignore[no-untyped-def]
     return Attempt(int(rsp.Status), comment)
 
 
+_SENDERS: "weakref.WeakSet[Sender]" = weakref.WeakSet()
+
+
+def wake_senders() -> None:
+    """A send was just committed in this process: its sender loops look now, not at their next poll."""
+    for sender in list(_SENDERS):
+        sender.wake.set()
+
+
 class Sender:
-    """The sender loop of serve_forever: recover stale claims once, then deliver due rows."""
+    """The sender loop of serve_forever: recover stale claims once, then deliver due rows (at once when
+    `wake_senders` is called, else every node.poll_interval_s)."""
 
     def __init__(self, factory: sessionmaker[Session], config: Config) -> None:
         self.factory = factory
         self.config = config
         self.me = worker_id()
         self.wake = threading.Event()
+        _SENDERS.add(self)
 
     def run(self, stop: threading.Event) -> None:
         try:

@@ -91,7 +91,8 @@ def serve_forever(config: Config, stop: threading.Event | None = None,
     checker = CompletionChecker(factory, config, on_series_complete)
     sender = Sender(factory, config)
     try:
-        ae, server = start_scp(config, store, on_release=checker.notify_release)
+        ae, server = start_scp(config, store, on_release=lambda series: checker.notify_release(series)
+                               if config.node.complete_on_release else checker.look_now())
     except OSError as exc:  # a start-up error the user fixes (exit 2), not ours
         raise port_error(config, exc) from None
     threads = [threading.Thread(target=checker.run, args=(stop, config.node.poll_interval_s),

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from config.errors import UserError
+from models.checkpoint_file import CheckpointError, sha256_of  # noqa: F401 - defined without torch, used from here
 from models.device import choose_device
 
 VIDEO_PREDICTOR_TARGET = "sam2.sam2_video_predictor.SAM2VideoPredictor"
@@ -47,10 +46,6 @@ KEY_PREFIXES = ("sam2_model.", "module.", "model.")
 STATE_DICT_KEYS = ("model", "model_state_dict", "state_dict", "module")
 
 
-class CheckpointError(UserError):
-    """A checkpoint or model config that cannot be used; the message names the file and its folder."""
-
-
 @dataclass
 class LoadedModel:
     model: Any  # sam2.sam2_video_predictor.SAM2VideoPredictor (a SAM2Base: also serves the image predictor)
@@ -59,14 +54,6 @@ class LoadedModel:
     config_name: str
     checkpoint: Path | None
     checkpoint_sha256: str | None
-
-
-def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def image_size_overrides(image_size: int) -> list[str]:

@@ -84,6 +84,8 @@ class ComputeResult:
     timings_s: dict[str, float]
     structures: tuple[StructureResult, ...]
     file_check: CheckSummary
+    pid: int = 0  # the process that computed it (0: the worker's own, pipeline.isolate_jobs off)
+    job_in_process: int = 0  # 1: that process's first job; more: a warm process reused (pipeline/compute.py)
 
     @property
     def implausible(self) -> list[str]:

@@ -39,7 +39,7 @@ from db.engine import transaction
 from db.schema import Instance, Job, Series, aware, utcnow
 from dicom_node.completion import RULES
 from dicom_node.routing import route_for_job
-from pipeline.jobs import JobStateError, audit_job, create_job, transition
+from pipeline.jobs import JobStateError, audit_job, create_job, transition, wake_workers_after_commit
 from pipeline.prompt_rois import PromptSpec, find_prompts
 
 LOG = logging.getLogger("rtprop.pipeline.discovery")
@@ -83,7 +83,13 @@ def create_jobs_for_series(session: Session, config: Config, series_uid: str | N
 def jobs_on_completion(config: Config) -> Callable[[Session, Series], list[int]]:
     """The series-completion hook of a receiving node (dicom_node/completion.py): a completed series' prompt
     RTSTRUCTs get their jobs in the transaction that closes it, routed by this node's routes."""
-    return lambda session, series: create_jobs_for_series(session, config, series.series_instance_uid)
+    def hook(session: Session, series: Series) -> list[int]:
+        created = create_jobs_for_series(session, config, series.series_instance_uid)
+        if created:  # this process's workers decide them as soon as they can see them
+            wake_workers_after_commit(session)
+        return created
+
+    return hook
 
 
 def create_jobs(factory: sessionmaker[Session], config: Config) -> list[int]:
@@ -258,8 +264,8 @@ def decide(factory: sessionmaker[Session], config: Config, job_id: int, now: dat
             folder = series_folder(session, series_uid)
         except DiscoveryError as exc:
             return Decision("failed", str(exc), series_uid=series_uid)
-    try:
-        volume = read_series(folder, series_uid)
+    try:  # headers only: the prompts are found on the geometry; the job reads the pixels once, when it runs
+        volume = read_series(folder, series_uid, pixels=False)
         structure_set = read_rtstruct(path, volume)
         specs, notes = find_prompts(structure_set, volume, config.pipeline)
     except (ConversionError, UserError, OSError) as exc:

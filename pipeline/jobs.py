@@ -49,10 +49,12 @@ key only (and the user's name for a person's move).
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import event, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import queue
@@ -287,3 +289,25 @@ def counts(session: Session) -> dict[str, int]:
 
 def stale_before(seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=seconds)
+
+
+# --------------------------------------------------------------------------- waking idle workers
+_WAKES: "weakref.WeakSet[threading.Event]" = weakref.WeakSet()
+
+
+def wake_event() -> threading.Event:
+    """An event a worker waits on while idle; `wake_workers` sets it (pipeline/worker.py)."""
+    wake = threading.Event()
+    _WAKES.add(wake)
+    return wake
+
+
+def wake_workers() -> None:
+    """Work arrived for this process's workers: their idle wait ends now, not at their next poll."""
+    for wake in list(_WAKES):
+        wake.set()
+
+
+def wake_workers_after_commit(session: Session) -> None:
+    """Wake this process's workers once `session` commits (what they are woken for is visible to them then)."""
+    event.listen(session, "after_commit", lambda _session: wake_workers(), once=True)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.schema import Config, PropagationConfig
 from db.schema import Model, Series, aware
 from models import backends
-from models.sam2_loader import CheckpointError, sha256_of
+from models.checkpoint_file import CheckpointError, sha256_of
 
 CONFIG_DEFAULT = "config-default"
 

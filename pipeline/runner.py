@@ -15,6 +15,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.schema import Config
 from db.engine import transaction
 from db.schema import Job, Series, utcnow
+from dicom_node.scu import wake_senders
 from pipeline import jobs as J
-from pipeline.compute import JobLost, outcome, run_child, versions
-from pipeline.compute_types import ComputeResult, ComputeTask
+from pipeline.compute import CHILDREN, JobLost, outcome, versions
+from pipeline.compute_types import ComputeOutcome, ComputeResult, ComputeTask
 from pipeline.delivery import deliver
 from pipeline.discovery import rtstruct_path, series_folder
 from pipeline.prompt_rois import PromptSpec
@@ -83,8 +85,7 @@ def run_job(factory: sessionmaker[Session], config: Config, job: Job, me: str,
         return J.heartbeat(factory, job.id, me)
 
     try:
-        message = run_child(task, p.job_timeout_s, min(1.0, p.heartbeat_interval_s), tick, stop) \
-            if p.isolate_jobs else outcome(task)
+        message = _isolated(config, task, tick, stop) if p.isolate_jobs else outcome(task)
     except JobLost as exc:
         return _lost(factory, config, job, me, exc)
     if isinstance(message, ComputeResult):
@@ -96,6 +97,18 @@ def run_job(factory: sessionmaker[Session], config: Config, job: Job, me: str,
     if kind == "transient":
         return _transient(factory, config, job, me, error)
     return _failed(factory, job, me, error, event="job.quarantined" if kind == "held" else "job.failed")
+
+
+def _isolated(config: Config, task: ComputeTask, tick: Callable[[], bool],
+              stop: threading.Event | None) -> ComputeOutcome:
+    """The job in a warm compute child of this process (pipeline/compute.py), given back for the next job
+    (after a lost job, its replacement is given back)."""
+    p = config.pipeline
+    child = CHILDREN.take(config)
+    try:
+        return child.run(task, p.job_timeout_s, min(1.0, p.heartbeat_interval_s), tick, stop)
+    finally:
+        CHILDREN.give_back(child)
 
 
 def _lost(factory: sessionmaker[Session], config: Config, job: Job, me: str, exc: JobLost) -> str:
@@ -149,7 +162,7 @@ def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str
         row = session.get(Job, job.id)
         J.audit_job(session, row, "job.propagated", backend=result.backend, model=result.model,
                     structures=[s.to_json() for s in result.structures], checkpoint_sha256=result.checkpoint_sha256,
-                    timings_s=timings)
+                    timings_s=timings, process={"pid": result.pid, "job_in_process": result.job_in_process})
     if not check.ok:
         held = quarantine_result(config, job, result.path, list(check.problems))
         return _failed(factory, job, me, "file check failed (the written RTSTRUCT does not match its masks): " + "; ".join(check.problems)[:3000],
@@ -160,7 +173,10 @@ def _succeeded(factory: sessionmaker[Session], config: Config, job: Job, me: str
         J.transition(session, row, "validated", expect_owner=me, result_path=str(result.path),
                      result_sha256=result.sha256, error="", **common)
         J.audit_job(session, row, "job.file_check", dice=check.dice, ok=True)
-        return deliver(session, config, row, result.path, implausible=result.implausible)
+        state = deliver(session, config, row, result.path, implausible=result.implausible)
+    if state == "sending":  # committed: this process's sender delivers it now rather than at its next poll
+        wake_senders()
+    return state
 
 
 def quarantine_result(config: Config, job: Job, path: Path, problems: list[str]) -> Path:

@@ -1,7 +1,7 @@
 """Workers: the loop that keeps jobs moving. What each step does lives in a module of its own:
 
   pipeline/housekeeping.py  recovery of lost jobs, discovery, delivery bookkeeping (worker 0 only)
-  pipeline/runner.py        running one claimed job (pipeline/compute.py in a child process)
+  pipeline/runner.py        running one claimed job (pipeline/compute.py in the thread's warm child process)
   pipeline/delivery.py      validated -> sending / sent (outbound queue, drop-in outbox)
 
 A worker loop (`Worker.run`) does, every `pipeline.poll_interval_s`: housekeeping (worker 0),
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.schema import Config
 from db.schema import Job
 from pipeline import jobs as J
+from pipeline.compute import CHILDREN, ComputeChild
 from pipeline.housekeeping import housekeeping
 from pipeline.runner import run_job
 
@@ -34,7 +35,8 @@ def worker_identity(index: int = 0) -> str:
 
 
 class Worker:
-    """One worker: housekeeping (index 0) and job execution. Restart-safe."""
+    """One worker: housekeeping (index 0) and job execution. Restart-safe. Idle, it looks again every
+    pipeline.poll_interval_s, or at once when pipeline/jobs.py `wake_workers` is called (prompts' series completed)."""
 
     def __init__(self, factory: sessionmaker[Session], config: Config, index: int = 0) -> None:
         self.factory = factory
@@ -42,6 +44,7 @@ class Worker:
         self.index = index
         self.me = worker_identity(index)
         self.stop: threading.Event | None = None  # set by run(): a clean stop hands the running job back
+        self.wake = J.wake_event()
 
     def housekeeping(self) -> None:
         housekeeping(self.factory, self.config)
@@ -56,18 +59,25 @@ class Worker:
         return job.id
 
     def run(self, stop: threading.Event) -> None:
-        """Loop until `stop` is set; every error is logged and the loop goes on."""
+        """Loop until `stop` is set; every error is logged and the loop goes on. A compute child is started first,
+        so its imports are done before a job arrives; the idle children are closed when the loop ends."""
         self.stop = stop
-        while not stop.is_set():
-            busy = False
-            try:
-                if self.index == 0:
-                    self.housekeeping()
-                busy = self.run_once() is not None
-            except Exception:
-                LOG.exception("worker %s pass failed; retrying", self.me)
-            if not busy:
-                stop.wait(self.config.pipeline.poll_interval_s)
+        if self.config.pipeline.isolate_jobs:  # this thread's compute child, importing before the first job comes
+            CHILDREN.give_back(ComputeChild(self.config).start())
+        try:
+            while not stop.is_set():
+                busy = False
+                try:
+                    if self.index == 0:
+                        self.housekeeping()
+                    busy = self.run_once() is not None
+                except Exception:
+                    LOG.exception("worker %s pass failed; retrying", self.me)
+                if not busy:
+                    self.wake.wait(self.config.pipeline.poll_interval_s)
+                    self.wake.clear()
+        finally:
+            CHILDREN.close()  # the children this loop started would die with its thread anyway
 
     def drain(self, timeout_s: float = 600) -> None:
         """Run until no job is received, queued or running (tests, `rtprop worker --once`)."""

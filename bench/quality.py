@@ -23,6 +23,8 @@ of telling Dice < 0.5 apart).
 to PX pixels (seeded by the case's name); --jitter-mm MM (point prompts): from N clicks moved by up to
 MM mm, staying on the structure. The summary gives the mean exact and mean worst Dice, the flips (exact
 >= 0.6, a variant < 0.3) and how many of them carried a warning, and the guard's catches and false holds.
+--refit RESULTS.json ... (no run): the structure confidence's logistic refitted on the runs of those jitter results,
+and its AUROC with the weights in use, refitted, and leaving each structure out (bench/results/confidence_fit.json).
 
     .venv/bin/python bench/quality.py [--data ../shared/data]
                                       [--prompt box|point|mask|multi|corrective|boxclicks] [--clicks 5]
@@ -31,6 +33,7 @@ MM mm, staying on the structure. The summary gives the mean exact and mean worst
                                       [--key-slice tight_select|histogram]
                                       [--only totalseg_label5,sts001_GTV_Mass_CT]
                                       [--jitter PX | --jitter-mm MM] [--variants N]
+                                      [--refit RESULTS.json ...]
                                       [--out bench/results/quality.json, quality_point.json,
                                              quality_point_totalseg512.json, quality_jitter.json, ...]
 """
@@ -48,6 +51,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from config.schema import PropagationConfig
+from models.confidence import BIAS, SIGNAL_WEIGHTS
 from models.corrections import correct
 from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt, PromptError
 from models.propagate import propagate
@@ -318,6 +322,9 @@ def evaluate_jitter(case: dict, settings: PropagationConfig, kind: str, n: int, 
             "confidence_signals")}})
     worst = min(row["jitter"], key=lambda v: v["dice"])
     row["worst_dice"], row["worst_warned"] = worst["dice"], _warned(worst)
+    if isinstance(exact, BoxPrompt) and px:
+        # how far the edges moved against the box's size: 2 px is a fifth of a 10 px box, all of a rib's at 3 mm
+        row["moves_per_short_side"] = px / min(exact.x1 - exact.x0 + 1, exact.y1 - exact.y0 + 1)
     return row
 
 
@@ -331,10 +338,19 @@ def _runs(rows: list[dict]) -> list[dict]:
     return [r for row in rows for r in [row] + row.get("jitter", [])]
 
 
+# Boxes whose edges moved by at most this share of their shorter side (a 2 px move on a box of 10 px or more):
+# the jitter summary gives their exact and worst Dice apart, as a move of a box's whole width is another box.
+SMALL_MOVE = 0.2
+
+
 def jitter_summary(rows: list[dict]) -> dict:
-    """Exact vs worst jittered Dice, flips (exact >= 0.6, a variant < 0.3) and how many were warned."""
+    """Exact vs worst jittered Dice, flips (exact >= 0.6, a variant < 0.3) and how many were warned; for boxes,
+    also the exact and worst Dice of those the move was small for (SMALL_MOVE)."""
     flips = [(row, v) for row in rows if row["dice"] >= 0.6 for v in row["jitter"] if v["dice"] < 0.3]
-    return {"mean_exact_dice": float(np.mean([r["dice"] for r in rows])),
+    small = [r for r in rows if r.get("moves_per_short_side", np.inf) <= SMALL_MOVE]
+    return {**({"small_move": {"n": len(small), "mean_exact_dice": float(np.mean([r["dice"] for r in small])),
+                               "mean_worst_dice": float(np.mean([r["worst_dice"] for r in small]))}} if small else {}),
+            "mean_exact_dice": float(np.mean([r["dice"] for r in rows])),
             "mean_worst_dice": float(np.mean([r["worst_dice"] for r in rows])),
             "cases_flipped": len({row["structure"] for row, _ in flips}),
             "flips": len(flips), "flips_warned": sum(_warned(v) for _, v in flips),
@@ -390,6 +406,48 @@ def print_calibration(name: str, c: dict) -> None:
         fmt = (lambda v: "    -" if v is None else f"{v:5.3f}")
         print(f"   confidence {b['bin']}: {b['n']:4d} results, mean Dice {fmt(b['mean_dice'])}   "
               f"slices {sb['n']:5d}, mean Dice {fmt(sb['mean_dice'])}")
+
+
+def refit_confidence(paths: list[Path]) -> dict:
+    """The structure confidence's logistic (models/confidence.py: weights >= 0 on SIGNAL_WEIGHTS' signals, and a
+    bias) refitted on every run of these jitter results, and the AUROC of telling Dice < 0.5 apart: with the
+    weights in use, refitted in sample, and leaving each structure out in turn (its runs on every set and prompt
+    scored by weights fitted on the other structures': what a structure not seen may expect)."""
+    from scipy.optimize import minimize
+
+    names = list(SIGNAL_WEIGHTS)
+    x, good, groups = [], [], []
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["cases"]:
+            for run in _runs([row]):
+                signals = run.get("confidence_signals") or {}
+                if all(k in signals for k in names):
+                    x.append([signals[k] for k in names])
+                    good.append(run["dice"] >= 0.5)
+                    groups.append(row["structure"].replace("totalseg512_", "totalseg_"))  # one organ, two series
+    x, good, groups = np.asarray(x, dtype=float), np.asarray(good, dtype=float), np.asarray(groups)
+
+    def fit(use: np.ndarray) -> np.ndarray:
+        def loss(p: np.ndarray) -> float:
+            logit = x[use] @ p[1:] + p[0]
+            return float(np.mean(np.logaddexp(0.0, logit) - good[use] * logit)) + 1e-3 * float(p[1:] @ p[1:])
+        return minimize(loss, np.zeros(len(names) + 1), method="L-BFGS-B",
+                        bounds=[(None, None)] + [(0.0, None)] * len(names)).x
+
+    everything = fit(np.ones(len(good), dtype=bool))
+    left_out = np.empty(len(good))
+    for group in np.unique(groups):
+        out = groups == group
+        p = fit(~out)
+        left_out[out] = x[out] @ p[1:] + p[0]
+    bad = list(good < 0.5)
+    in_use = x @ np.array([SIGNAL_WEIGHTS[k] for k in names]) + BIAS
+    return {"runs": int(len(good)), "structures": int(len(np.unique(groups))),
+            "weights": {k: round(float(w), 2) for k, w in zip(names, everything[1:])},
+            "bias": round(float(everything[0]), 2),
+            "auroc_weights_in_use": auroc(list(in_use), bad),
+            "auroc_refitted": auroc(list(x @ everything[1:] + everything[0]), bad),
+            "auroc_leave_one_structure_out": auroc(list(left_out), bad)}
 
 
 def _box_then_clicks(row: dict, case: dict, prompts: list[Prompt], result: PropagationResult | None,
@@ -489,7 +547,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results (default bench/results/quality.json, quality_<prompt>.json if not box; "
                              "quality_jitter[_point].json with a jitter)")
+    parser.add_argument("--refit", type=Path, nargs="+", metavar="RESULTS",
+                        help="instead of running: refit the structure confidence on these jitter results (JSON of "
+                             "--jitter / --jitter-mm runs) and report its AUROC, also leaving each structure out "
+                             "(writes --out, default bench/results/confidence_fit.json)")
     args = parser.parse_args(argv)
+    if args.refit:
+        fitted = refit_confidence(args.refit)
+        print(f"REFIT {fitted['runs']} results of {fitted['structures']} structures: AUROC (Dice < 0.5) with the "
+              f"weights in use {fitted['auroc_weights_in_use']:.3f}, refitted {fitted['auroc_refitted']:.3f}, "
+              f"leaving each structure out {fitted['auroc_leave_one_structure_out']:.3f}; refitted weights "
+              f"{fitted['weights']} bias {fitted['bias']}")
+        out = args.out or REPO / "bench" / "results" / "confidence_fit.json"
+        out.write_text(json.dumps({"results": [str(p) for p in args.refit], **fitted}, indent=2))
+        print(f"wrote {out}")
+        return 0
     jitter = args.jitter if args.prompt == "box" else args.jitter_mm if args.prompt == "point" else 0
     if (args.jitter or args.jitter_mm) and not jitter:
         parser.error("--jitter goes with --prompt box, --jitter-mm with --prompt point")
@@ -543,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"JITTER {group:8s} exact={j['mean_exact_dice']:.3f} worst={j['mean_worst_dice']:.3f}  "
                   f"flips: {j['flips']} in {j['cases_flipped']} cases, {j['flips_warned']} warned"
                   + (f"; silent: {', '.join(j['silent_flips'])}" if j["silent_flips"] else ""))
+            if "small_move" in j:
+                m = j["small_move"]
+                print(f"       boxes moved by <= {SMALL_MOVE:.0%} of their shorter side: n={m['n']} "
+                      f"exact={m['mean_exact_dice']:.3f} worst={m['mean_worst_dice']:.3f}")
     calibrated = calibration(rows)
     print_calibration(args.prompt, calibrated)
     if args.out is None:

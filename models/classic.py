@@ -221,11 +221,22 @@ def key_mask_from_box(feature2d: np.ndarray, box: BoxPrompt,
     means (`_tight_box_score`). A winner filling nearly all of the box is cut to the box's inscribed
     ellipse (`BOX_FULL_FILL`). No per-structure choice is made.
     """
+    return _chosen(feature2d, _box_candidates(feature2d, box, method), box, spacing_yx, method)
+
+
+def _box_candidates(feature2d: np.ndarray, box: BoxPrompt, method: str) -> list[np.ndarray]:
+    """The masks `key_mask_from_box` chooses from (see there)."""
     hist = _histogram_candidate(feature2d, box)
     if method == "histogram":
-        return hist
-    candidates = [hist] + [c for c in (_grabcut_tight_candidate(feature2d, box, channels)
-                                       for channels in ("gray", "scales")) if c.any()]
+        return [hist]
+    return [hist] + [c for c in (_grabcut_tight_candidate(feature2d, box, channels)
+                                 for channels in ("gray", "scales")) if c.any()]
+
+
+def _chosen(feature2d: np.ndarray, candidates: list[np.ndarray], box: BoxPrompt, spacing_yx: tuple[float, float],
+            method: str) -> np.ndarray:
+    if method == "histogram":
+        return candidates[0]
     best = max(candidates, key=lambda c: _tight_box_score(feature2d, c, box, spacing_yx))
     return _cut_full_box(best, box)
 
@@ -582,25 +593,66 @@ def _moved_boxes(box: BoxPrompt, shape: tuple[int, int]) -> list[BoxPrompt]:
 
 
 def _key_stability(features2d: np.ndarray, base: BoxPrompt | MaskPrompt, clicks: PointPrompt | None,
-                   key: np.ndarray, spacing_yx: tuple[float, float], settings: PropagationConfig) -> float | None:
-    """Mean Dice between a box's mask on its slice and the masks of the box moved a little (`_moved_boxes`):
-    1 when the answer does not depend on the box's last pixel or two, low when it flips (the structure
-    confidence's `stability`, models/confidence.py). None for anything but a box alone on its slice. (Clicks
-    are not moved: a random walk per moved click costs seconds on a large organ; their fit to the result is
-    judged instead.)"""
+                   key: np.ndarray, spacing_yx: tuple[float, float],
+                   settings: PropagationConfig) -> tuple[float | None, dict | None]:
+    """(stability, alternative) of a box's mask `key` on its slice; (None, None) for anything but a box alone on
+    its slice. (Clicks are not moved: a random walk per moved click costs seconds on a large organ; their fit
+    to the result is judged instead.)
+
+    stability: the mean Dice between `key` and the masks of the box moved a little (`_moved_boxes`): 1 when
+    the answer does not depend on the box's last pixel or two, low when it flips (the structure confidence's
+    `stability`, models/confidence.py).
+    alternative: another structure the box fits clearly better by contrast (`_key_alternative`), or None."""
     if not isinstance(base, BoxPrompt) or clicks is not None:
-        return None
-    scores = []
+        return None, None
+    method = settings.classic.key_slice
+    scores, seen = [], []
     for moved in _moved_boxes(base, key.shape):
-        other = key_mask_from_box(features2d, moved, spacing_yx, settings.classic.key_slice)
-        scores.append(2.0 * float((other & key).sum()) / max(float(other.sum() + key.sum()), 1.0))
-    return float(np.mean(scores)) if scores else None
+        candidates = _box_candidates(features2d, moved, method)
+        other = _chosen(features2d, candidates, moved, spacing_yx, method)
+        scores.append(_overlap(other, key))
+        seen += candidates
+    own = _box_candidates(features2d, base, method) if method != "histogram" else []
+    return (float(np.mean(scores)) if scores else None,
+            _key_alternative(features2d, base, key, own + seen, spacing_yx))
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks (0 when both are empty)."""
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+# Another structure the box fits (`_key_alternative`): a candidate of the box or of a box moved a little that
+# reaches at least this share of the box's rows and columns (as a tight box's structure does, less a pixel
+# at a side), overlaps the answer by less than ALTERNATIVE_MAX_DICE (another structure, not another outline
+# of it), and stands out from the ring around it by DISTINCT_CONTRAST pooled SDs more than the answer does.
+# The key slice prefers what covers the box's centre (`_tight_box_score`): right for a tumour with lung in
+# its box's corners, wrong for a lung crescent boxed around a liver dome (which covers the centre and barely
+# stands out); the box alone cannot tell them apart, so the result says so (models/guard.py).
+ALTERNATIVE_MIN_REACH = 0.85
+ALTERNATIVE_MAX_DICE = 0.2
+
+
+def _key_alternative(features2d: np.ndarray, box: BoxPrompt, key: np.ndarray, candidates: Sequence[np.ndarray],
+                     spacing_yx: tuple[float, float]) -> dict | None:
+    """The most distinct candidate fitting `box` as well as `key` does but apart from it, if it stands out
+    DISTINCT_CONTRAST more than `key` (its area in pixels, its and the key's ring contrast), else None."""
+    own = ring_contrast(features2d, key, spacing_yx)
+    best = None
+    for c in candidates:
+        if _box_coverage(c, box) < ALTERNATIVE_MIN_REACH or _overlap(c, key) >= ALTERNATIVE_MAX_DICE:
+            continue
+        contrast = ring_contrast(features2d, c, spacing_yx)
+        if contrast >= own + DISTINCT_CONTRAST and (best is None or contrast > best["contrast"]):
+            best = {"area_px": int(c.sum()), "contrast": round(contrast, 2), "key_contrast": round(own, 2)}
+    return best
 
 
 def _boxes_stability(chain: "_Chain", image: np.ndarray, prompts: Sequence[Prompt], k: int, key: np.ndarray,
-                     modality: str, settings: PropagationConfig) -> dict[int, float]:
-    """`_key_stability` of every box drawn alone on its slice (`key`: the mask of slice `k`, already found)."""
-    out = {}
+                     modality: str, settings: PropagationConfig) -> tuple[dict[int, float], dict[int, dict]]:
+    """`_key_stability` of every box drawn alone on its slice (`key`: the mask of slice `k`, already found):
+    the stability and the alternative (where there is one) by slice."""
+    stability, alternatives = {}, {}
     for box in (p for p in prompts if isinstance(p, BoxPrompt)):
         z = box.slice_index
         clicks = next((p for p in prompts if isinstance(p, PointPrompt) and p.slice_index == z), None)
@@ -608,10 +660,12 @@ def _boxes_stability(chain: "_Chain", image: np.ndarray, prompts: Sequence[Promp
             continue
         own = key if z == k else _slice_key(chain.features(z), image[z], box, None, chain.spacing_yx, modality,
                                              settings)
-        value = _key_stability(chain.features(z), box, None, own, chain.spacing_yx, settings)
+        value, alternative = _key_stability(chain.features(z), box, None, own, chain.spacing_yx, settings)
         if value is not None:
-            out[z] = value
-    return out
+            stability[z] = value
+        if alternative is not None:
+            alternatives[z] = alternative
+    return stability, alternatives
 
 
 # ----------------------------------------------------------------------------- corrections
@@ -1099,7 +1153,7 @@ def propagate(
     if not key.any():
         raise PromptError(f"no structure found in the prompt on slice {k}")
     t_key = time.perf_counter()
-    stability = _boxes_stability(chain, image, checked, k, key, modality, settings)
+    stability, alternatives = _boxes_stability(chain, image, checked, k, key, modality, settings)
     work.mask, work.confidence, stop = _spread(key, k, chain)
     corrections = [work.add(p) for p in others]
     for z, value in stability.items():  # a boxed slice is as sure as its answer is stable
@@ -1115,6 +1169,7 @@ def propagate(
             "key_area_px": int(key.sum()),
             "prompt_slices": sorted({int(p.slice_index) for p in checked if is_positive(p)}),
             "key_stability": {int(z): round(v, 3) for z, v in stability.items()},
+            "key_alternatives": {int(z): a for z, a in alternatives.items()},
             "stop": stop,
             "corrections": corrections,
             "timings_s": {"key_slice": t_key - t_start, "propagation": t_end - t_key, "total": t_end - t_start,

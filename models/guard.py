@@ -41,6 +41,13 @@ OUTLINE_MIN_DICE = 0.8
 # A click sits inside its structure, whose inscribed radius the rays measure (classic_points); a
 # result whose piece at the click is less than this fraction as deep is a speck of the structure.
 CLICK_MIN_DEPTH_FRACTION = 0.3
+# ...and a click sits near its structure's middle: a result more than this many times as deep as the structure
+# the click's rays measure, where the click is less than CLICK_MIN_CENTRALITY as deep as the result's deepest
+# point, has its bulk somewhere else: it went past the clicked structure into a neighbour (each alone is common:
+# an elongated structure, a click off its middle; a textured tumour clicked beside its dark core gives 2.25 and
+# 0.49, the spinal cord of totalseg-ct leaking into the tissue behind it 3.3 and 0.40).
+CLICK_MAX_DEPTH_RATIO = 2.5
+CLICK_MIN_CENTRALITY = 0.5
 # No structure worth a click is smaller than this on its clicked slice (a 5 mm disc is 20 mm2).
 SPECK_MM2 = 20.0
 # Cross-sections change gradually between neighbouring slices: an area step by more than this
@@ -98,6 +105,17 @@ def _box_reasons(box: BoxPrompt, mask2d: np.ndarray, feature2d: np.ndarray) -> l
     return reasons
 
 
+def _alternative_reasons(z: int, alternatives: dict) -> list[str]:
+    """The backend found another structure the box fits, apart from the result and standing out more from what
+    surrounds it (models/classic.py `_key_alternative`): the box alone does not say which one was meant."""
+    found = alternatives.get(z, alternatives.get(str(z)))
+    if not found:
+        return []
+    return [f"slice {z}: the box also fits another structure ({found['area_px']} px, apart from the result) that "
+            f"stands out more from what surrounds it (contrast {found['contrast']:.1f} against the result's "
+            f"{found['key_contrast']:.1f}): check which one was meant"]
+
+
 def _click_reasons(clicks: PointPrompt, mask2d: np.ndarray, feature2d: np.ndarray,
                    spacing_yx: tuple[float, float]) -> list[str]:
     reasons = []
@@ -119,6 +137,10 @@ def _click_reasons(clicks: PointPrompt, mask2d: np.ndarray, feature2d: np.ndarra
             if piece_depth < CLICK_MIN_DEPTH_FRACTION * scale:
                 reasons.append(f"slice {z}: the result at the click (x={x}, y={y}) is {2 * piece_depth:.0f} mm across, "
                                f"the structure the click sits in about {2 * scale:.0f} mm")
+            elif piece_depth > CLICK_MAX_DEPTH_RATIO * scale and depth[y, x] < CLICK_MIN_CENTRALITY * piece_depth:
+                reasons.append(f"slice {z}: the result is {2 * piece_depth:.0f} mm across and the click (x={x}, y={y}) "
+                               f"near its edge, the structure the click sits in about {2 * scale:.0f} mm: it runs on "
+                               "into a neighbour")
     return reasons
 
 
@@ -167,6 +189,7 @@ def assess(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: 
         if isinstance(prompt, BoxPrompt):
             features = features or slice_features(image, modality)
             reasons += _box_reasons(prompt, on_slice, features(prompt.slice_index))
+            reasons += _alternative_reasons(prompt.slice_index, result.details.get("key_alternatives") or {})
         elif isinstance(prompt, MaskPrompt):
             drawn = np.asarray(prompt.mask, dtype=bool)
             score = 2.0 * float((drawn & on_slice).sum()) / max(float(drawn.sum() + on_slice.sum()), 1.0)

@@ -428,3 +428,27 @@ def one_pixel_boxes(box):
             out.append(BoxPrompt(box.slice_index, box.x0 + d[0], box.y0 + d[1], box.x1 + d[2], box.y1 + d[3]))
     out += [BoxPrompt(box.slice_index, box.x0 - s, box.y0 - s, box.x1 + s, box.y1 + s) for s in (2, -2)]
     return out
+
+
+def lung_crescent(seed: int = 0, size: int = 96, pixel_mm: float = 2.0, n_slices: int = 7, dz_mm: float = 3.0,
+                  radius_mm: float = 40.0, lung_mm: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+    """CT of a lung base: a crescent of aerated lung (-820 HU, `lung_mm` thick) over the dome of a liver (58 HU,
+    `radius_mm`) that runs on below it, inside a chest wall of soft tissue (40 HU); noise SD 15. The tight box
+    of the crescent holds the dome: what covers the box's centre (the liver) is not what the box was drawn
+    around. The right lower lobe of totalseg-ct that flipped to the liver when its box moved by 2 px. Returns
+    (image zyx in HU, lung mask zyx)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.meshgrid(np.arange(size) * pixel_mm, (np.arange(size) - (size - 1) / 2.0) * pixel_mm, indexing="ij")
+    cy = 0.55 * size * pixel_mm  # the dome's centre: the liver fills the image's lower half
+    r = np.hypot(y - cy, x)
+    upper = (y - cy) < -0.35 * radius_mm  # the crescent wraps the top of the dome
+    liver = r <= radius_mm
+
+    def crescent(scale: float) -> np.ndarray:
+        return (r > radius_mm) & (r <= radius_mm + lung_mm * scale) & upper if scale > 0 else np.zeros_like(r, bool)
+
+    lung = _slab(crescent, n_slices, dz_mm, (n_slices // 2 + 1) * dz_mm)
+    image = np.where(liver, 58.0, 40.0)[None].repeat(n_slices, axis=0)
+    image[lung] = -820.0
+    image = ndimage.gaussian_filter(image, (0, 0.7, 0.7)) + rng.normal(0, 15.0, image.shape)
+    return image.astype(np.float32), lung

@@ -15,7 +15,7 @@ from config.schema import PropagationConfig
 from models import classic
 from models.intensity_model import slice_features
 from models.propagate import propagate
-from phantoms import dark_lesion, lung_tumour, one_pixel_boxes, rimmed_lesion
+from phantoms import dark_lesion, lung_crescent, lung_tumour, one_pixel_boxes, rimmed_lesion
 from pipeline.metrics import dice
 from pipeline.prompts import prompt_from_roi
 
@@ -72,3 +72,40 @@ def test_structure_darker_than_its_surroundings_is_kept_from_every_nearby_box(se
 def test_structure_with_a_bright_rim_is_rim_and_core_from_every_nearby_box(seed):
     image, truth = rimmed_lesion(seed)
     assert min(key_slices(image, truth, "CT", (1.0, 1.0))) > 0.8
+
+
+# A lung crescent over a liver dome (the right lower lobe of totalseg-ct, whose box moved by 2 px gave the liver,
+# Dice 0.00, with no warning): the box fits the dome as well as the crescent, and the key slice prefers what
+# covers the box's centre. The box alone cannot tell which one was meant, so the result must say so.
+CRESCENTS = [dict(lung_mm=4.0, seed=1), dict(lung_mm=5.0)]
+
+
+@pytest.mark.parametrize("kind", range(len(CRESCENTS)))
+def test_a_box_that_also_fits_a_more_distinct_structure_is_never_silently_the_other_one(kind):
+    image, truth = lung_crescent(**CRESCENTS[kind])
+    flipped = []
+    for box in one_pixel_boxes(prompt_from_roi(truth, "box")):
+        result = propagate(image, (3.0, 2.0, 2.0), box, "CT", PropagationConfig(backend="classic"))
+        if dice(result.mask, truth) < 0.3:
+            flipped.append(result.warnings)
+    # the starting code: the box 2 px smaller all round gave the liver (Dice 0.00) with no warning at all
+    assert flipped and all(any("the box also fits another structure" in w for w in warnings)
+                           for warnings in flipped), flipped
+
+
+@pytest.mark.parametrize("make, modality, spacing_yx", [
+    (lambda: lung_tumour(**WEDGED["wider"]), "CT", (0.98, 0.98)),
+    (lambda: lung_tumour(**WEDGED["narrower"]), "CT", (0.98, 0.98)),
+    (lambda: dark_lesion(0), "MR", (1.0, 1.0)),
+    (lambda: rimmed_lesion(0), "CT", (1.0, 1.0)),
+])
+def test_a_box_around_one_structure_finds_no_other(make, modality, spacing_yx):
+    # a tumour with lung in its box's corners, a lesion darker than its surroundings, one with a bright rim: what
+    # else the box holds is their surroundings, which stand out less than they do (no false alarm)
+    image, truth = make()
+    settings = PropagationConfig(backend="classic")
+    for box in one_pixel_boxes(prompt_from_roi(truth, "box")):
+        features = slice_features(image, modality)(box.slice_index)
+        key = classic.key_mask_from_box(features, box, spacing_yx)
+        _, alternative = classic._key_stability(features, box, None, key, spacing_yx, settings)
+        assert alternative is None, (box, alternative)

@@ -61,6 +61,30 @@ def test_click_result_far_smaller_than_the_clicked_structure_is_flagged():
     assert guard.assess(image, spacing, click, result_of(truth), "CT") == []
 
 
+def test_click_result_running_on_into_a_neighbour_is_flagged():
+    # The spinal cord of totalseg-ct clicked a pixel off its middle: the result ran on into the soft tissue
+    # behind it (Dice 0.14), 30 mm across with the click at its edge, where the click's rays measure a 9 mm
+    # structure; no reason was given. Here: a 10 mm cord (40 HU) in fat, touching a wide 40 HU muscle on one
+    # side through a 2 mm gap; the result is cord and muscle.
+    spacing = (3.0, 1.0, 1.0)
+    yy, xx = np.mgrid[:96, :96]
+    cord = (yy - 40) ** 2 + (xx - 48) ** 2 <= 5 ** 2
+    muscle = ((yy - 64) / 14.0) ** 2 + ((xx - 48) / 26.0) ** 2 <= 1
+    bridge = (np.abs(xx - 48) <= 1) & (yy >= 44) & (yy <= 51)
+    slab = np.zeros((7, 96, 96), dtype=bool)
+    truth, leak = slab.copy(), slab.copy()
+    truth[1:6] = cord
+    leak[1:6] = cord | muscle | bridge
+    image = phantom(leak, inside_hu=40.0, outside_hu=-100.0, noise_hu=10.0)
+    click = check_prompts(image.shape, spacing, PointPrompt(3, ((48, 41, True),)))  # a pixel off the cord's middle
+    reasons = guard.assess(image, spacing, click, result_of(leak), "CT")
+    assert any("runs on into a neighbour" in r for r in reasons), reasons
+    assert guard.assess(image, spacing, click, result_of(truth), "CT") == []
+    # the muscle clicked at its own middle is a large structure, not a leak
+    middle = check_prompts(image.shape, spacing, PointPrompt(3, ((48, 64, True),)))
+    assert not any("neighbour" in r for r in guard.assess(image, spacing, middle, result_of(leak), "CT"))
+
+
 def test_box_placed_on_the_wrong_structure_is_flagged():
     # The box is drawn over the fat beside the ellipsoid, holding only its corner: what the box
     # holds (fat) runs out of the box through the whole body, and that is what the guard says.

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from phantoms import ball, write_series  # noqa: E402
 from web_helpers import Client, WebProcess, add_user, browser  # noqa: E402
 
-PASSWORD = "bench-pass-1"
+PASSWORD = "review-pass-1"  # not containing the user name (web/auth.py refuses it)
 
 
 def build_site(root: Path, slices: int, *, cut: int = 0) -> tuple[Path, int, dict]:

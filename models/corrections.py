@@ -11,7 +11,8 @@ A correction is a prompt (`BoxPrompt`, `PointPrompt`, `MaskPrompt` on one slice)
   settings and all corrections but the newest (`previous`, as `correct` returned it: its
   `details["correction_state"]` holds a fingerprint of what it was made from, and the slices the
   prompts set), only the newest is applied: the same result as a full run, in the time of one
-  correction. Keep the returned result (its details with it) to pass as the next `previous`.
+  correction. Keep the returned result (its details with it) to pass as the next `previous`; a result
+  held otherwise (a job's result read back from its RTSTRUCT) is made one with `as_result_of`.
 - sam2: the video predictor's own way: a correction on a prompted slice changes that prompt (a click
   joins the box, a box or an outline replaces it); the others are added on their frames after a
   first run (clicks and a box with `add_new_points_or_box`, an outline with `add_new_mask`) and
@@ -22,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -138,6 +139,23 @@ def fingerprint(image: np.ndarray, spacing_zyx: tuple[float, float, float], prom
         else:
             h.update(repr(item).encode())
     return h.hexdigest()
+
+
+def as_result_of(result: PropagationResult, image: np.ndarray, spacing_zyx: tuple[float, float, float],
+                 prompts: Sequence[Prompt], modality: str = "", settings: PropagationConfig | None = None
+                 ) -> PropagationResult:
+    """`result` taken as the result of `prompts` with no correction yet: a copy whose details let `correct`
+    apply a first correction to it (classic) instead of propagating the prompts again. For a result the
+    caller holds as it was shown and sent (a job's result read back from its RTSTRUCT): the correction then
+    changes what the reviewer saw, and costs one correction's time. (`correct`'s own results carry this already.)"""
+    settings = settings or PropagationConfig()
+    given = (prompts,) if isinstance(prompts, (BoxPrompt, PointPrompt, MaskPrompt)) else tuple(prompts)
+    state = {"key": fingerprint(np.asarray(image), spacing_zyx, given, [], modality, settings),
+             "locked": sorted({int(p.slice_index) for p in given}),
+             "held": sorted({int(p.slice_index) for p in given if is_positive(p)}),
+             "extent": [0, int(np.shape(image)[0]) - 1]}
+    details = {k: v for k, v in result.details.items() if k not in ("correction_state", "corrections_applied")}
+    return replace(result, details={**details, "correction_state": state})
 
 
 def _correct_classic(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],

@@ -21,8 +21,9 @@ A correction is a prompt (`BoxPrompt`, `PointPrompt`, `MaskPrompt` on one slice)
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from config.schema import PropagationConfig
 from models import classic, guard
+from models.intensity_model import slice_features
 from models.prompts import (
     BoxPrompt,
     MaskPrompt,
@@ -169,13 +171,15 @@ def _correct_classic(image: np.ndarray, spacing_zyx: tuple[float, float, float],
     if resume:
         base, todo, records = previous, corrections[-1:], list(previous.details.get("corrections_applied", []))
         work = classic.Correcting.start(image, spacing_zyx, base.mask, base.confidence, state["locked"],
-                                        state["held"], modality, settings, tuple(state["extent"]))
+                                        state["held"], modality, settings, tuple(state["extent"]),
+                                        features=_kept_features(image, modality))
     else:
         base = classic.propagate(image, spacing_zyx, prompts, modality, settings)
         todo, records = corrections, []
         work = classic.Correcting.start(image, spacing_zyx, base.mask, base.confidence,
                                         [p.slice_index for p in prompts],
-                                        [p.slice_index for p in prompts if is_positive(p)], modality, settings)
+                                        [p.slice_index for p in prompts if is_positive(p)], modality, settings,
+                                        features=_kept_features(image, modality))
     for c in todo:
         records.append(work.limit(c.first, c.last) if isinstance(c, Extent) else work.add(c))
     details: dict[str, Any] = {k: v for k, v in base.details.items() if k not in ("correction_state", "timings_s")}
@@ -185,6 +189,24 @@ def _correct_classic(image: np.ndarray, spacing_zyx: tuple[float, float, float],
                    correction_state={"key": key, "locked": sorted(work.locked), "held": sorted(work.held),
                                      "extent": [work.first, work.last]})
     return PropagationResult(mask=work.mask, confidence=work.confidence, backend="classic", details=details)
+
+
+_KEPT: list[tuple[tuple, Callable[[int], np.ndarray]]] = []  # the last image's slice features (see below)
+_KEPT_LOCK = threading.Lock()
+
+
+def _kept_features(image: np.ndarray, modality: str) -> Callable[[int], np.ndarray]:
+    """`intensity_model.slice_features` of `image`, kept for the next correction of the same image (a reviewer
+    corrects one series a click at a time: each slice's features are computed once, not once per click).
+    Only the last image's are kept; the same array object with the same shape, type and voxel sample."""
+    sample = hashlib.sha256(np.ascontiguousarray(image[:, ::17, ::13]).tobytes()).hexdigest()
+    key = (id(image), image.shape, image.dtype.str, modality, sample)
+    with _KEPT_LOCK:
+        if _KEPT and _KEPT[0][0] == key:
+            return _KEPT[0][1]
+        features = slice_features(image, modality)
+        _KEPT[:] = [(key, features)]
+        return features
 
 
 def _not_applied(result: PropagationResult) -> list[str]:

@@ -108,8 +108,10 @@ class RoiMask:
         engine = dict(engine or {})
         if not mask.any():
             return cls(tuple(mask.shape), (0, 0, 0), np.zeros((0, 0, 0), bool), conf, engine)
-        lo = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]) for d in range(3)]
-        hi = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[-1]) + 1 for d in range(3)]
+        on_z = mask.any(axis=(1, 2))  # the slices first: the rows and columns are then looked for on those only
+        z0, z1 = int(np.flatnonzero(on_z)[0]), int(np.flatnonzero(on_z)[-1]) + 1
+        rows, cols = np.flatnonzero(mask[z0:z1].any(axis=(0, 2))), np.flatnonzero(mask[z0:z1].any(axis=(0, 1)))
+        lo, hi = [z0, int(rows[0]), int(cols[0])], [z1, int(rows[-1]) + 1, int(cols[-1]) + 1]
         return cls(tuple(mask.shape), tuple(lo), mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy(), conf, engine)
 
     def full(self) -> np.ndarray:

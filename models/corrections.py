@@ -198,7 +198,8 @@ _KEPT_LOCK = threading.Lock()
 def _kept_features(image: np.ndarray, modality: str) -> Callable[[int], np.ndarray]:
     """`intensity_model.slice_features` of `image`, kept for the next correction of the same image (a reviewer
     corrects one series a click at a time: each slice's features are computed once, not once per click).
-    Only the last image's are kept; the same array object with the same shape, type and voxel sample."""
+    Only the last image's are kept (with the image itself, until another is corrected); the same array object
+    with the same shape, type and voxel sample."""
     sample = hashlib.sha256(np.ascontiguousarray(image[:, ::17, ::13]).tobytes()).hexdigest()
     key = (id(image), image.shape, image.dtype.str, modality, sample)
     with _KEPT_LOCK:

@@ -9,9 +9,12 @@ An ROI's state is the newest row naming it (none: revision 0). Undo makes a new 
 the state before, so numbers only grow and a compare-and-set on them is safe.
 
 The correction itself is `models.corrections.correct` (the structure's prompts from the job, the
-corrections in force, and the result before the newest one). It runs outside the write lock, on
-the revision the reviewer saw; the row goes in only if that is still the job's newest revision
-(one write transaction), else `RevisionConflict` names the newer one and nothing is recorded.
+corrections in force, and the result before the newest one, so that only the newest is applied: a
+revision's NPZ keeps the engine's state with the mask; the job's own result, read back from its
+RTSTRUCT, is stamped as its prompts' result by `models.corrections.as_result_of`). It runs outside
+the write lock, on the revision the reviewer saw; the row goes in only if that is still the job's
+newest revision (one write transaction), else `RevisionConflict` names the newer one and nothing is
+recorded.
 
 Corrections are kept as the API takes them, in voxel indices (`slice` is z, `x` the column, `y` the row):
     {"kind": "point", "slice": z, "x": x, "y": y, "positive": true | false}

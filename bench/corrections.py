@@ -7,16 +7,23 @@ mirrored end to end (0..19, 18..0, 1..19, ...) with its organ labels likewise, s
 span the whole series as on a clinical scan. For each organ spanning >= 5 slices (--only: some): a
 box on its middle slice, then --clicks (5) clicks, each at the deepest point of the largest 3D error
 (bench/quality.py --prompt boxclicks), each timed. Also timed: the same last correction without
-`previous` (a full run), and its result compared with the incremental one (they must be equal).
-Wall time and the process's CPU time are both given: on a shared machine the wall time is the load's.
+`previous` (a full run), and its result compared with the incremental one (they must be equal), and
+each result's hash (`result_sha256`: two versions of the code must give the same). Wall time and the
+process's CPU time are both given: on a shared machine the wall time is the load's.
 
     nice -n 10 .venv/bin/python bench/corrections.py [--slices 100] [--clicks 5] [--only totalseg512_label5]
-                                                    [--out bench/results/corrections.json]
+                                                    [--out bench/results/corrections.json] [--profile FILE]
+--profile: cProfile the incremental corrections only (all cases together) into FILE (pstats) and print
+where their time goes.
 Target: the new contour within 1 s of the click, median.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import hashlib
+import os
+import pstats
 import json
 import sys
 import time
@@ -48,15 +55,23 @@ def long_cases(data: Path, n_slices: int) -> list[dict]:
     return [dict(case, image=image, mask=np.ascontiguousarray(case["mask"][index])) for case in cases]
 
 
-def time_case(case: dict, settings: PropagationConfig, clicks: int) -> dict:
-    """Box, then `clicks` corrections each with `previous`; then the last one again without it."""
+def digest(mask: np.ndarray, confidence: np.ndarray) -> str:
+    """A short hash of a result (mask and per-slice confidence): runs of two versions of the code compare equal."""
+    h = hashlib.sha256(np.packbits(np.asarray(mask, dtype=bool)).tobytes())
+    h.update(np.asarray(confidence, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def time_case(case: dict, settings: PropagationConfig, clicks: int, profile: cProfile.Profile | None = None) -> dict:
+    """Box, then `clicks` corrections each with `previous`; then the last one again without it.
+    `profile`, if given, records the corrections with `previous` (not the first result, not the full run)."""
     image, reference, spacing, modality = case["image"], case["mask"], case["spacing"], case["modality"]
     prompts = make_prompts(reference, "box", spacing[1:])
     t0 = time.perf_counter()
     result = correct(image, spacing, prompts, [], modality, settings)
     row = {"structure": case["name"], "slices_in_gt": int(reference.any(axis=(1, 2)).sum()),
            "first_result_s": time.perf_counter() - t0, "correction_s": [], "correction_cpu_s": [],
-           "incremental": []}
+           "incremental": [], "result_sha256": []}
     corrections: list[Prompt] = []
     taken: set[tuple[int, int, int]] = set()
     for _ in range(clicks):
@@ -64,11 +79,16 @@ def time_case(case: dict, settings: PropagationConfig, clicks: int) -> dict:
         if click is None:
             break
         corrections.append(click)
+        if profile is not None:
+            profile.enable()
         t0, c0 = time.perf_counter(), time.process_time()
         result = correct(image, spacing, prompts, corrections, modality, settings, previous=result)
+        if profile is not None:
+            profile.disable()
         row["correction_s"].append(time.perf_counter() - t0)
         row["correction_cpu_s"].append(time.process_time() - c0)
         row["incremental"].append(bool(result.details.get("incremental")))
+        row["result_sha256"].append(digest(result.mask, result.confidence))
     if corrections:
         t0 = time.perf_counter()
         full = correct(image, spacing, prompts, corrections, modality, settings)
@@ -85,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clicks", type=int, default=5, help="corrections per organ (default 5)")
     parser.add_argument("--only", default="", help="comma-separated structure names (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "corrections.json")
+    parser.add_argument("--profile", type=Path, help="cProfile the incremental corrections into this file")
     args = parser.parse_args(argv)
+    load = os.getloadavg()  # the 2-core machine is shared: the wall times depend on it
+    profile = cProfile.Profile() if args.profile else None
 
     settings = PropagationConfig(backend="classic")
     cases = long_cases(args.data, args.slices)
@@ -95,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{'structure':24s} {'slices':>6s} {'first s':>8s}  {'each correction, s':30s} {'full s':>7s}  same")
     for case in cases:
-        row = time_case(case, settings, args.clicks)
+        row = time_case(case, settings, args.clicks, profile)
         rows.append(row)
         print(f"{row['structure']:24s} {row['slices_in_gt']:6d} {row['first_result_s']:8.2f}  "
               f"{' '.join(f'{s:.2f}' for s in row['correction_s']):30s} {row.get('full_run_s', 0.0):7.2f}  "
@@ -109,12 +132,18 @@ def main(argv: list[str] | None = None) -> int:
                "median_full_run_s": float(np.median([r["full_run_s"] for r in rows if "full_run_s" in r])),
                "all_incremental": all(all(r["incremental"]) for r in rows),
                "full_equals_incremental": all(r.get("full_equals_incremental", True) for r in rows),
-               "target_median_s": TARGET_S}
+               "target_median_s": TARGET_S, "load_average_at_start": [round(v, 2) for v in load],
+               "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
     print(f"corrections {summary['corrections']}: median {summary['median_s']:.2f} s, 90th percentile "
           f"{summary['p90_s']:.2f} s, max {summary['max_s']:.2f} s (target median <= {TARGET_S:.0f} s); CPU time "
           f"median {summary['median_cpu_s']:.2f} s, 90th percentile {summary['p90_cpu_s']:.2f} s; "
           f"full run median {summary['median_full_run_s']:.2f} s; incremental == full run: "
           f"{summary['full_equals_incremental']}")
+    print(f"load average (1, 5, 15 min) at start {summary['load_average_at_start']}, at end "
+          f"{summary['load_average_at_end']}")
+    if profile is not None:
+        profile.dump_stats(args.profile)
+        pstats.Stats(str(args.profile)).sort_stats("cumulative").print_stats(40)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "cases": rows}, indent=2))
     print(f"wrote {args.out}")

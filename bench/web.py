@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from phantoms import ball, write_series  # noqa: E402
 from web_helpers import Client, WebProcess, add_user, browser  # noqa: E402
 
-PASSWORD = "bench-pass-1"
+PASSWORD = "review-pass-1"  # not containing the user name (web/auth.py refuses it)
 
 
 def build_site(root: Path, slices: int, *, cut: int = 0) -> tuple[Path, int, dict]:
@@ -169,7 +169,8 @@ def bench_corrections(slices: int, rounds: int) -> dict:
                 page.fill("input[name=username]", "bench")
                 page.fill("input[name=password]", PASSWORD)
                 page.click("button[type=submit]")
-                page.wait_for_function("document.getElementById('contours-layer').dataset.revision !== undefined")
+                # attribute selectors, not wait_for_function: the page's CSP (script-src 'self') refuses eval
+                page.wait_for_selector("#contours-layer[data-revision]", state="attached")
                 stage = page.locator("#slice-img")
                 rows: list[dict] = []
                 revision = 0
@@ -177,7 +178,7 @@ def bench_corrections(slices: int, rounds: int) -> dict:
                 def goto(z: int) -> None:
                     page.fill("#slider", str(z))
                     page.dispatch_event("#slider", "input")
-                    page.wait_for_function(f"document.getElementById('slice-label').dataset.slice === '{z}'")
+                    page.wait_for_selector(f"#slice-label[data-slice='{z}']", state="attached")
 
                 def screen(x: float, y: float) -> tuple[float, float]:
                     box = stage.bounding_box()
@@ -186,10 +187,10 @@ def bench_corrections(slices: int, rounds: int) -> dict:
                 def wait_revision(kind: str) -> None:
                     nonlocal revision
                     revision += 1
-                    page.wait_for_function(f"document.getElementById('viewer').dataset.shownRevision === '{revision}'",
+                    page.wait_for_selector(f"#viewer[data-shown-revision='{revision}']", state="attached",
                                            timeout=600_000)
-                    post = float(page.evaluate("document.getElementById('viewer').dataset.lastPostMs"))
-                    shown = float(page.evaluate("document.getElementById('viewer').dataset.lastShownMs"))
+                    post = float(page.get_attribute("#viewer", "data-last-post-ms"))
+                    shown = float(page.get_attribute("#viewer", "data-last-shown-ms"))
                     rows.append({"kind": kind, "post_ms": post, "shown_ms": shown, "revision": revision})
                     print(f"  revision {revision:3d} {kind:8s} POST -> revision {post:7.0f} ms, shown {shown:7.0f} ms",
                           flush=True)

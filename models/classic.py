@@ -261,9 +261,10 @@ def _tight_box_score(feature2d: np.ndarray, mask: np.ndarray, box: BoxPrompt,
 
 # ----------------------------------------------------------------------------- propagation step
 def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
-    ys, xs = np.nonzero(mask)
-    return (slice(max(0, ys.min() - margin), min(mask.shape[0], ys.max() + margin + 1)),
-            slice(max(0, xs.min() - margin), min(mask.shape[1], xs.max() + margin + 1)))
+    """Rows and columns of the mask's bounding box grown by `margin` (within the slice)."""
+    ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))  # not np.nonzero: 10x faster
+    return (slice(max(0, ys[0] - margin), min(mask.shape[0], ys[-1] + margin + 1)),
+            slice(max(0, xs[0] - margin), min(mask.shape[1], xs[-1] + margin + 1)))
 
 
 def _template_shift(previous_image: np.ndarray, image: np.ndarray, previous: np.ndarray,
@@ -275,9 +276,9 @@ def _template_shift(previous_image: np.ndarray, image: np.ndarray, previous: np.
     of the patch around the structure, searched within TEMPLATE_SEARCH_MM, finds that move first;
     each mm of shift costs TEMPLATE_PENALTY per slice gap, so a static structure keeps (0, 0).
     """
-    ys, xs = np.nonzero(previous)
+    rows, cols = _bbox(previous, 2)
     ny, nx = image.shape
-    y0, y1, x0, x1 = max(0, ys.min() - 2), min(ny, ys.max() + 3), max(0, xs.min() - 2), min(nx, xs.max() + 3)
+    y0, y1, x0, x1 = rows.start, rows.stop, cols.start, cols.stop
     template = np.ascontiguousarray(previous_image[y0:y1, x0:x1], dtype=np.float32)
     reach = int(np.ceil(TEMPLATE_SEARCH_MM / min(spacing_yx)))
     sy0, sy1, sx0, sx1 = max(0, y0 - reach), min(ny, y1 + reach), max(0, x0 - reach), min(nx, x1 + reach)
@@ -734,9 +735,8 @@ def _clicks_correction(features2d: np.ndarray, raw2d: np.ndarray, current: np.nd
     missed = [(x, y, p) for x, y, p in clicks.points if p and not current[y, x]]
     if missed:
         _check_on_tissue(raw2d, [(y, x) for x, y, _ in missed], clicks.slice_index, modality)
-        to_mask = ndimage.distance_transform_edt(~current, sampling=spacing_yx) if current.any() else None
-        apart = [c for c in missed
-                 if to_mask is None or click_scale_mm(features2d, c[1], c[0], spacing_yx) < to_mask[c[1], c[0]]]
+        apart = [c for c in missed if not current.any()
+                 or click_scale_mm(features2d, c[1], c[0], spacing_yx) < _distance_to(current, c[1], c[0], spacing_yx)]
         if apart:
             if found is None or len(apart) < len(missed):
                 found = key_mask_from_points(features2d, raw2d, PointPrompt(clicks.slice_index, (*apart, *negatives)),
@@ -825,10 +825,20 @@ def _click_reach_mm(mask: np.ndarray, clicks: PointPrompt, spacing_yx: tuple[flo
     None on an empty slice: the clicks then continue the structure, under the chain's own stop rules."""
     if not mask.any():
         return None
-    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_yx)
-    inside = ndimage.distance_transform_edt(mask, sampling=spacing_yx)
-    depth = max(float(outside[y, x] if p else inside[y, x]) for x, y, p in clicks.points)
+    depth = max(_distance_to(mask if p else ~mask, y, x, spacing_yx) for x, y, p in clicks.points)
     return CLICK_REACH * max(depth, max(spacing_yx))
+
+
+def _distance_to(target: np.ndarray, y: int, x: int, spacing_yx: tuple[float, float]) -> float:
+    """mm from pixel (y, x) to the nearest pixel of `target` (0 on it, inf if it is empty): the value
+    `ndimage.distance_transform_edt(~target, sampling=spacing_yx)` has there, without the whole slice's."""
+    if target[y, x]:
+        return 0.0
+    ys, xs = np.nonzero(target)
+    if not ys.size:
+        return float("inf")
+    dy, dx = (ys - y).astype(np.float64) * spacing_yx[0], (xs - x).astype(np.float64) * spacing_yx[1]
+    return float(np.sqrt(np.min(dy * dy + dx * dx)))
 
 
 def _points_mask(points: Sequence[tuple[int, int]], shape: tuple[int, int]) -> np.ndarray:
@@ -917,12 +927,14 @@ class Correcting:
     @classmethod
     def start(cls, image: np.ndarray, spacing_zyx: tuple[float, float, float], mask: np.ndarray,
               confidence: np.ndarray, locked: Sequence[int], held: Sequence[int], modality: str = "",
-              settings: PropagationConfig | None = None, extent: tuple[int, int] | None = None) -> "Correcting":
+              settings: PropagationConfig | None = None, extent: tuple[int, int] | None = None,
+              features: Callable[[int], np.ndarray] | None = None) -> "Correcting":
         """A result (`mask`, `confidence`: copied) ready to be corrected; `locked`: the slices its prompts
-        set, `held`: those of them a positive prompt is on."""
+        set, `held`: those of them a positive prompt is on; `features`: `slice_features(image, modality)`
+        if already at hand (kept between corrections of the same image)."""
         settings = settings or PropagationConfig()
         image = np.asarray(image)
-        chain = _Chain(slice_features(image, modality), image.shape[0], float(spacing_zyx[0]),
+        chain = _Chain(features or slice_features(image, modality), image.shape[0], float(spacing_zyx[0]),
                        (float(spacing_zyx[1]), float(spacing_zyx[2])), settings)
         first, last = extent if extent is not None else (0, image.shape[0] - 1)
         return cls(image, chain, modality, np.array(mask, dtype=bool), np.array(confidence, dtype=np.float32),

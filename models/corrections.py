@@ -11,7 +11,8 @@ A correction is a prompt (`BoxPrompt`, `PointPrompt`, `MaskPrompt` on one slice)
   settings and all corrections but the newest (`previous`, as `correct` returned it: its
   `details["correction_state"]` holds a fingerprint of what it was made from, and the slices the
   prompts set), only the newest is applied: the same result as a full run, in the time of one
-  correction. Keep the returned result (its details with it) to pass as the next `previous`.
+  correction. Keep the returned result (its details with it) to pass as the next `previous`; a result
+  held otherwise (a job's result read back from its RTSTRUCT) is made one with `as_result_of`.
 - sam2: the video predictor's own way: a correction on a prompted slice changes that prompt (a click
   joins the box, a box or an outline replaces it); the others are added on their frames after a
   first run (clicks and a box with `add_new_points_or_box`, an outline with `add_new_mask`) and
@@ -20,15 +21,17 @@ A correction is a prompt (`BoxPrompt`, `PointPrompt`, `MaskPrompt` on one slice)
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from config.schema import PropagationConfig
 from models import backends, classic, guard
+from models.intensity_model import slice_features
 from models.prompts import (
     BoxPrompt,
     MaskPrompt,
@@ -140,6 +143,23 @@ def fingerprint(image: np.ndarray, spacing_zyx: tuple[float, float, float], prom
     return h.hexdigest()
 
 
+def as_result_of(result: PropagationResult, image: np.ndarray, spacing_zyx: tuple[float, float, float],
+                 prompts: Sequence[Prompt], modality: str = "", settings: PropagationConfig | None = None
+                 ) -> PropagationResult:
+    """`result` taken as the result of `prompts` with no correction yet: a copy whose details let `correct`
+    apply a first correction to it (classic) instead of propagating the prompts again. For a result the
+    caller holds as it was shown and sent (a job's result read back from its RTSTRUCT): the correction then
+    changes what the reviewer saw, and costs one correction's time. (`correct`'s own results carry this already.)"""
+    settings = settings or PropagationConfig()
+    given = (prompts,) if isinstance(prompts, (BoxPrompt, PointPrompt, MaskPrompt)) else tuple(prompts)
+    state = {"key": fingerprint(np.asarray(image), spacing_zyx, given, [], modality, settings),
+             "locked": sorted({int(p.slice_index) for p in given}),
+             "held": sorted({int(p.slice_index) for p in given if is_positive(p)}),
+             "extent": [0, int(np.shape(image)[0]) - 1]}
+    details = {k: v for k, v in result.details.items() if k not in ("correction_state", "corrections_applied")}
+    return replace(result, details={**details, "correction_state": state})
+
+
 def correct_incrementally(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: Sequence[Prompt],
                           corrections: Sequence[Correction], modality: str, settings: PropagationConfig,
                           previous: PropagationResult | None) -> PropagationResult:
@@ -152,13 +172,15 @@ def correct_incrementally(image: np.ndarray, spacing_zyx: tuple[float, float, fl
     if resume:
         base, todo, records = previous, corrections[-1:], list(previous.details.get("corrections_applied", []))
         work = classic.Correcting.start(image, spacing_zyx, base.mask, base.confidence, state["locked"],
-                                        state["held"], modality, settings, tuple(state["extent"]))
+                                        state["held"], modality, settings, tuple(state["extent"]),
+                                        features=_kept_features(image, modality))
     else:
         base = classic.propagate(image, spacing_zyx, prompts, modality, settings)
         todo, records = corrections, []
         work = classic.Correcting.start(image, spacing_zyx, base.mask, base.confidence,
                                         [p.slice_index for p in prompts],
-                                        [p.slice_index for p in prompts if is_positive(p)], modality, settings)
+                                        [p.slice_index for p in prompts if is_positive(p)], modality, settings,
+                                        features=_kept_features(image, modality))
     for c in todo:
         records.append(work.limit(c.first, c.last) if isinstance(c, Extent) else work.add(c))
     details: dict[str, Any] = {k: v for k, v in base.details.items() if k not in ("correction_state", "timings_s")}
@@ -168,6 +190,25 @@ def correct_incrementally(image: np.ndarray, spacing_zyx: tuple[float, float, fl
                    correction_state={"key": key, "locked": sorted(work.locked), "held": sorted(work.held),
                                      "extent": [work.first, work.last]})
     return PropagationResult(mask=work.mask, confidence=work.confidence, backend=base.backend, details=details)
+
+
+_KEPT: list[tuple[tuple, Callable[[int], np.ndarray]]] = []  # the last image's slice features (see below)
+_KEPT_LOCK = threading.Lock()
+
+
+def _kept_features(image: np.ndarray, modality: str) -> Callable[[int], np.ndarray]:
+    """`intensity_model.slice_features` of `image`, kept for the next correction of the same image (a reviewer
+    corrects one series a click at a time: each slice's features are computed once, not once per click).
+    Only the last image's are kept (with the image itself, until another is corrected); the same array object
+    with the same shape, type and voxel sample."""
+    sample = hashlib.sha256(np.ascontiguousarray(image[:, ::17, ::13]).tobytes()).hexdigest()
+    key = (id(image), image.shape, image.dtype.str, modality, sample)
+    with _KEPT_LOCK:
+        if _KEPT and _KEPT[0][0] == key:
+            return _KEPT[0][1]
+        features = slice_features(image, modality)
+        _KEPT[:] = [(key, features)]
+        return features
 
 
 def _not_applied(result: PropagationResult) -> list[str]:

@@ -9,9 +9,12 @@ An ROI's state is the newest row naming it (none: revision 0). Undo makes a new 
 the state before, so numbers only grow and a compare-and-set on them is safe.
 
 The correction itself is `models.corrections.correct` (the structure's prompts from the job, the
-corrections in force, and the result before the newest one). It runs outside the write lock, on
-the revision the reviewer saw; the row goes in only if that is still the job's newest revision
-(one write transaction), else `RevisionConflict` names the newer one and nothing is recorded.
+corrections in force, and the result before the newest one, so that only the newest is applied: a
+revision's NPZ keeps the engine's state with the mask; the job's own result, read back from its
+RTSTRUCT, is stamped as its prompts' result by `models.corrections.as_result_of`). It runs outside
+the write lock, on the revision the reviewer saw; the row goes in only if that is still the job's
+newest revision (one write transaction), else `RevisionConflict` names the newer one and nothing is
+recorded.
 
 Corrections are kept as the API takes them, in voxel indices (`slice` is z, `x` the column, `y` the row):
     {"kind": "point", "slice": z, "x": x, "y": y, "positive": true | false}
@@ -46,6 +49,8 @@ from db.schema import Job, Review, Revision, utcnow
 from pipeline import jobs as J
 
 KINDS = ("point", "box", "outline", "extent")
+# what of the engine's details a revision's mask keeps, so that the next correction applies only itself
+RESUMED_FROM = ("correction_state", "corrections_applied")
 FOLDER = "revisions"
 MAX_OUTLINE_POINTS = 20000
 
@@ -95,16 +100,22 @@ class RoiMask:
     offset: tuple[int, int, int]
     box: np.ndarray  # bool, the mask inside its bounding box
     confidence: np.ndarray  # (z,) per slice, 0 where the structure does not reach
+    # the engine's details a next correction resumes from (models.corrections: its correction_state and the
+    # corrections applied), {} if none: the next correction is then computed in full
+    engine: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, mask: np.ndarray, confidence: np.ndarray) -> "RoiMask":
+    def of(cls, mask: np.ndarray, confidence: np.ndarray, engine: Mapping[str, Any] | None = None) -> "RoiMask":
         mask = np.asarray(mask, dtype=bool)
         conf = np.asarray(confidence, dtype=np.float32)
+        engine = dict(engine or {})
         if not mask.any():
-            return cls(tuple(mask.shape), (0, 0, 0), np.zeros((0, 0, 0), bool), conf)
-        lo = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]) for d in range(3)]
-        hi = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[-1]) + 1 for d in range(3)]
-        return cls(tuple(mask.shape), tuple(lo), mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy(), conf)
+            return cls(tuple(mask.shape), (0, 0, 0), np.zeros((0, 0, 0), bool), conf, engine)
+        on_z = mask.any(axis=(1, 2))  # the slices first: the rows and columns are then looked for on those only
+        z0, z1 = int(np.flatnonzero(on_z)[0]), int(np.flatnonzero(on_z)[-1]) + 1
+        rows, cols = np.flatnonzero(mask[z0:z1].any(axis=(0, 2))), np.flatnonzero(mask[z0:z1].any(axis=(0, 1)))
+        lo, hi = [z0, int(rows[0]), int(cols[0])], [z1, int(rows[-1]) + 1, int(cols[-1]) + 1]
+        return cls(tuple(mask.shape), tuple(lo), mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy(), conf, engine)
 
     def full(self) -> np.ndarray:
         out = np.zeros(self.shape, dtype=bool)
@@ -145,14 +156,15 @@ class RoiMask:
     def to_npz(self) -> bytes:
         buf = io.BytesIO()
         np.savez_compressed(buf, shape=np.array(self.shape), offset=np.array(self.offset), box=self.box,
-                            confidence=self.confidence)
+                            confidence=self.confidence, engine=np.array(json.dumps(dict(self.engine))))
         return buf.getvalue()
 
     @classmethod
     def from_npz(cls, path: str | Path) -> "RoiMask":
         with np.load(path) as data:
+            engine = json.loads(str(data["engine"])) if "engine" in data.files else {}
             return cls(tuple(int(v) for v in data["shape"]), tuple(int(v) for v in data["offset"]),
-                       data["box"].astype(bool), data["confidence"].astype(np.float32))
+                       data["box"].astype(bool), data["confidence"].astype(np.float32), engine)
 
 
 # ---------------------------------------------------------------- the state of a job's result
@@ -505,7 +517,7 @@ def add_correction(factory: sessionmaker[Session], config: Config, job_id: int, 
     `based_on`: the revision the reviewer saw (RevisionConflict if it is no longer the newest). Raises
     CorrectionError for a correction that cannot be used, RevisionError when the job or ROI is closed.
     """
-    from models.corrections import correct
+    from models.corrections import as_result_of, correct
     from models.prompts import PromptError
     from models.result import PropagationResult
     from pipeline.model_routing import check_loaded, settings_for, verified_settings
@@ -533,15 +545,18 @@ def add_correction(factory: sessionmaker[Session], config: Config, job_id: int, 
         structure_set = _prompt_structure_set(factory, job, volume, memo) if any(
             p["kind"] == "mask" for p in spec.parts) else None
         routed = settings_for(factory, config, state.structure, volume.modality)
-        previous = PropagationResult(before.full(), before.confidence.copy(), job.backend or routed.backend)
+        settings, planner = verified_settings(routed), prompt_objects(spec, structure_set)
+        previous = PropagationResult(before.full(), before.confidence.copy(), job.backend or routed.backend,
+                                     details=dict(before.engine))
+        if not state.mask_path:  # the job's own result, as sent and shown: the first correction changes that
+            previous = as_result_of(previous, volume.array, volume.geometry.spacing_zyx, planner, volume.modality,
+                                    settings)
         shape_yx = volume.array.shape[1:]
         timings["prepare_s"] = time.perf_counter() - t
         t = time.perf_counter()
         try:
-            result = correct(volume.array, volume.geometry.spacing_zyx,
-                             without_redrawn(prompt_objects(spec, structure_set), corrections),
-                             [to_correction(c, shape_yx) for c in corrections], volume.modality,
-                             verified_settings(routed), previous)
+            result = correct(volume.array, volume.geometry.spacing_zyx, without_redrawn(planner, corrections),
+                             [to_correction(c, shape_yx) for c in corrections], volume.modality, settings, previous)
         except PromptError as exc:
             raise CorrectionError(f"{describe(item)}: {exc}") from exc
         check_loaded(routed, result.checkpoint_sha256)
@@ -549,8 +564,10 @@ def add_correction(factory: sessionmaker[Session], config: Config, job_id: int, 
         if not result.mask.any():
             raise CorrectionError(f"{describe(item)} leaves ROI {roi!r} with no contour: nothing could be sent; "
                                   "reject the ROI instead")
-        new_mask = RoiMask.of(result.mask, result.confidence)
-        summary = {"warnings": list(result.warnings), "backend": result.backend, "prompt": spec.describe()}
+        new_mask = RoiMask.of(result.mask, result.confidence,
+                              {k: result.details[k] for k in RESUMED_FROM if k in result.details})
+        summary = {"warnings": list(result.warnings), "backend": result.backend, "prompt": spec.describe(),
+                   "incremental": bool(result.details.get("incremental"))}
     summary.update(slices=list(new_mask.slices or ()), confidence=round(new_mask.mean_confidence, 3),
                    description=describe(item))
     new_state = replace(state, corrections=corrections, previous=state.number,

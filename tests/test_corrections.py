@@ -14,9 +14,10 @@ import pytest
 from scipy import ndimage
 
 from config.schema import PropagationConfig
-from models.corrections import Extent, correct
+from models.corrections import Extent, as_result_of, correct
 from models.prompts import PointPrompt, PromptError
 from models.propagate import propagate
+from models.result import PropagationResult
 from pipeline.metrics import dice
 from pipeline.prompts import box_from_slice
 from phantoms import extent, phantom
@@ -121,6 +122,33 @@ def test_the_incremental_path_gives_the_full_runs_result_and_a_stale_previous_is
     plain = propagate(image, SPACING, box, "CT", CLASSIC)
     one = correct(image, SPACING, [box], corrections[:1], "CT", CLASSIC, previous=plain)
     assert not one.details["incremental"]
+
+
+def test_a_result_as_shown_takes_its_first_correction_alone():
+    """A job's result read back from its RTSTRUCT carries no record of what made it: stamped as the result
+    of its prompts (`as_result_of`), its first correction is applied to it alone, as to `correct`'s own."""
+    image, truth = leaking_phantom()
+    box = box_from_slice(truth[6], 6)
+    own = correct(image, SPACING, [box], [], "CT", CLASSIC)
+    click = error_click(own.mask, truth, SPACING, set())
+    full = correct(image, SPACING, [box], [click], "CT", CLASSIC)
+    shown = PropagationResult(own.mask.copy(), own.confidence.copy(), "classic")
+    assert not correct(image, SPACING, [box], [click], "CT", CLASSIC, previous=shown).details["incremental"]
+    first = correct(image, SPACING, [box], [click], "CT", CLASSIC,
+                    previous=as_result_of(shown, image, SPACING, [box], "CT", CLASSIC))
+    assert first.details["incremental"]
+    assert np.array_equal(first.mask, full.mask) and np.array_equal(first.confidence, full.confidence)
+    # what was shown is what is corrected: a slice far from the click stays as shown, not as the prompts give it
+    on = np.flatnonzero(own.mask.any(axis=(1, 2)))
+    far = int(on[np.argmax(np.abs(on - click.slice_index))])
+    shown.mask[far] = ndimage.binary_erosion(own.mask[far], iterations=2)
+    assert shown.mask[far].any() and not np.array_equal(shown.mask[far], own.mask[far])
+    kept = correct(image, SPACING, [box], [click], "CT", CLASSIC,
+                   previous=as_result_of(shown, image, SPACING, [box], "CT", CLASSIC))
+    assert kept.details["incremental"] and np.array_equal(kept.mask[far], shown.mask[far])
+    # stamped for other prompts, it is not used
+    other = as_result_of(shown, image, SPACING, [box_from_slice(truth[8], 8)], "CT", CLASSIC)
+    assert not correct(image, SPACING, [box], [click], "CT", CLASSIC, previous=other).details["incremental"]
 
 
 def cylinder(stop_mm: float) -> tuple[np.ndarray, np.ndarray, PropagationConfig]:

@@ -47,7 +47,7 @@ def site(tmp_path_factory):
                                    [root / "cases" / name for name in CASES])
     factory.kw["bind"].dispose()
     for name, role in USERS.items():
-        add_user(storage, name, role, f"{name}-pass-123")
+        add_user(storage, name, role, f"{name[::-1]}-pass-123")  # not containing the name (web/auth.py)
     config = root / "web.yaml"
     config.write_text(yaml.safe_dump(node_config(storage)))
     with WebProcess(root, storage, config) as web:
@@ -149,6 +149,11 @@ def test_every_kind_of_correction_makes_a_revision_that_does_what_it_says(site):
     assert "revision 5: 4 reviewer corrections by rhea" in ds.StructureSetDescription
     rows = query(site, "SELECT number, roi, action, user FROM revisions WHERE job_id=? ORDER BY number", (job,))
     assert rows == [(n, roi, "correction", "rhea") for n in range(1, 6)]
+    # each correction applied only itself to the revision before (the job's own result, for the first), but
+    # the second: it replaced the first (same voxel), so the engine ran the prompts and it in full
+    incremental = query(site, "SELECT json_extract(summary, '$.incremental') FROM revisions WHERE job_id=? "
+                              "ORDER BY number", (job,))
+    assert [bool(v) for v, in incremental] == [True, False, True, True, True]
     events = [(e, json.loads(d)["user"], json.loads(d).get("revision")) for e, d in
               query(site, "SELECT event, details FROM audit WHERE job_id=? AND event='job.correction' ORDER BY id",
                     (job,))]
@@ -250,7 +255,7 @@ def test_roles_a_viewer_and_anonymous_cannot_correct_undo_or_download_and_the_pa
         status, _, raw = api(site, "vic", method, f"/api/v1/jobs/{job}/{path}", data)
         assert status == 403 and b"needs reviewer" in raw
     session = Client(site["web"].url)
-    assert session.login("rhea", "rhea-pass-123") == 303
+    assert session.login("rhea", "aehr-pass-123") == 303
     status, _, raw = session.post(f"/api/v1/jobs/{job}/corrections", body=body)
     assert status == 403 and b"CSRF" in raw  # the page's session needs its CSRF token
     csrf = session.csrf(f"/jobs/{job}/review")

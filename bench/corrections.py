@@ -98,6 +98,22 @@ def time_case(case: dict, settings: PropagationConfig, clicks: int, profile: cPr
     return row
 
 
+def summarise(rows: list[dict], slices: int, load: tuple[float, float, float]) -> dict:
+    """Median, 90th percentile and maximum over every correction of `rows`, wall and CPU time."""
+    seconds = np.array([s for r in rows for s in r["correction_s"]])
+    cpu = np.array([s for r in rows for s in r["correction_cpu_s"]])
+    summary = {"series": f"totalseg-ct/dicom mirrored to {slices} slices, 512 x 512", "cases": len(rows),
+               "corrections": int(seconds.size), "median_s": float(np.median(seconds)),
+               "p90_s": float(np.percentile(seconds, 90)), "max_s": float(seconds.max()),
+               "median_cpu_s": float(np.median(cpu)), "p90_cpu_s": float(np.percentile(cpu, 90)),
+               "median_full_run_s": float(np.median([r["full_run_s"] for r in rows if "full_run_s" in r])),
+               "all_incremental": all(all(r["incremental"]) for r in rows),
+               "full_equals_incremental": all(r.get("full_equals_incremental", True) for r in rows),
+               "target_median_s": TARGET_S, "load_average_at_start": [round(v, 2) for v in load],
+               "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
@@ -123,17 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['structure']:24s} {row['slices_in_gt']:6d} {row['first_result_s']:8.2f}  "
               f"{' '.join(f'{s:.2f}' for s in row['correction_s']):30s} {row.get('full_run_s', 0.0):7.2f}  "
               f"{row.get('full_equals_incremental')}", flush=True)
-    seconds = np.array([s for r in rows for s in r["correction_s"]])
-    cpu = np.array([s for r in rows for s in r["correction_cpu_s"]])
-    summary = {"series": f"totalseg-ct/dicom mirrored to {args.slices} slices, 512 x 512", "cases": len(rows),
-               "corrections": int(seconds.size), "median_s": float(np.median(seconds)),
-               "p90_s": float(np.percentile(seconds, 90)), "max_s": float(seconds.max()),
-               "median_cpu_s": float(np.median(cpu)), "p90_cpu_s": float(np.percentile(cpu, 90)),
-               "median_full_run_s": float(np.median([r["full_run_s"] for r in rows if "full_run_s" in r])),
-               "all_incremental": all(all(r["incremental"]) for r in rows),
-               "full_equals_incremental": all(r.get("full_equals_incremental", True) for r in rows),
-               "target_median_s": TARGET_S, "load_average_at_start": [round(v, 2) for v in load],
-               "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every case: a run stopped early keeps its cases
+        args.out.write_text(json.dumps({"summary": summarise(rows, args.slices, load), "cases": rows}, indent=2))
+    summary = summarise(rows, args.slices, load)
     print(f"corrections {summary['corrections']}: median {summary['median_s']:.2f} s, 90th percentile "
           f"{summary['p90_s']:.2f} s, max {summary['max_s']:.2f} s (target median <= {TARGET_S:.0f} s); CPU time "
           f"median {summary['median_cpu_s']:.2f} s, 90th percentile {summary['p90_cpu_s']:.2f} s; "

@@ -154,19 +154,27 @@ def drawn_where_expected(page, headers: Headers, polygons: list[np.ndarray], col
     assert moved < 0.5  # the same outline 6 pixels to the right would not pass: the check can fail
 
 
+def until(page, expression: str, timeout_ms: float = 30_000) -> None:  # type: ignore[no-untyped-def]
+    """Poll `expression` in the page until it is true: the page's CSP (no 'unsafe-eval') refuses
+    Playwright's wait_for_function, while evaluate runs outside the page's policy."""
+    end = time.monotonic() + timeout_ms / 1000
+    while not page.evaluate(expression):
+        assert time.monotonic() < end, f"not true within {timeout_ms / 1000:.0f} s: {expression}"
+        time.sleep(0.1)
+
+
 def go_to(page, z: int) -> None:  # type: ignore[no-untyped-def]
     start = int(page.locator("#slice-label").get_attribute("data-slice"))
     page.locator("#axial-pane").hover()
     for _ in range(abs(z - start)):
         page.keyboard.press("ArrowUp" if z > start else "ArrowDown")
-    page.wait_for_function(f"document.getElementById('slice-label').dataset.slice === '{z}'")
-    page.wait_for_function("document.getElementById('slice-img').complete")
+    until(page, f"document.getElementById('slice-label').dataset.slice === '{z}'")
+    until(page, "document.getElementById('slice-img').complete")
 
 
 def shown(page, revision: int) -> None:  # type: ignore[no-untyped-def]
-    page.wait_for_function(f"document.getElementById('viewer').dataset.shownRevision === '{revision}'",
-                           timeout=ENGINE_TIMEOUT_MS)
-    page.wait_for_function(f"document.getElementById('contours-layer').dataset.revision === '{revision}'")
+    until(page, f"document.getElementById('viewer').dataset.shownRevision === '{revision}'", ENGINE_TIMEOUT_MS)
+    until(page, f"document.getElementById('contours-layer').dataset.revision === '{revision}'")
 
 
 def test_review_in_browser_click_undo_accept_sends_the_corrected_contour_once(tmp_path, prompts):
@@ -212,7 +220,7 @@ def test_review_in_browser_click_undo_accept_sends_the_corrected_contour_once(tm
                 assert int(page.locator("#slice-label").get_attribute("data-slice")) == prompt_slice
                 assert f"Slice {prompt_slice} (0–58)" in page.locator("#slice-label").inner_text()
                 assert "PROMPT SLICE" in page.locator("#slice-label").inner_text()
-                page.wait_for_function("document.getElementById('slice-img').complete")
+                until(page, "document.getElementById('slice-img').complete")
                 box = page.locator("#slice-img").bounding_box()
                 assert box["width"] > 2 * headers.columns  # the image fills the panel, not 1:1
                 drawn_where_expected(page, headers, headers.contours(original, prompt_slice), colour, "review-page.png")

@@ -1,7 +1,9 @@
 """A guard against implausible propagation results: human-readable reasons, whichever backend ran.
 
-`assess` looks only at what every backend shares: the image, its spacing, the checked prompts and
-the result's mask and per-slice confidence. An empty list means nothing looks wrong; each reason
+`assess` looks at what every backend shares: the image, its spacing, the checked prompts and
+the result's mask and per-slice confidence (and structure confidence); besides, where a backend reports
+another structure its box fits (`details["key_alternatives"]`, the classic one), it says so. An empty
+list means nothing looks wrong; each reason
 names the slice and the numbers behind it, so a planner can check the place it points to.
 `models.propagate.propagate` fills `PropagationResult.warnings` with it. Whether a flagged job is
 held is the pipeline's decision (`guard.hold_implausible`), not this module's.

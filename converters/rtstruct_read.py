@@ -25,6 +25,7 @@ from pydicom.uid import RTStructureSetStorage
 from converters.contours import polygons_to_mask
 from converters.errors import RTStructError
 from converters.geometry import Volume
+from converters.rtstruct_write import SliceMemo, digest
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,16 @@ def _color(value) -> tuple[int, int, int] | None:
         return None
 
 
-def read_rtstruct(path: str | Path, volume: Volume | None = None) -> StructureSet:
+def read_rtstruct(path: str | Path, volume: Volume | None = None, *,
+                  dataset: pydicom.Dataset | None = None) -> StructureSet:
     """Read every ROI of the RTSTRUCT at `path`; with `volume`, rasterise them on its grid.
 
+    `dataset`: the file already read by the caller (`pydicom.dcmread(path)`), so that it is read once.
     Raises `RTStructError` if the file is not a readable RT Structure Set (naming the file) or if an
     ROI's Frame of Reference differs from the volume's (naming both UIDs).
     """
     path = Path(path)
-    ds = _read_dataset(path)
+    ds = dataset if dataset is not None else _read_dataset(path)
     try:
         return _parse(path, ds, volume)
     except RTStructError:
@@ -197,12 +200,43 @@ def _parse(path: Path, ds: pydicom.Dataset, volume: Volume | None) -> StructureS
     return structure_set
 
 
-def _contour_points(contour) -> np.ndarray:
+CONTOUR_DATA = pydicom.tag.Tag("ContourData")
+# (slice shape, digest of the polygons in voxel indices) -> their bit-packed mask: a revision's file check reads
+# back every ROI, most of whose slices are those of the revision before (a pure function: same input, same mask)
+RASTERISED = SliceMemo(maxsize=1024)  # 32 kB each on 512 x 512
+
+
+def _rasterised(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """`polygons_to_mask(polygons, shape)`, remembered by the polygons' digest."""
+    packed = RASTERISED.get((tuple(shape), digest(*polygons)),
+                            lambda: np.packbits(polygons_to_mask(polygons, shape)))
+    return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+
+
+def _contour_values(contour) -> list:
+    """ContourData's values; from the file's bytes when not yet parsed (one float per coordinate, instead of one
+    validated pydicom DS object each: ~70,000 in a corrected result)."""
+    element = contour.get_item(CONTOUR_DATA)
+    if element is None:
+        return []
+    if element.is_raw and element.VR in ("DS", None):
+        data = element.value or b""
+        text = data.decode("latin-1").rstrip(" \0")  # the padding to even length
+        return text.split("\\") if text.strip() else []
     raw = contour.get("ContourData")
-    if raw is None:
+    return [] if raw is None else raw if isinstance(raw, (list, pydicom.multival.MultiValue)) else [raw]
+
+
+def _contour_points(contour) -> np.ndarray:
+    values = _contour_values(contour)
+    try:  # the file's strings at once (numpy parses surrounding spaces as float() does)
+        values = np.asarray(values, dtype=float) if values and isinstance(values[0], str) else None
+    except ValueError:  # an empty or bad value among them: one by one, below, which names it
+        values = None
+    if values is None:
+        values = [float(v) for v in _contour_values(contour) if v not in (None, "") and str(v).strip()]
+    if not len(values):
         return np.zeros((0, 3))
-    values = raw if isinstance(raw, (list, pydicom.multival.MultiValue)) else [raw]
-    values = [float(v) for v in values if v not in (None, "")]
     if len(values) % 3:
         raise ValueError(f"{len(values)} values, not a multiple of 3")
     return np.asarray(values, dtype=float).reshape(-1, 3)
@@ -267,7 +301,7 @@ def _read_contours(path: Path, rc, roi: Roi, volume: Volume | None, structure_se
     if volume is not None:
         mask = roi.mask if roi.mask is not None else np.zeros(volume.array.shape, dtype=bool)
         for k, polygons in per_slice.items():
-            mask[k] ^= polygons_to_mask(polygons, mask.shape[1:])
+            mask[k] ^= _rasterised(polygons, mask.shape[1:])
         roi.mask = mask
 
 

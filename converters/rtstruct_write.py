@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import logging
+import re
+import threading
 import warnings
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 from pydicom.valuerep import MAX_VALUE_LEN
 
@@ -143,25 +150,122 @@ def _copy(src: Dataset | None, dst: Dataset, keywords: Sequence[str]) -> None:
         dst[keyword] = element
 
 
+CONTOUR_DATA = Tag("ContourData")
+_TRAILING_ZEROS = re.compile(r"\.?0+(?=\\|$)")  # "12.5000" -> "12.5", "3.0000" -> "3" (every value has a '.')
+_MINUS_ZERO = re.compile(r"(^|\\)-0(?=\\|$)")
+FAST_DS_LIMIT = 1e9  # below this, "%.4f" never exceeds 16 characters: the first choice of `format_ds` fits
+
+
+def ds_text(values: np.ndarray) -> str:
+    """The multi-valued DS text of `values`: exactly "\\".join(format_ds(v) for v in values), formatted in
+    bulk (a revision holds ~70,000 coordinates; one Python call each cost most of a write)."""
+    values = np.asarray(values, dtype=float).ravel()
+    if not values.size or not np.all(np.isfinite(values)) or np.max(np.abs(values)) >= FAST_DS_LIMIT:
+        return "\\".join(format_ds(v) for v in values)  # names the non-finite value; longer formats
+    text = "\\".join(["%.4f"] * values.size) % tuple(values.tolist())
+    return _MINUS_ZERO.sub(r"\g<1>0", _TRAILING_ZEROS.sub("", text))
+
+
+def ds_element(tag: BaseTag, text: str) -> RawDataElement:
+    """A DS element holding `text` as it is written (explicit VR little endian), not parsed into one pydicom
+    value object per number: written byte for byte as pydicom writes the same values, read lazily."""
+    data = text.encode("ascii")
+    if len(data) % 2:
+        data += b" "  # DS values are padded to even length with a space
+    return RawDataElement(tag, "DS", len(data), data, 0, False, True)
+
+
+class SliceMemo:
+    """A bounded, thread-safe memo of a pure per-slice function's results (least recently used dropped first).
+
+    A correction changes one ROI on a few slices; every revision's RTSTRUCT holds every ROI: the unchanged
+    slices' contours are looked up here by their inputs' digest instead of being traced or rasterised again.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+def digest(*arrays: np.ndarray) -> bytes:
+    """A digest of arrays' shapes and contents (bool arrays bit-packed first)."""
+    h = hashlib.blake2b(digest_size=20)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(repr((a.shape, a.dtype.str)).encode())
+        h.update(np.packbits(a).tobytes() if a.dtype == bool else a.tobytes())
+    return h.digest()
+
+
+TRACED = SliceMemo(maxsize=1024)  # (geometry, slice, mask digest) -> that slice's ContourData texts (<= ~30 MB)
+
+
+def _slice_contours(geometry, mask2d: np.ndarray, k: int) -> list[tuple[int, str]]:
+    """(number of points, ContourData text) of each outline of one slice's mask, in tracing order."""
+    def trace() -> list[tuple[int, str]]:
+        out = []
+        for xy in mask_to_polygons(mask2d):
+            ijk = np.column_stack([xy[:, 0], xy[:, 1], np.full(len(xy), float(k))])
+            out.append((len(xy), ds_text(geometry.index_to_patient(ijk))))
+        return out
+
+    return TRACED.get((geometry, int(k), digest(mask2d)), trace)
+
+
 def _contour_items(volume: Volume, mask: np.ndarray, sop_class: str) -> list[Dataset]:
-    geometry = volume.geometry
     items = []
     for k in np.flatnonzero(mask.any(axis=(1, 2))):
-        for xy in mask_to_polygons(mask[k]):
-            ijk = np.column_stack([xy[:, 0], xy[:, 1], np.full(len(xy), float(k))])
-            xyz = geometry.index_to_patient(ijk)
+        for n_points, text in _slice_contours(volume.geometry, mask[k], k):
             item = Dataset()
             image = Dataset()
             image.ReferencedSOPClassUID = sop_class
             image.ReferencedSOPInstanceUID = volume.sop_instance_uids[k]
             item.ContourImageSequence = DicomSequence([image])
             item.ContourGeometricType = "CLOSED_PLANAR"
-            item.NumberOfContourPoints = len(xyz)
-            item.ContourData = [format_ds(v) for v in xyz.ravel()]
+            item.NumberOfContourPoints = n_points
+            item[CONTOUR_DATA] = ds_element(CONTOUR_DATA, text)
             items.append(item)
     for number, item in enumerate(items, start=1):
         item.ContourNumber = number
     return items
+
+
+def _as_written(ds: Dataset) -> None:
+    """Mark the contour items as encoded in the file's transfer syntax and character set, so that pydicom
+    writes their raw ContourData as it is instead of parsing it to re-encode it."""
+    for rc in ds.get("ROIContourSequence", []):
+        for item in rc.get("ContourSequence", []):
+            item.set_original_encoding(False, True, item._character_set)
+
+
+def contour_values(contour: Dataset) -> list[str]:
+    """A contour item's ContourData as the DS strings in the data set (a raw element is split, not parsed)."""
+    element = contour.get_item(CONTOUR_DATA)
+    if element is None:
+        return []
+    if element.is_raw:
+        data = element.value or b""
+        text = data.decode("latin-1").rstrip(" \0")  # the padding to even length
+        return text.split("\\") if text else []
+    raw = element.value
+    return [str(v) for v in (raw if isinstance(raw, (list, pydicom.multival.MultiValue)) else [raw])]
 
 
 def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructConfig | None = None,
@@ -310,6 +414,7 @@ def build_rtstruct(volume: Volume, rois: Sequence[RoiMask], settings: RTStructCo
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
+    _as_written(ds)
     validate_rtstruct(ds, volume, longest)
     return ds
 
@@ -353,8 +458,7 @@ def validate_rtstruct(ds: Dataset, volume: Volume, max_name: int = MAX_ROI_NAME)
             raise RTStructError(f"ROIContourSequence refers to ROI number {rc.ReferencedROINumber}, not defined")
         for c_no, contour in enumerate(rc.get("ContourSequence", []), start=1):
             n = int(contour.NumberOfContourPoints)
-            raw = contour["ContourData"].value
-            values = [str(v) for v in (raw if isinstance(raw, (list, pydicom.multival.MultiValue)) else [raw])]
+            values = contour_values(contour)
             if n < 3 or len(values) != 3 * n:
                 raise RTStructError(f"ROI {rc.ReferencedROINumber} contour {c_no}: {n} points, "
                                     f"{len(values)} values (CLOSED_PLANAR needs >= 3 points, 3 values each)")
@@ -367,7 +471,7 @@ def validate_rtstruct(ds: Dataset, volume: Volume, max_name: int = MAX_ROI_NAME)
                 raise RTStructError(f"ROI {rc.ReferencedROINumber} contour {c_no}: must reference exactly one "
                                     "image of the series")
             k = slice_index[refs[0].ReferencedSOPInstanceUID]
-            pts = np.asarray([float(v) for v in values]).reshape(-1, 3)
+            pts = np.asarray(values, dtype=float).reshape(-1, 3)
             along = (pts - origin) @ normal / dz
             if np.max(np.abs(along - k)) > 1e-3:
                 raise RTStructError(f"ROI {rc.ReferencedROINumber} contour {c_no}: points are not on slice {k} "

@@ -12,7 +12,10 @@ from the clinician's contour. Three cases:
   first     the same prompt sent first, in an association of its own; the clock starts when the images' ends;
   own       the prompt lists only its own slice: the quiet period completes the series (the job says so).
 
-    nice -n 10 .venv/bin/python bench/latency.py [--runs 5] [--cases listing first own]
+    nice -n 10 .venv/bin/python bench/latency.py [--runs 5] [--cases listing first own] [--compare DIR]
+
+`--compare DIR` runs a second node on the code checked out in DIR beside this tree's, one run each in turn,
+so that on a shared machine an old and a new version are measured under the same load.
 
 Prints a table with where the time went (from the job's audit timeline and its timings); writes
 bench/results/latency.json.
@@ -104,16 +107,19 @@ def timeline(node: NodeProcess, series_uid: str, sent_at: float) -> dict:
     return {
         "completed_by": queued.get("series_completed_by", ""),
         "sent_to_series_complete_s": span("sent", "series.complete"),
-        "series_complete_to_queued_s (job made or found; discovery reads the whole series)":
-            span("series.complete", "job.queued"),
+        "series_complete_to_queued_s (job made, prompts found)": span("series.complete", "job.queued"),
         "queued_to_claimed_s": span("job.queued", "job.claimed"),
         "claimed_to_propagated_s": claimed_to_propagated,
-        "  child start + imports + task (claimed_to_propagated - compute)":
+        "  outside the computation: process start, imports, task, audit (claimed_to_propagated - compute)":
             round(claimed_to_propagated - inside, 3) if claimed_to_propagated else None,
+        "  compute process (pid, its nth job; none: a process per job)": first.get("job.propagated", (0, {}))[1]
+            .get("process"),
         "  compute read_s": timings.get("read_s"), "  propagate_s": timings.get("propagate_s"),
         "  write_s": timings.get("write_s"), "  file_check_s": timings.get("file_check_s"),
         "propagated_to_sending_s": span("job.propagated", "job.sending"),
-        "sending_to_sent_s (sender loop + C-STORE)": span("job.sending", "job.sent"),
+        "sent_to_propagated_s": span("sent", "job.propagated"),
+        "sending_to_sent_s (the job marked sent by bookkeeping, after the file is at the TPS)":
+            span("job.sending", "job.sent"),
     }
 
 
@@ -124,6 +130,7 @@ def one_run(node: NodeProcess, tps: StoreSCP, work: Path, data, case: str, run: 
 
     series_uid = str(dcmread(images[0], stop_before_pixels=True).SeriesInstanceUID)
     before = len(tps.files())
+    load = os.getloadavg()[0]  # the machine is shared: what else ran while this case did
     if case == "first":
         storescu(node.port, [prompt])
         storescu(node.port, images)
@@ -134,53 +141,91 @@ def one_run(node: NodeProcess, tps: StoreSCP, work: Path, data, case: str, run: 
     seconds = time.monotonic() - t0
     wait_for(lambda: node.query("select state from jobs where series_instance_uid = ?", (series_uid,)) ==
              [("sent",)], 30, 0.1, what="the job sent")
-    return {"seconds": round(seconds, 3), **timeline(node, series_uid, sent_at)}
+    steps = timeline(node, series_uid, sent_at)
+    done = steps["sent_to_propagated_s"]
+    return {"seconds": round(seconds, 3), "load_average_1min": round(load, 2), **steps,
+            "propagated_to_at_tps_s (sender woken or polling, C-STORE)": round(seconds - done, 3) if done else None}
+
+
+def start_node(root: Path, tps: StoreSCP, code: Path | None) -> NodeProcess:
+    """`rtprop serve` on the default configuration, running this tree's code or the checkout at `code`."""
+    saved = os.environ.get("PYTHONPATH")
+    if code is not None:  # ahead of the venv's own path to this tree (its spawned children inherit it)
+        os.environ["PYTHONPATH"] = str(code.resolve())
+    try:
+        return NodeProcess(root, destination=f"TPS@127.0.0.1:{tps.port}").start()
+    finally:
+        if code is not None:
+            os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    return {case: {"median_s": statistics.median(r["seconds"] for r in runs),
+                   "runs_s": [r["seconds"] for r in runs],
+                   "load_average_1min": [r["load_average_1min"] for r in runs],
+                   "completed_by": sorted({r["completed_by"] for r in runs}),
+                   "median_run": sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]}
+            for case, runs in results.items()}
+
+
+def print_summary(label: str, summary: dict[str, dict]) -> None:
+    print(f"\n{label}\n| case | median s | runs s | load (1 min) | series completed by |\n| --- | --- | --- | --- | --- |")
+    for case, s in summary.items():
+        print(f"| {case} | {s['median_s']:.1f} | {', '.join(f'{v:.1f}' for v in s['runs_s'])} | "
+              f"{', '.join(f'{v:.1f}' for v in s['load_average_1min'])} | {', '.join(s['completed_by'])} |")
+    for case, s in summary.items():
+        print(f"\nwhere the time went, median run of '{case}' ({label}):")
+        for k, v in s["median_run"].items():
+            print(f"  {k}: {v}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cases", nargs="+", default=["listing", "first", "own"], choices=["listing", "first", "own"])
+    ap.add_argument("--compare", type=Path, help="also run the code checked out in this folder (e.g. "
+                    "`git archive main | tar -x -C /tmp/before`), alternating run by run with this tree's: on a "
+                    "shared machine both then see the same load")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latency.json")
     a = ap.parse_args()
     data = resampled_sts()
-    results: dict[str, list[dict]] = {}
+    load_at_start = os.getloadavg()
+    codes: dict[str, Path | None] = {"this": None, **({"compare": a.compare} if a.compare else {})}
+    results: dict[str, dict[str, list[dict]]] = {label: {} for label in codes}
     with tempfile.TemporaryDirectory(prefix="rtprop-latency-") as tmp:
         tmp = Path(tmp)
         tps = StoreSCP(tmp / "tps").start()
-        node = NodeProcess(tmp / "node", destination=f"TPS@127.0.0.1:{tps.port}").start()  # the default configuration
+        nodes: dict[str, NodeProcess] = {}
         try:
-            warm = one_run(node, tps, tmp, data, "listing", "warm")
-            print(f"warm-up: {warm['seconds']} s", flush=True)
+            for label, code in codes.items():
+                nodes[label] = start_node(tmp / label / "node", tps, code)
+                warm = one_run(nodes[label], tps, tmp / label, data, "listing", f"{label}warm")
+                print(f"{label}: warm-up {warm['seconds']} s", flush=True)
             for case in a.cases:
                 for r in range(a.runs):
-                    result = one_run(node, tps, tmp, data, case, f"{case}{r}")
-                    results.setdefault(case, []).append(result)
-                    print(f"{case} run {r + 1}: {result['seconds']} s (series completed by "
-                          f"{result['completed_by']})", flush=True)
+                    for label, node in nodes.items():
+                        result = one_run(node, tps, tmp / label, data, case, f"{label}{case}{r}")
+                        results[label].setdefault(case, []).append(result)
+                        print(f"{label}: {case} run {r + 1}: {result['seconds']} s (series completed by "
+                              f"{result['completed_by']}; load {result['load_average_1min']})", flush=True)
         finally:
-            node.stop()
+            for node in nodes.values():
+                node.stop()
             tps.stop()
-    summary = {case: {"median_s": statistics.median(r["seconds"] for r in runs),
-                      "runs_s": [r["seconds"] for r in runs],
-                      "completed_by": sorted({r["completed_by"] for r in runs}),
-                      "median_run": sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]}
-               for case, runs in results.items()}
+    summary = {label: summarise(runs) for label, runs in results.items()}
     out = {"case": f"sts-001 CT resampled to {PIXELS}x{PIXELS}x{SLICES}, box prompt on the GTV's middle slice",
            "node": "rtprop serve, default configuration (classic backend, quiet period 10 s), warm",
            "clock": "storescu's return (images and prompt sent) -> the RTSTRUCT stored at DCMTK storescp",
-           "results": summary, "runs": results, "machine": platform.platform(), "cpus": os.cpu_count(),
+           "results": summary["this"], "runs": results["this"], "machine": platform.platform(),
+           "cpus": os.cpu_count(), "load_average_at_start": load_at_start,
            "load_average": os.getloadavg(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if a.compare:
+        out.update(compare={"code": str(a.compare), "results": summary["compare"], "runs": results["compare"]},
+                   alternated="each run of this tree's node was followed by one of the compared code's")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2))
-    print("\n| case | median s | runs s | series completed by |\n| --- | --- | --- | --- |")
-    for case, s in summary.items():
-        print(f"| {case} | {s['median_s']:.1f} | {', '.join(f'{v:.1f}' for v in s['runs_s'])} | "
-              f"{', '.join(s['completed_by'])} |")
-    for case, s in summary.items():
-        print(f"\nwhere the time went, median run of '{case}':")
-        for k, v in s["median_run"].items():
-            print(f"  {k}: {v}")
+    for label, s in summary.items():
+        print_summary(label if label == "this" else f"compare ({a.compare})", s)
     print(f"({a.out})")
 
 

@@ -65,7 +65,13 @@ def make_engine(location: Path | str) -> Engine:
         return _postgres_engine(str(location))
     path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # it holds password hashes: the node's user only
+    if not path.exists():  # it holds password hashes: the node's user only. Never open an existing file here:
+        # closing any descriptor of it drops this process's SQLite locks on it (POSIX), and another process's
+        # last connection then deletes the WAL that this one still writes to (its commits lost to the others)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
     for own in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         restrict(own)  # made by an earlier release; SQLite gives -wal/-shm the database file's mode
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from models.classic_points import click_scale_mm
+from models.classic_points import NO_EDGE_CONTRAST, click_scale_mm, edge_bounds
 from models.confidence import SIGNAL_NAMES, box_fit
-from models.intensity_model import slice_features
+from models.intensity_model import ring_contrast, slice_features
 from models.prompts import BoxPrompt, MaskPrompt, PointPrompt, Prompt
 from models.result import PropagationResult
 
@@ -50,6 +50,12 @@ CLICK_MIN_DEPTH_FRACTION = 0.3
 # 0.49, the spinal cord of totalseg-ct leaking into the tissue behind it 3.3 and 0.40).
 CLICK_MAX_DEPTH_RATIO = 2.5
 CLICK_MIN_CENTRALITY = 0.5
+# ...and a click's result is bounded by nothing but the structure's edge (a box bounds its result, a click does
+# not): one that stands out from the band around it (models/intensity_model.py ring_contrast) by less than this,
+# and fits no trusted outline of the click's rays, has no edge where it stops (the two intensity distributions
+# overlap by ~90 %): it stopped inside tissue of the clicked intensity, mostly a neighbour of that intensity it
+# ran into (classic_points.edge_bounds, step 2b).
+CLICK_MIN_CONTRAST = NO_EDGE_CONTRAST
 # No structure worth a click is smaller than this on its clicked slice (a 5 mm disc is 20 mm2).
 SPECK_MM2 = 20.0
 # Cross-sections change gradually between neighbouring slices: an area step by more than this
@@ -119,13 +125,20 @@ def _alternative_reasons(z: int, alternatives: dict) -> list[str]:
 
 
 def _click_reasons(clicks: PointPrompt, mask2d: np.ndarray, feature2d: np.ndarray,
-                   spacing_yx: tuple[float, float]) -> list[str]:
+                   spacing_yx: tuple[float, float], bounded: bool = False) -> list[str]:
+    """`bounded`: a box or outline on the same slice bounds the result there (its contrast is then not judged)."""
     reasons = []
     z = clicks.slice_index
     area_mm2 = float(mask2d.sum()) * spacing_yx[0] * spacing_yx[1]
     positives = [(x, y) for x, y, p in clicks.points if p]
     if positives and area_mm2 < SPECK_MM2:
         reasons.append(f"slice {z}: the clicked structure is {area_mm2:.0f} mm2, a speck (under {SPECK_MM2:.0f} mm2)")
+    if positives and area_mm2 >= SPECK_MM2 and not bounded and not edge_bounds(
+            feature2d, mask2d, [(y, x) for x, y in positives], spacing_yx):
+        reasons.append(f"slice {z}: the clicked result hardly stands out from the tissue around it (contrast "
+                       f"{ring_contrast(feature2d, mask2d, spacing_yx):.2f}, under {CLICK_MIN_CONTRAST}) and fits no "
+                       "outline the click's rays see: no edge bounds it, it may run on into a neighbour of the same "
+                       "intensity")
     depth = ndimage.distance_transform_edt(np.pad(mask2d, 1), sampling=spacing_yx)[1:-1, 1:-1]
     labels, _ = ndimage.label(mask2d)
     for x, y, positive in clicks.points:
@@ -186,6 +199,7 @@ def assess(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: 
     spacing_yx = (float(spacing_zyx[1]), float(spacing_zyx[2]))
     reasons: list[str] = []
     features = None
+    bounded_slices = {p.slice_index for p in prompts if isinstance(p, (BoxPrompt, MaskPrompt))}
     for prompt in prompts:
         on_slice = mask[prompt.slice_index]
         if isinstance(prompt, BoxPrompt):
@@ -199,7 +213,8 @@ def assess(image: np.ndarray, spacing_zyx: tuple[float, float, float], prompts: 
                 reasons.append(f"slice {prompt.slice_index}: the result keeps Dice {score:.2f} of the outline drawn")
         else:
             features = features or slice_features(image, modality)
-            reasons += _click_reasons(prompt, on_slice, features(prompt.slice_index), spacing_yx)
+            reasons += _click_reasons(prompt, on_slice, features(prompt.slice_index), spacing_yx,
+                                      bounded=prompt.slice_index in bounded_slices)
     # the backend's own per-slice confidence (models.propagate caps the result's at the structure's, judged below)
     backend = np.asarray(result.details.get("backend_confidence", result.confidence), dtype=float)
     reasons += _shape_reasons(mask, backend, [p.slice_index for p in prompts],

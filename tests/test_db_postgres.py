@@ -60,13 +60,13 @@ def test_every_migration_runs_up_and_down_on_both_dialects(location) -> None:
     engine.dispose()
 
 
-def test_the_migrated_schema_is_the_models_schema(location) -> None:
+def test_the_migrated_schema_is_the_models_schema(location, tmp_path) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     engine = make_engine(location)
-    factory = open_database(location, head_path=Path(str(location) + ".head") if not isinstance(location, Path)
-                            else None)
+    factory = open_database(location, head_path=tmp_path / "pg.audit-head" if not isinstance(location, Path)
+                            else None)  # the anchor and the key in the test's folder, not the working directory
     with engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     diff = [d for d in diff if not (d[0] == "remove_table" and d[1].name.startswith("procrastinate"))

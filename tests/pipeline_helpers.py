@@ -258,3 +258,29 @@ def copy_as_new_patient(sources: list[Path], out: Path, patient_id: str) -> list
 
 def case_files(root: Path) -> list[Path]:
     return sorted((root / "image").iterdir()) + sorted((root / "rtstruct").iterdir())
+
+
+def claimed_dropin_job(tmp_path: Path, overrides: dict, **case):  # type: ignore[no-untyped-def]
+    """A real job, claimed: a `synthetic_case(**case)` taken in through the drop-in of a node at
+    `tmp_path / "s"` (configured by `overrides`), discovered and claimed. Returns (config, factory, made,
+    job, task); the caller disposes of the factory."""
+    import shutil
+
+    from config.load import load_config, resolve_storage
+    from db.engine import open_database
+    from pipeline import jobs as J
+    from pipeline.dropin import DropIn
+    from pipeline.runner import task_for
+    from pipeline.worker import Worker
+
+    config = resolve_storage(load_config(None, environ={}, overrides={
+        "storage": {"root": str(tmp_path / "s"), "fsync": False}, "node": {"series_quiet_period_s": 0},
+        "dropin": {"stable_s": 0}, **overrides}))
+    factory = open_database(config.storage.database)
+    made = synthetic_case(tmp_path / "case", **case)
+    config.dropin.inbox.mkdir(parents=True)
+    shutil.copytree(tmp_path / "case", config.dropin.inbox / "case")
+    DropIn(factory, config).take_all()
+    Worker(factory, config).housekeeping()
+    job = J.claim_next(factory, "here:1:1#w0")
+    return config, factory, made, job, task_for(factory, config, job)

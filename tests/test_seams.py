@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 
 from node_helpers import REPO, VENV_BIN, NodeProcess, StoreSCP, storescu, wait_for
-from pipeline_helpers import synthetic_case
+from pipeline_helpers import claimed_dropin_job, synthetic_case
 
 RTPROP = str(VENV_BIN / "rtprop")
 
@@ -256,27 +256,11 @@ def test_the_compute_step_takes_and_gives_frozen_typed_objects(tmp_path):
     import dataclasses
     import pickle
 
-    from config.load import load_config, resolve_storage
-    from db.engine import open_database
     from db.schema import Job
-    from pipeline import jobs as J
     from pipeline.compute import outcome
     from pipeline.compute_types import ComputeFailure, ComputeResult, ComputeTask
-    from pipeline.dropin import DropIn
-    from pipeline.runner import task_for
-    from pipeline.worker import Worker
 
-    config = resolve_storage(load_config(None, overrides={
-        "storage": {"root": str(tmp_path / "s"), "fsync": False}, "node": {"series_quiet_period_s": 0},
-        "pipeline": {"isolate_jobs": False}, "dropin": {"stable_s": 0}}))
-    factory = open_database(config.storage.database)
-    made = synthetic_case(tmp_path / "case", seed=45)
-    config.dropin.inbox.mkdir(parents=True)
-    shutil.copytree(tmp_path / "case", config.dropin.inbox / "case")
-    DropIn(factory, config).take_all()
-    Worker(factory, config).housekeeping()
-    job = J.claim_next(factory, "here:1:1#w0")
-    task = task_for(factory, config, job)
+    config, factory, made, job, task = claimed_dropin_job(tmp_path, {"pipeline": {"isolate_jobs": False}}, seed=45)
     assert isinstance(task, ComputeTask) and pickle.loads(pickle.dumps(task)) == task
     with pytest.raises(dataclasses.FrozenInstanceError):
         task.out_dir = tmp_path  # type: ignore[misc]

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from node_helpers import NodeProcess, StoreSCP, storescu, wait_for
-from pipeline_helpers import synthetic_case
+from pipeline_helpers import claimed_dropin_job, synthetic_case
 
 DCMTK = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
 
@@ -118,24 +118,7 @@ def test_a_compute_process_killed_mid_job_is_replaced_and_the_job_retried_once(t
 # --------------------------------------------------------------------------- the compute process itself
 def _claimed_task(tmp_path: Path, seed: int = 80):
     """A real job's ComputeTask: a synthetic case taken in through the drop-in, discovered, claimed."""
-    from config.load import load_config, resolve_storage
-    from db.engine import open_database
-    from pipeline import jobs as J
-    from pipeline.dropin import DropIn
-    from pipeline.runner import task_for
-    from pipeline.worker import Worker
-
-    config = resolve_storage(load_config(None, environ={}, overrides={
-        "storage": {"root": str(tmp_path / "s"), "fsync": False}, "node": {"series_quiet_period_s": 0},
-        "dropin": {"stable_s": 0}}))
-    factory = open_database(config.storage.database)
-    synthetic_case(tmp_path / "case", seed=seed, size=64, slices=24)
-    config.dropin.inbox.mkdir(parents=True)
-    shutil.copytree(tmp_path / "case", config.dropin.inbox / "case")
-    DropIn(factory, config).take_all()
-    Worker(factory, config).housekeeping()
-    job = J.claim_next(factory, "here:1:1#w0")
-    task = task_for(factory, config, job)
+    config, factory, _, _, task = claimed_dropin_job(tmp_path, {}, seed=seed, size=64, slices=24)
     factory.kw["bind"].dispose()
     return config, task
 
